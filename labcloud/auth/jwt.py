@@ -1,0 +1,78 @@
+"""JWT verification with pinned algorithms, for local tokens and Cognito ID tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+
+from labcloud.auth.principal import InvalidToken, Principal
+
+KeyResolver = Callable[[str], Any]
+
+
+class JwtVerifier:
+    """Verifies signature, ``exp``, ``iss``, ``aud`` and ``token_use`` of an ID token.
+
+    The algorithm list is fixed by the caller and never taken from the token header,
+    which rules out algorithm-confusion attacks (``none``, HS256 with a public key).
+    """
+
+    def __init__(
+        self,
+        *,
+        key_resolver: KeyResolver,
+        issuer: str,
+        audience: str,
+        algorithms: list[str],
+        groups_claim: str,
+        name_claims: tuple[str, ...],
+        token_use: str | None = "id",  # noqa: S107 - a claim value, not a password
+        leeway_seconds: int = 5,
+    ) -> None:
+        self._key_resolver = key_resolver
+        self._issuer = issuer
+        self._audience = audience
+        self._algorithms = algorithms
+        self._groups_claim = groups_claim
+        self._name_claims = name_claims
+        self._token_use = token_use
+        self._leeway = leeway_seconds
+
+    def verify(self, token: str) -> Principal:
+        try:
+            key = self._key_resolver(token)
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=key,
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "iat", "iss", "sub"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise InvalidToken("token expired") from exc
+        except (jwt.PyJWTError, ValueError) as exc:
+            raise InvalidToken(f"invalid token: {exc}") from exc
+        if self._token_use is not None and claims.get("token_use") != self._token_use:
+            raise InvalidToken(f"invalid token: token_use must be {self._token_use!r}")
+        groups = claims.get(self._groups_claim) or []
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise InvalidToken(f"invalid token: {self._groups_claim} must be a list of strings")
+        name = next((str(claims[c]) for c in self._name_claims if claims.get(c)), claims["sub"])
+        return Principal(subject=str(claims["sub"]), name=name, groups=frozenset(groups))
+
+
+def jwks_key_resolver(jwks_url: str) -> KeyResolver:
+    """Keys from a JWKS endpoint, cached, matched by the token's ``kid``."""
+    client = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=10)
+
+    def resolve(token: str) -> Any:
+        try:
+            return client.get_signing_key_from_jwt(token).key
+        except jwt.PyJWKClientConnectionError as exc:
+            raise InvalidToken(f"cannot fetch signing keys: {exc}") from exc
+
+    return resolve

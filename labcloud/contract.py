@@ -1,0 +1,207 @@
+"""Wire contracts shared by the user API, the worker API and the worker runner.
+
+Everything that crosses a process boundary is defined here once: the job status
+enum and its transition table, the job specification a worker receives
+(``JobSpecs``), the message the user API sends to enqueue a job (``QueueJob``) and
+the pre-signed request object handed to clients that must move files without a
+bearer token (``SignedRequest``). The field names follow DECODE OpenCloud's HTTP
+contract so its clients keep working unchanged.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobStatus(StrEnum):
+    """Life cycle of a job; see ``ALLOWED_TRANSITIONS`` for the legal moves."""
+
+    QUEUED = "queued"
+    PULLED = "pulled"
+    PREPROCESSING = "preprocessing"
+    RUNNING = "running"
+    POSTPROCESSING = "postprocessing"
+    FINISHED = "finished"
+    ERROR = "error"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+    @property
+    def is_active(self) -> bool:
+        return self not in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(
+    {JobStatus.FINISHED, JobStatus.ERROR, JobStatus.CANCELED}
+)
+ACTIVE_STATUSES: frozenset[JobStatus] = frozenset(set(JobStatus) - TERMINAL_STATUSES)
+# Statuses in which a worker holds the job (its lease must be kept alive).
+LEASED_STATUSES: frozenset[JobStatus] = frozenset(ACTIVE_STATUSES - {JobStatus.QUEUED})
+
+_PROGRESS: tuple[JobStatus, ...] = (
+    JobStatus.QUEUED,
+    JobStatus.PULLED,
+    JobStatus.PREPROCESSING,
+    JobStatus.RUNNING,
+    JobStatus.POSTPROCESSING,
+    JobStatus.FINISHED,
+)
+
+
+def _build_transitions() -> dict[JobStatus, frozenset[JobStatus]]:
+    """Forward moves along the progress line (phases may be skipped, never
+    revisited), ``error``/``canceled`` from any active state, and the re-queue of a
+    job whose worker went silent before it started uploading."""
+    allowed: dict[JobStatus, set[JobStatus]] = {status: set() for status in JobStatus}
+    for index, status in enumerate(_PROGRESS[:-1]):
+        allowed[status].update(_PROGRESS[index + 1 :])
+        allowed[status].update({JobStatus.ERROR, JobStatus.CANCELED})
+    for status in (JobStatus.PULLED, JobStatus.PREPROCESSING, JobStatus.RUNNING):
+        allowed[status].add(JobStatus.QUEUED)
+    return {status: frozenset(targets) for status, targets in allowed.items()}
+
+
+ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = _build_transitions()
+
+
+def allowed_sources(target: JobStatus) -> frozenset[JobStatus]:
+    """The statuses from which ``target`` may be reached: the ``IN (...)`` list of a
+    guarded compare-and-set ``UPDATE``."""
+    return frozenset(src for src, targets in ALLOWED_TRANSITIONS.items() if target in targets)
+
+
+def can_transition(source: JobStatus, target: JobStatus) -> bool:
+    return target in ALLOWED_TRANSITIONS[source]
+
+
+class Environment(StrEnum):
+    """Where a job may run. ``None`` on a job means "anywhere"."""
+
+    CLOUD = "cloud"
+    LOCAL = "local"
+
+
+class FileArea(StrEnum):
+    """Top-level folders of a user's storage root."""
+
+    CONFIG = "config"
+    DATA = "data"
+    ARTIFACT = "artifact"
+    OUTPUT = "output"
+    LOG = "log"
+
+
+# Areas a user may upload into; outputs and logs are written by jobs only.
+UPLOAD_AREAS: frozenset[FileArea] = frozenset({FileArea.CONFIG, FileArea.DATA, FileArea.ARTIFACT})
+
+
+class OutputKind(StrEnum):
+    """Keys of ``files_up`` / ``paths_upload``: where a job's results go."""
+
+    OUTPUT = "output"
+    LOG = "log"
+    ARTIFACT = "artifact"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class HardwareSpec(_Wire):
+    """What a job needs (or, from a worker, what it offers). Memory in MiB."""
+
+    cpu_cores: int | None = Field(default=None, ge=1)
+    memory: int | None = Field(default=None, ge=1)
+    gpu_model: str | None = None
+    gpu_archi: str | None = None
+    gpu_mem: int | None = Field(default=None, ge=0)
+
+
+class AppSpec(_Wire):
+    cmd: list[str]
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class HandlerSpec(_Wire):
+    image_url: str
+    image_name: str | None = None
+    image_version: str | None = None
+    entrypoint: str | None = None
+    # "<mount dir>/<relative path>" -> input URI (a storage key, one per file).
+    files_down: dict[str, str] = Field(default_factory=dict)
+    # output kind -> folder under /files whose files are uploaded after the run.
+    files_up: dict[OutputKind, str] = Field(default_factory=dict)
+
+
+class MetaSpec(_Wire):
+    job_id: int
+    date_created: datetime
+
+
+class JobSpecs(_Wire):
+    """What a worker receives for a leased job."""
+
+    app: AppSpec
+    handler: HandlerSpec
+    meta: MetaSpec
+    hardware: HardwareSpec = Field(default_factory=HardwareSpec)
+    # Extension: seconds after which the run is stopped (catalog ``timeout``).
+    timeout: int | None = None
+
+
+class PathsUpload(_Wire):
+    output: str
+    log: str
+    artifact: str
+
+    def for_kind(self, kind: OutputKind) -> str:
+        return str(getattr(self, kind.value))
+
+
+class QueueJob(_Wire):
+    """The user API's request to enqueue a job on the worker API."""
+
+    job: JobSpecs
+    environment: Environment | None = None
+    group: str | None = None
+    priority: int = Field(default=0, ge=0, le=5)
+    paths_upload: PathsUpload
+
+
+class SignedRequest(BaseModel):
+    """Keyword arguments of one HTTP request that needs no bearer token.
+
+    Exactly these four keys: the upstream worker passes the object as keyword
+    arguments to its HTTP client."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class StatusUpdate(_Wire):
+    """Body of the worker API's callback ``PUT /_job_status`` on the user API."""
+
+    job_id: int
+    status: JobStatus
+    runtime_details: str | None = None
+
+
+class Group(StrEnum):
+    USERS = "users"
+    WORKERS = "workers"
+    CLOUD = "cloud"
+    ADMINS = "admins"
+
+
+INTERNAL_API_KEY_HEADER = "x-api-key"

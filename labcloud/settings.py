@@ -1,0 +1,113 @@
+"""Settings shared by the services, read from the environment and ``.env``.
+
+Every service refuses to start on a missing or malformed setting and names it
+(pydantic-settings does the naming); secrets are ``SecretStr`` so they never reach
+logs or reprs, and may be Secrets Manager ARNs (resolved once at start).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from enum import StrEnum
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from labcloud.secrets import resolve_secret
+
+# Values that .env.example ships with; refused outside development so that a copied
+# example file never becomes a production configuration.
+PLACEHOLDER_SECRETS = frozenset({"", "changethis", "change-me", "changeme"})
+
+
+class AuthMode(StrEnum):
+    LOCAL = "local"
+    COGNITO = "cognito"
+
+
+class FilesystemKind(StrEnum):
+    LOCAL = "local"
+    S3 = "s3"
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every API has: auth, storage, the internal key."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    development: bool = Field(
+        default=False,
+        description="Development mode: allows placeholder secrets and verbose errors.",
+    )
+    log_level: str = "INFO"
+
+    auth: AuthMode = AuthMode.LOCAL
+    filesystem: FilesystemKind = FilesystemKind.LOCAL
+    user_data_root_path: Path = Path("./.labcloud/data")
+    s3_bucket: str | None = None
+    s3_region: str | None = None
+
+    internal_api_key_secret: SecretStr
+
+    cognito_client_id: str | None = None
+    cognito_secret: SecretStr | None = None
+    cognito_user_pool_id: str | None = None
+    cognito_region: str | None = None
+    # Separate from the issuer so tests can point at a local Cognito emulator whose
+    # tokens still name the real issuer.
+    cognito_jwks_url: str | None = None
+    cognito_issuer: str | None = None
+
+    @model_validator(mode="after")
+    def _resolve_and_check(self) -> Self:
+        self.internal_api_key_secret = SecretStr(
+            resolve_secret(self.internal_api_key_secret.get_secret_value())
+        )
+        if self.cognito_secret is not None:
+            self.cognito_secret = SecretStr(resolve_secret(self.cognito_secret.get_secret_value()))
+        key = self.internal_api_key_secret.get_secret_value()
+        if not self.development and (key.lower() in PLACEHOLDER_SECRETS or len(key) < 16):
+            raise ValueError(
+                "INTERNAL_API_KEY_SECRET must be a real secret of at least 16 characters "
+                "(placeholders are only accepted with DEVELOPMENT=true)"
+            )
+        if self.auth is AuthMode.COGNITO:
+            missing = [
+                name
+                for name, value in (
+                    ("COGNITO_CLIENT_ID", self.cognito_client_id),
+                    ("COGNITO_USER_POOL_ID", self.cognito_user_pool_id),
+                    ("COGNITO_REGION", self.cognito_region),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(f"AUTH=cognito needs {', '.join(missing)}")
+        if self.filesystem is FilesystemKind.S3 and not self.s3_bucket:
+            raise ValueError("FILESYSTEM=s3 needs S3_BUCKET")
+        return self
+
+    @property
+    def url_signing_key(self) -> bytes:
+        """Key of the HMAC that signs local-storage URLs. Derived from the internal key
+        so that both APIs agree on it without another shared secret."""
+        return hmac.new(
+            self.internal_api_key_secret.get_secret_value().encode(),
+            b"labcloud signed urls v1",
+            hashlib.sha256,
+        ).digest()
+
+    @property
+    def resolved_cognito_issuer(self) -> str:
+        return self.cognito_issuer or (
+            f"https://cognito-idp.{self.cognito_region}.amazonaws.com/{self.cognito_user_pool_id}"
+        )
+
+    @property
+    def resolved_cognito_jwks_url(self) -> str:
+        return self.cognito_jwks_url or f"{self.resolved_cognito_issuer}/.well-known/jwks.json"

@@ -1,0 +1,230 @@
+"""Folders stream out as ZIP archives with flat memory; the HTTP helpers around it."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI, UploadFile
+from starlette.responses import Response
+
+from labcloud.errors import Conflict, LabCloudError, NotFound
+from labcloud.storage import zipstream
+from labcloud.storage.base import Entry, EntryType
+from labcloud.storage.http import content_disposition, download_response, store_upload
+from labcloud.storage.local import LocalStorage
+from labcloud.storage.zipstream import zip_stream
+from labcloud.web import install_error_handlers
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path)
+
+
+def put(storage: LocalStorage, key: str, data: bytes) -> None:
+    storage.write(key, io.BytesIO(data))
+
+
+def unzip(chunks: Iterator[bytes]) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(b"".join(chunks))) as archive:
+        assert archive.testzip() is None
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def test_zip_has_relative_names_and_contents(storage: LocalStorage) -> None:
+    files = {
+        "u1/output/job/a.txt": b"alpha" * 100,
+        "u1/output/job/sub/b.bin": os.urandom(3000),
+        "u1/output/job/sub/deeper/c.txt": b"",
+        "u1/output/other.txt": b"not in the folder",
+    }
+    for key, data in files.items():
+        put(storage, key, data)
+    storage.make_folder("u1/output/job/empty")
+    assert unzip(zip_stream(storage, "u1/output/job")) == {
+        "a.txt": files["u1/output/job/a.txt"],
+        "sub/b.bin": files["u1/output/job/sub/b.bin"],
+        "sub/deeper/c.txt": b"",
+    }
+
+
+def test_empty_or_missing_folder_is_an_empty_archive(storage: LocalStorage) -> None:
+    storage.make_folder("u1/data/empty")
+    assert unzip(zip_stream(storage, "u1/data/empty")) == {}
+    assert unzip(zip_stream(storage, "u1/data/none")) == {}
+
+
+class CountingReader(io.RawIOBase):
+    """Passes reads through, adding their sizes to its storage's count."""
+
+    def __init__(self, inner: BinaryIO, storage: CountingStorage) -> None:
+        super().__init__()
+        self.inner = inner
+        self.storage = storage
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.inner.read(len(view))
+        view[: len(data)] = data
+        self.storage.bytes_read += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+class CountingStorage(LocalStorage):
+    """Counts the bytes read from files so far."""
+
+    bytes_read = 0
+
+    def open_read(self, key: str) -> BinaryIO:
+        return io.BufferedReader(CountingReader(super().open_read(key), self))
+
+
+def test_memory_stays_flat(tmp_path: Path) -> None:
+    storage = CountingStorage(tmp_path)
+    chunk_size = 64 * 1024
+    total = 0
+    for index in range(4):
+        data = os.urandom(1_500_000)  # incompressible: output as large as input
+        total += len(data)
+        put(storage, f"u1/data/big/{index}.bin", data)
+    storage.bytes_read = 0
+    stream = zip_stream(storage, "u1/data/big", chunk_size=chunk_size)
+    first = next(stream)
+    # The first bytes leave long before the folder has been read.
+    assert storage.bytes_read <= 2 * chunk_size
+    sizes = [len(first)] + [len(chunk) for chunk in stream]
+    assert storage.bytes_read == total
+    assert sum(sizes) > total
+    assert max(sizes) <= 2 * chunk_size + 1024
+    assert len(sizes) > total // (2 * chunk_size)
+
+
+def test_large_entries_use_zip64(storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zipstream, "ZIP64_THRESHOLD", 0)
+    put(storage, "u1/data/f/a.bin", b"a" * 5000)
+    archive_bytes = b"".join(zip_stream(storage, "u1/data/f"))
+    with zipfile.ZipFile(io.BytesIO(archive_bytes)) as archive:
+        assert archive.read("a.bin") == b"a" * 5000
+    # The ZIP64 extra field (header id 0x0001) is present in the local header.
+    assert b"\x01\x00" in archive_bytes[30:60]
+
+
+def test_vanished_files_are_skipped(storage: LocalStorage) -> None:
+    put(storage, "u1/data/f/a.txt", b"a")
+    put(storage, "u1/data/f/b.txt", b"b")
+
+    class Vanishing(LocalStorage):
+        def open_read(self, key: str) -> BinaryIO:
+            if key.endswith("a.txt"):
+                raise NotFound("gone")
+            return super().open_read(key)
+
+    assert unzip(zip_stream(Vanishing(storage.root), "u1/data/f")) == {"b.txt": b"b"}
+
+
+# -- HTTP helpers -------------------------------------------------------------------
+
+
+class RemoteLike(LocalStorage):
+    """Local storage pretending to have no local paths (as S3 would)."""
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+
+class Client:
+    """Requests to an ASGI app in this thread, without a server."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+        async def send() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.request(method, url, **kwargs)  # type: ignore[arg-type]
+
+        return anyio.run(send)
+
+    def get(self, url: str) -> httpx.Response:
+        return self.request("GET", url)
+
+    def post(self, url: str, **kwargs: object) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+
+def make_client(storage: LocalStorage) -> Client:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/get/{key:path}")
+    def get(key: str) -> Response:
+        return download_response(storage, key)
+
+    @app.post("/put/{key:path}", status_code=201)
+    def post(key: str, file: UploadFile) -> dict[str, object]:
+        entry = store_upload(storage, key, file)
+        return {"key": entry.key, "size": entry.size}
+
+    return Client(app)
+
+
+@pytest.mark.parametrize("kind", [LocalStorage, RemoteLike])
+def test_download_response(tmp_path: Path, kind: type[LocalStorage]) -> None:
+    storage = kind(tmp_path)
+    put(storage, "u1/data/run/ä b.txt", b"hello")
+    put(storage, "u1/data/run/plain.txt", b"plain")
+    client = make_client(storage)
+    response = client.get("/get/u1/data/run/ä b.txt")
+    assert response.status_code == 200
+    assert response.content == b"hello"
+    assert response.headers["content-disposition"] == "attachment; filename*=utf-8''%C3%A4%20b.txt"
+    assert response.headers["content-type"].startswith("text/plain")
+    response = client.get("/get/u1/data/run/plain.txt")
+    assert response.headers["content-disposition"] == 'attachment; filename="plain.txt"'
+    assert response.headers["content-length"] == "5"
+    folder = client.get("/get/u1/data/run")
+    assert folder.status_code == 200
+    assert folder.headers["content-type"] == "application/zip"
+    assert folder.headers["content-disposition"] == 'attachment; filename="run.zip"'
+    assert unzip(iter([folder.content])) == {"ä b.txt": b"hello", "plain.txt": b"plain"}
+    missing = client.get("/get/u1/data/none")
+    assert missing.status_code == 404
+
+
+def test_download_response_filename_override(storage: LocalStorage) -> None:
+    put(storage, "u1/data/x.txt", b"x")
+    response = download_response(storage, "u1/data/x.txt", filename="other.txt")
+    assert response.headers["content-disposition"] == 'attachment; filename="other.txt"'
+    with pytest.raises(LabCloudError):
+        download_response(storage, "u1/data/none")
+
+
+def test_store_upload(storage: LocalStorage) -> None:
+    client = make_client(storage)
+    created = client.post("/put/u1/output/job/r.txt", files={"file": ("r.txt", b"result")})
+    assert created.status_code == 201
+    assert created.json() == {"key": "u1/output/job/r.txt", "size": 6}
+    assert storage.stat("u1/output/job/r.txt") == Entry("u1/output/job/r.txt", EntryType.FILE, 6)
+    refused = client.post("/put/u1/output/job", files={"file": ("r.txt", b"result")})
+    assert refused.status_code == Conflict.status_code
+    assert "is a folder" in refused.json()["detail"]
+
+
+def test_content_disposition_quotes_odd_names() -> None:
+    assert content_disposition('a"b.txt') == "attachment; filename*=utf-8''a%22b.txt"

@@ -1,0 +1,386 @@
+"""Queue rules on SQLite and PostgreSQL: status reports (keep-alive, transitions,
+hand-back, refusals), the outbox rows they write, signals after commit, reaping,
+the long-polling pull and the delivery of the outbox to the user API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import anyio
+import httpx
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from labcloud.contract import Environment, JobStatus
+from labcloud.db import unit_of_work, utcnow
+from tests.worker_api.conftest import queue_job
+from worker_api.clients.user_api import StatusForwarder
+from worker_api.models import QueuedJob, StatusOutbox
+from worker_api.queue.schemas import WorkerOffer
+from worker_api.queue.service import (
+    InvalidTransition,
+    JobNotFound,
+    JobPuller,
+    QueuePolicy,
+    QueueService,
+    QueueSignals,
+    Wakeup,
+    reap_once,
+    run_reaper,
+)
+
+POLICY = QueuePolicy(lease_seconds=60, max_retries=1)
+WORKER = WorkerOffer(name="w1", environment=Environment.LOCAL, memory=8000)
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def run(
+    factory: sessionmaker[Session],
+    action: Callable[[QueueService], object],
+    signals: QueueSignals | None = None,
+    policy: QueuePolicy = POLICY,
+) -> object:
+    with unit_of_work(factory) as session:
+        return action(QueueService(session, policy, signals))
+
+
+def outbox(factory: sessionmaker[Session]) -> list[tuple[int, str, str | None]]:
+    with unit_of_work(factory) as session:
+        return [
+            (row.job_id, row.status.value, row.runtime_details)
+            for row in session.scalars(select(StatusOutbox).order_by(StatusOutbox.id))
+        ]
+
+
+def queued(factory: sessionmaker[Session], job_id: int = 1) -> QueuedJob:
+    with unit_of_work(factory) as session:
+        job = session.scalars(select(QueuedJob).where(QueuedJob.job_id == job_id)).one()
+        return job
+
+
+def leased_queue_id(factory: sessionmaker[Session], job_id: int = 1) -> int:
+    run(factory, lambda q: q.enqueue(queue_job(job_id)))
+    leased = run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0))
+    assert isinstance(leased, list)
+    return int(leased[0].queue_id)
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait (at most 5 s) until ``condition`` holds."""
+    with anyio.fail_after(5):
+        # Polls the database, which has no event to wait on.
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+def report(
+    factory: sessionmaker[Session],
+    queue_id: int,
+    status: JobStatus,
+    *,
+    worker: str = "w1",
+    details: str | None = None,
+) -> None:
+    run(
+        factory,
+        lambda q: q.report_status(queue_id, worker=worker, status=status, runtime_details=details),
+    )
+
+
+def test_enqueue_is_idempotent_and_signals_only_new_jobs(factory: sessionmaker[Session]) -> None:
+    enqueued = Counter()
+    signals = QueueSignals(job_enqueued=enqueued)
+    first = run(factory, lambda q: q.enqueue(queue_job(5)), signals)
+    again = run(factory, lambda q: q.enqueue(queue_job(5, priority=4)), signals)
+    assert isinstance(first, QueuedJob)
+    assert isinstance(again, QueuedJob)
+    assert (again.id, again.priority, again.status) == (first.id, 0, JobStatus.QUEUED)
+    assert enqueued.count == 1
+    assert outbox(factory) == []
+
+
+def test_signals_fire_only_after_commit(factory: sessionmaker[Session]) -> None:
+    enqueued = Counter()
+    with pytest.raises(RuntimeError), unit_of_work(factory) as session:
+        QueueService(session, POLICY, QueueSignals(job_enqueued=enqueued)).enqueue(queue_job(1))
+        raise RuntimeError("rolled back")
+    assert enqueued.count == 0
+    with unit_of_work(factory) as session:
+        assert session.scalars(select(QueuedJob)).first() is None
+
+
+def test_lease_returns_specs_and_records_pulled(factory: sessionmaker[Session]) -> None:
+    recorded = Counter()
+    run(factory, lambda q: q.enqueue(queue_job(1)))
+    leased = run(
+        factory,
+        lambda q: q.lease(WORKER, limit=5, older_than=0),
+        QueueSignals(status_recorded=recorded),
+    )
+    assert isinstance(leased, list)
+    [job] = leased
+    assert job.spec == queue_job(1).job
+    assert outbox(factory) == [(1, "pulled", None)]
+    assert recorded.count == 1
+
+
+def test_status_reports_follow_the_state_machine(factory: sessionmaker[Session]) -> None:
+    queue_id = leased_queue_id(factory)
+    for status in (JobStatus.PREPROCESSING, JobStatus.RUNNING):
+        report(factory, queue_id, status)
+    lease_before = queued(factory).lease_expires_at
+    report(factory, queue_id, JobStatus.RUNNING, details="50%")  # keep-alive
+    job = queued(factory)
+    assert job.lease_expires_at is not None and lease_before is not None
+    assert job.lease_expires_at > lease_before
+    assert job.runtime_details == "50%"
+    with pytest.raises(InvalidTransition, match="from running to preprocessing"):
+        report(factory, queue_id, JobStatus.PREPROCESSING)
+    report(factory, queue_id, JobStatus.POSTPROCESSING)
+    report(factory, queue_id, JobStatus.FINISHED, details="exit 0")
+    report(factory, queue_id, JobStatus.FINISHED, details="exit 0")  # repeated: no-op
+    with pytest.raises(InvalidTransition, match="from finished to running"):
+        report(factory, queue_id, JobStatus.RUNNING)
+    assert queued(factory).lease_expires_at is None
+    assert outbox(factory) == [
+        (1, "pulled", None),
+        (1, "preprocessing", None),
+        (1, "running", None),
+        (1, "postprocessing", "50%"),
+        (1, "finished", "exit 0"),
+    ]
+
+
+def test_phases_may_be_skipped(factory: sessionmaker[Session]) -> None:
+    queue_id = leased_queue_id(factory)
+    report(factory, queue_id, JobStatus.RUNNING)
+    report(factory, queue_id, JobStatus.ERROR, details="exit 1")
+    assert queued(factory).status is JobStatus.ERROR
+
+
+def test_only_the_assignee_may_report(factory: sessionmaker[Session]) -> None:
+    queue_id = leased_queue_id(factory)
+    with pytest.raises(JobNotFound):
+        report(factory, queue_id, JobStatus.RUNNING, worker="w2")
+    with pytest.raises(JobNotFound):
+        report(factory, queue_id + 100, JobStatus.RUNNING)
+    assert queued(factory).status is JobStatus.PULLED
+
+
+def test_cancelled_job_tells_its_worker_to_stop(factory: sessionmaker[Session]) -> None:
+    queue_id = leased_queue_id(factory)
+    assert run(factory, lambda q: q.cancel(1)) is True
+    assert run(factory, lambda q: q.cancel(1)) is False
+    assert run(factory, lambda q: q.cancel(404)) is False
+    with pytest.raises(JobNotFound):
+        report(factory, queue_id, JobStatus.PULLED)
+    with pytest.raises(JobNotFound):
+        report(factory, queue_id, JobStatus.FINISHED)
+    assert queued(factory).status is JobStatus.CANCELED
+
+
+def test_hand_back_requeues_for_anyone(factory: sessionmaker[Session]) -> None:
+    queue_id = leased_queue_id(factory)
+    report(factory, queue_id, JobStatus.QUEUED)
+    job = queued(factory)
+    assert (job.status, job.worker, job.attempts) == (JobStatus.QUEUED, None, 0)
+    with pytest.raises(JobNotFound):
+        report(factory, queue_id, JobStatus.RUNNING)
+    assert outbox(factory)[-1] == (1, "queued", None)
+    leased = run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0))
+    assert isinstance(leased, list) and len(leased) == 1
+
+
+def test_hand_back_refused_while_uploading(factory: sessionmaker[Session]) -> None:
+    queue_id = leased_queue_id(factory)
+    report(factory, queue_id, JobStatus.POSTPROCESSING)
+    with pytest.raises(InvalidTransition):
+        report(factory, queue_id, JobStatus.QUEUED)
+
+
+def test_status_of(factory: sessionmaker[Session]) -> None:
+    queue_id = leased_queue_id(factory)
+    assert run(factory, lambda q: q.status_of(queue_id)) is JobStatus.PULLED
+    with pytest.raises(JobNotFound):
+        run(factory, lambda q: q.status_of(queue_id + 1))
+
+
+def _expire(factory: sessionmaker[Session]) -> None:
+    with unit_of_work(factory) as session:
+        session.execute(update(QueuedJob).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+
+def test_reaper_requeues_then_fails_and_records(factory: sessionmaker[Session]) -> None:
+    recorded = Counter()
+    signals = QueueSignals(status_recorded=recorded)
+    queue_id = leased_queue_id(factory)
+    _expire(factory)
+    assert reap_once(factory, POLICY, signals) == 1
+    with pytest.raises(JobNotFound):  # the silent worker comes back too late
+        report(factory, queue_id, JobStatus.RUNNING)
+    run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0))
+    _expire(factory)
+    assert reap_once(factory, POLICY, signals) == 1
+    assert reap_once(factory, POLICY, signals) == 0
+    statuses = [status for _job, status, _details in outbox(factory)]
+    assert statuses == ["pulled", "queued", "pulled", "error"]
+    assert "went silent 2 times" in (outbox(factory)[-1][2] or "")
+    assert recorded.count == 2
+
+
+def test_retry_different_policy(factory: sessionmaker[Session]) -> None:
+    policy = QueuePolicy(lease_seconds=60, max_retries=3, retry_different=True)
+    leased_queue_id(factory)
+    _expire(factory)
+    reap_once(factory, policy, QueueSignals())
+    assert run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0), policy=policy) == []
+    other = WorkerOffer(name="w2", environment=Environment.LOCAL, memory=8000)
+    leased = run(factory, lambda q: q.lease(other, limit=1, older_than=0), policy=policy)
+    assert isinstance(leased, list) and len(leased) == 1
+
+
+@pytest.mark.anyio
+async def test_reaper_loop_runs_until_cancelled(factory: sessionmaker[Session]) -> None:
+    leased_queue_id(factory)
+    _expire(factory)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: run_reaper(factory, POLICY, QueueSignals(), interval_seconds=0.01))
+        await eventually(lambda: queued(factory).status is JobStatus.QUEUED)
+        tasks.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_long_poll_wakes_on_enqueue(factory: sessionmaker[Session]) -> None:
+    wakeup = Wakeup()
+    signals = QueueSignals(job_enqueued=wakeup.notify)
+    # Re-checks so rare that only the wake-up can explain a quick answer.
+    puller = JobPuller(factory, POLICY, signals, wakeup, recheck_seconds=60)
+
+    async def enqueue_later() -> None:
+        await anyio.sleep(0.2)
+        await anyio.to_thread.run_sync(run, factory, lambda q: q.enqueue(queue_job(1)), signals)
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(enqueue_later)
+        leased = await puller.pull(WORKER, limit=1, older_than=0, wait=10)
+    assert [job.spec.meta.job_id for job in leased] == [1]
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.anyio
+async def test_long_poll_rechecks_for_other_processes(factory: sessionmaker[Session]) -> None:
+    wakeup = Wakeup()
+    puller = JobPuller(factory, POLICY, QueueSignals(), wakeup, recheck_seconds=0.05)
+
+    async def enqueue_elsewhere() -> None:
+        await anyio.sleep(0.1)
+        # No signal: as if another API process had enqueued the job.
+        await anyio.to_thread.run_sync(run, factory, lambda q: q.enqueue(queue_job(1)))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(enqueue_elsewhere)
+        leased = await puller.pull(WORKER, limit=1, older_than=0, wait=10)
+    assert len(leased) == 1
+
+
+@pytest.mark.anyio
+async def test_long_poll_gives_up_after_wait(factory: sessionmaker[Session]) -> None:
+    puller = JobPuller(factory, POLICY, QueueSignals(), Wakeup(), recheck_seconds=0.05)
+    started = time.monotonic()
+    assert await puller.pull(WORKER, limit=1, older_than=0, wait=0.2) == []
+    assert 0.2 <= time.monotonic() - started < 2
+    assert await puller.pull(WORKER, limit=1, older_than=0, wait=0) == []
+
+
+@pytest.mark.anyio
+async def test_long_poll_stops_when_the_caller_hung_up(factory: sessionmaker[Session]) -> None:
+    puller = JobPuller(factory, POLICY, QueueSignals(), Wakeup(), recheck_seconds=0.05)
+
+    async def gone() -> bool:
+        return True
+
+    started = time.monotonic()
+    assert await puller.pull(WORKER, limit=1, older_than=0, wait=10, caller_gone=gone) == []
+    assert time.monotonic() - started < 2
+
+
+# -- delivery of the outbox ------------------------------------------------------------
+
+
+def _forwarder(
+    factory: sessionmaker[Session], handler: Callable[[httpx.Request], httpx.Response]
+) -> tuple[StatusForwarder, httpx.AsyncClient]:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    forwarder = StatusForwarder(
+        factory=factory,
+        client=client,
+        user_api_url="http://user-api/",
+        api_key="k" * 20,
+        wakeup=Wakeup(),
+        poll_seconds=0.05,
+        retry_max_seconds=0.05,
+    )
+    return forwarder, client
+
+
+@pytest.mark.anyio
+async def test_forwarder_delivers_in_order_and_retries(factory: sessionmaker[Session]) -> None:
+    queue_id = leased_queue_id(factory)
+    report(factory, queue_id, JobStatus.RUNNING)
+    report(factory, queue_id, JobStatus.ERROR, details="boom")
+    answers = [503, 500]
+    seen: list[tuple[str, str, dict[str, object]]] = []
+
+    def user_api(request: httpx.Request) -> httpx.Response:
+        import json
+
+        seen.append((request.method, str(request.url), json.loads(request.content)))
+        assert request.headers["x-api-key"] == "k" * 20
+        if answers:
+            return httpx.Response(answers.pop(0))
+        return httpx.Response(204)
+
+    forwarder, client = _forwarder(factory, user_api)
+    async with client, anyio.create_task_group() as tasks:
+        tasks.start_soon(forwarder.run)
+        await eventually(lambda: not outbox(factory))
+        tasks.cancel_scope.cancel()
+    delivered = [body["status"] for _m, _u, body in seen]
+    # Each failure was retried with the same (first) row: order is kept.
+    assert delivered == ["pulled", "pulled", "pulled", "running", "error"]
+    assert seen[-1] == (
+        "PUT",
+        "http://user-api/_job_status",
+        {"job_id": 1, "status": "error", "runtime_details": "boom"},
+    )
+
+
+@pytest.mark.anyio
+async def test_forwarder_keeps_rows_until_acknowledged(factory: sessionmaker[Session]) -> None:
+    leased_queue_id(factory)
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    forwarder, client = _forwarder(factory, down)
+    async with client:
+        with pytest.raises(Exception, match="cannot reach the user API"):
+            await forwarder.deliver_pending()
+    assert outbox(factory) == [(1, "pulled", None)]
+
+    # A job deleted on the user API answers 404: nothing left to tell, the row goes.
+    forwarder, client = _forwarder(factory, lambda _request: httpx.Response(404))
+    async with client:
+        assert await forwarder.deliver_pending() == 1
+    assert outbox(factory) == []

@@ -1,0 +1,123 @@
+"""The user API application: ``create_app`` and the lifespan owning its resources."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from labcloud.auth import TokenVerifier
+from labcloud.auth.local import LocalTokenIssuer, cognito_verifier
+from labcloud.db import create_db_engine, make_session_factory, migrate, unit_of_work
+from labcloud.settings import AuthMode
+from labcloud.storage.factory import make_storage
+from labcloud.storage.signing import UrlSigner
+from labcloud.web import install_error_handlers
+from user_api.auth import service as auth_service
+from user_api.auth.endpoints import router as auth_router
+from user_api.catalog.endpoints import router as catalog_router
+from user_api.catalog.store import CatalogStore
+from user_api.clients.worker_api import WorkerApiForwarder
+from user_api.files.endpoints import router as files_router
+from user_api.jobs.endpoints import router as jobs_router
+from user_api.settings import UserApiSettings
+
+logger = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def create_app(settings: UserApiSettings | None = None) -> FastAPI:
+    settings = settings or UserApiSettings()  # type: ignore[call-arg]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_db_engine(
+            settings.resolved_database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+        )
+        migrate(engine, MIGRATIONS)
+        sessions = make_session_factory(engine)
+        issuer: LocalTokenIssuer | None = None
+        verifier: TokenVerifier
+        if settings.auth is AuthMode.LOCAL:
+            assert settings.local_auth_private_key is not None  # checked by the settings
+            issuer = LocalTokenIssuer(
+                settings.local_auth_private_key.get_secret_value(),
+                lifetime_seconds=settings.token_lifetime_seconds,
+            )
+            verifier = issuer.verifier
+            if settings.allow_self_signup:
+                logger.warning("self-signup is ON (ALLOW_SELF_SIGNUP): a development setting")
+        else:
+            assert settings.cognito_client_id is not None
+            verifier = cognito_verifier(
+                jwks_url=settings.resolved_cognito_jwks_url,
+                issuer=settings.resolved_cognito_issuer,
+                client_id=settings.cognito_client_id,
+            )
+        if settings.bootstrap_admin_email and settings.bootstrap_admin_password:
+            with unit_of_work(sessions) as session:
+                auth_service.ensure_bootstrap_admin(
+                    session,
+                    email=str(settings.bootstrap_admin_email),
+                    password=settings.bootstrap_admin_password.get_secret_value(),
+                )
+        catalog_store = CatalogStore(settings.application_config_file)
+        client = httpx.AsyncClient(base_url=settings.workerfacing_api_url, timeout=30)
+        forwarder = WorkerApiForwarder(
+            session_factory=sessions,
+            client=client,
+            internal_key=settings.internal_api_key_secret.get_secret_value(),
+            poll_seconds=settings.forward_poll_seconds,
+            max_backoff_seconds=settings.forward_retry_max_seconds,
+        )
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.session_factory = sessions
+        app.state.issuer = issuer
+        app.state.verifier = verifier
+        app.state.storage = make_storage(settings)
+        app.state.signer = UrlSigner(settings.url_signing_key)
+        app.state.catalog_store = catalog_store
+        app.state.forwarder = forwarder
+        tasks = [
+            asyncio.create_task(forwarder.run(), name="worker-outbox"),
+            asyncio.create_task(catalog_store.watch(), name="catalog-watcher"),
+        ]
+        logger.info("user API ready (auth=%s, storage=%s)", settings.auth, settings.filesystem)
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.aclose()
+            engine.dispose()
+
+    app = FastAPI(
+        title="LabCloud user API",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Upload data, start jobs from the application catalog, get results.",
+    )
+    if settings.frontend_url:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[settings.frontend_url],
+            allow_credentials=True,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    install_error_handlers(app)
+    app.include_router(auth_router)
+    app.include_router(catalog_router)
+    app.include_router(jobs_router)
+    app.include_router(files_router)
+    return app

@@ -1,0 +1,146 @@
+"""``Annotated`` dependency aliases of the user API. Resources live on ``app.state``
+(created by the lifespan in ``user_api.app``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from labcloud.auth import Principal, TokenVerifier
+from labcloud.auth.local import LocalTokenIssuer
+from labcloud.contract import Group
+from labcloud.errors import Forbidden, NotFound
+from labcloud.settings import AuthMode
+from labcloud.storage.base import Storage
+from labcloud.storage.signing import UrlSigner
+from labcloud.web import TOKEN_COOKIE, bearer_token, check_internal_key
+from user_api.auth.service import AuthenticatedUser, resolve_caller
+from user_api.catalog.store import CatalogStore
+from user_api.clients.worker_api import WorkerApiForwarder
+from user_api.settings import UserApiSettings
+
+_AFTER_COMMIT = "after_commit"
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One unit of work per request: committed when the endpoint returns (before the
+    response is sent, see ``scope="function"`` below), rolled back on error. Callbacks
+    registered with ``after_commit`` run once the commit succeeded."""
+    with request.app.state.session_factory() as session:
+        with session.begin():
+            yield session
+        for callback in session.info.pop(_AFTER_COMMIT, []):
+            callback()
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_settings(request: Request) -> UserApiSettings:
+    settings: UserApiSettings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[UserApiSettings, Depends(get_settings)]
+
+
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+def get_signer(request: Request) -> UrlSigner:
+    signer: UrlSigner = request.app.state.signer
+    return signer
+
+
+SignerDep = Annotated[UrlSigner, Depends(get_signer)]
+
+
+def get_catalog_store(request: Request) -> CatalogStore:
+    store: CatalogStore = request.app.state.catalog_store
+    return store
+
+
+CatalogStoreDep = Annotated[CatalogStore, Depends(get_catalog_store)]
+
+
+def get_forwarder(request: Request) -> WorkerApiForwarder:
+    forwarder: WorkerApiForwarder = request.app.state.forwarder
+    return forwarder
+
+
+ForwarderDep = Annotated[WorkerApiForwarder, Depends(get_forwarder)]
+
+
+def get_issuer(request: Request) -> LocalTokenIssuer:
+    issuer: LocalTokenIssuer | None = request.app.state.issuer
+    if issuer is None:
+        raise NotFound("local auth is disabled on this server (AUTH=cognito)")
+    return issuer
+
+
+IssuerDep = Annotated[LocalTokenIssuer, Depends(get_issuer)]
+
+
+def _verify(request: Request) -> Principal:
+    verifier: TokenVerifier = request.app.state.verifier
+    return verifier.verify(bearer_token(request))
+
+
+def get_optional_caller(request: Request, session: SessionDep) -> AuthenticatedUser | None:
+    """The caller when a token is sent, None for anonymous requests."""
+    if "authorization" not in request.headers and TOKEN_COOKIE not in request.cookies:
+        return None
+    return get_caller(request, session)
+
+
+def get_caller(request: Request, session: SessionDep) -> AuthenticatedUser:
+    """Any authenticated account, whatever its groups."""
+    settings: UserApiSettings = request.app.state.settings
+    return resolve_caller(session, _verify(request), local=settings.auth is AuthMode.LOCAL)
+
+
+Caller = Annotated[AuthenticatedUser, Depends(get_caller)]
+OptionalCaller = Annotated[AuthenticatedUser | None, Depends(get_optional_caller)]
+
+
+def get_current_user(caller: Caller) -> AuthenticatedUser:
+    if not caller.has(Group.USERS):
+        raise Forbidden("this route needs an account in group 'users'")
+    return caller
+
+
+CurrentUser = Annotated[AuthenticatedUser, Depends(get_current_user)]
+
+
+def require_internal_key(request: Request) -> None:
+    settings: UserApiSettings = request.app.state.settings
+    check_internal_key(request, settings.internal_api_key_secret.get_secret_value())
+
+
+InternalCaller = Depends(require_internal_key)
+
+__all__ = [
+    "CatalogStoreDep",
+    "CurrentUser",
+    "ForwarderDep",
+    "InternalCaller",
+    "IssuerDep",
+    "OptionalCaller",
+    "SessionDep",
+    "SettingsDep",
+    "SignerDep",
+    "StorageDep",
+    "after_commit",
+]

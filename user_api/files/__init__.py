@@ -1,0 +1,1 @@
+"""The user's files: listing, transfers, folders, renames and deletions."""

@@ -1,0 +1,104 @@
+"""SQL for jobs and the worker outbox. Status changes are guarded compare-and-set
+updates: the row count says whether the transition happened."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from labcloud.contract import JobStatus, allowed_sources
+from labcloud.db import utcnow
+from user_api.models import Job, OutboxKind, User, WorkerOutbox
+
+
+def get_for_user(session: Session, job_id: int, user_id: int) -> Job | None:
+    return session.scalars(select(Job).where(Job.id == job_id, Job.user_id == user_id)).first()
+
+
+def get(session: Session, job_id: int) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def list_for_user(session: Session, user_id: int, *, offset: int, limit: int) -> Sequence[Job]:
+    query = (
+        select(Job)
+        .where(Job.user_id == user_id)
+        .order_by(Job.date_created.desc(), Job.id.desc())
+        .offset(offset)
+        .limit(limit)
+    )
+    return session.scalars(query).all()
+
+
+def name_taken(session: Session, user_id: int, job_name: str) -> bool:
+    query = select(Job.id).where(Job.user_id == user_id, Job.job_name == job_name)
+    return session.scalars(query).first() is not None
+
+
+def owner_email(session: Session, job: Job) -> str:
+    return session.scalars(select(User.email).where(User.id == job.user_id)).one()
+
+
+def owner_subject(session: Session, job: Job) -> str:
+    return session.scalars(select(User.subject).where(User.id == job.user_id)).one()
+
+
+def transition(
+    session: Session, job_id: int, target: JobStatus, runtime_details: str | None
+) -> bool:
+    """Move a job to ``target`` if its current status allows it; False otherwise
+    (a duplicate or late update is then a no-op)."""
+    now = utcnow()
+    values: dict[str, Any] = {"status": target.value}
+    if runtime_details is not None or target in (JobStatus.QUEUED, JobStatus.PULLED):
+        values["runtime_details"] = runtime_details
+    if target is JobStatus.PULLED:
+        values["date_started"] = now
+    if target.is_terminal:
+        values["date_finished"] = now
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([s.value for s in allowed_sources(target)]))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def delete_job(session: Session, job_id: int) -> None:
+    session.execute(delete(Job).where(Job.id == job_id))
+
+
+def add_outbox(
+    session: Session, job_id: int, kind: OutboxKind, payload: dict[str, Any] | None
+) -> None:
+    session.add(WorkerOutbox(job_id=job_id, kind=kind.value, payload=payload))
+
+
+def drop_pending_enqueue(session: Session, job_id: int) -> bool:
+    """Withdraw an enqueue the worker API has not received yet; True if there was one."""
+    result = session.execute(
+        delete(WorkerOutbox).where(
+            WorkerOutbox.job_id == job_id, WorkerOutbox.kind == OutboxKind.ENQUEUE.value
+        )
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def next_outbox(session: Session) -> WorkerOutbox | None:
+    return session.scalars(select(WorkerOutbox).order_by(WorkerOutbox.id).limit(1)).first()
+
+
+def acknowledge_outbox(session: Session, outbox_id: int) -> None:
+    session.execute(delete(WorkerOutbox).where(WorkerOutbox.id == outbox_id))
+
+
+def record_outbox_failure(session: Session, outbox_id: int, error: str) -> None:
+    session.execute(
+        update(WorkerOutbox)
+        .where(WorkerOutbox.id == outbox_id)
+        .values(attempts=WorkerOutbox.attempts + 1, last_error=error[:2000])
+    )

@@ -1,0 +1,66 @@
+"""User API settings (contract section 5), read from the environment and ``.env``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import EmailStr, Field, SecretStr, model_validator
+
+from labcloud.db import build_database_url
+from labcloud.secrets import resolve_secret
+from labcloud.settings import AuthMode, ServiceSettings
+
+
+class UserApiSettings(ServiceSettings):
+    database_url: str = "sqlite:///./.labcloud/user_api.db"
+    database_secret: SecretStr | None = None
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
+
+    workerfacing_api_url: str = "http://127.0.0.1:8001"
+    public_url: str = Field(
+        default="http://127.0.0.1:8000",
+        description="External base URL of this API, used in signed download/upload links.",
+    )
+    signed_url_expiry_seconds: int = Field(default=3600, ge=10, le=7 * 24 * 3600)
+
+    application_config_file: Path = Path("application_config.yaml")
+
+    # Local auth.
+    local_auth_private_key: SecretStr | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM, or a Secrets Manager ARN) signing local tokens.",
+    )
+    token_lifetime_seconds: int = Field(default=12 * 3600, ge=60)
+    allow_self_signup: bool = False
+    bootstrap_admin_email: EmailStr | None = None
+    bootstrap_admin_password: SecretStr | None = None
+
+    # Notifications.
+    email_sender_service: str = ""
+    email_sender_address: str | None = None
+    email_sender_api_key: str | None = None
+    email_sender_secret_key: SecretStr | None = None
+    frontend_url: str | None = None
+
+    # Delivery of new jobs and cancellations to the worker API.
+    forward_retry_max_seconds: float = Field(default=10.0, gt=0)
+    forward_poll_seconds: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_user_api(self) -> Self:
+        if self.auth is AuthMode.LOCAL:
+            if self.local_auth_private_key is None:
+                raise ValueError("AUTH=local needs LOCAL_AUTH_PRIVATE_KEY (an Ed25519 PEM key)")
+            self.local_auth_private_key = SecretStr(
+                resolve_secret(self.local_auth_private_key.get_secret_value())
+            )
+        if (self.bootstrap_admin_email is None) != (self.bootstrap_admin_password is None):
+            raise ValueError("set both BOOTSTRAP_ADMIN_EMAIL and BOOTSTRAP_ADMIN_PASSWORD, or neither")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        secret = self.database_secret.get_secret_value() if self.database_secret else None
+        return build_database_url(self.database_url, secret)

@@ -1,0 +1,171 @@
+"""The worker API application: ``create_app`` and the lifespan owning its resources.
+
+``app.state`` attributes (set by the lifespan unless noted):
+
+- ``settings`` (``WorkerApiSettings``; set by ``create_app``)
+- ``engine``, ``session_factory``: the queue database (migrated at start)
+- ``verifier``: the ``TokenVerifier`` for workers' bearer tokens; tests may replace
+  it after start-up
+- ``storage`` (``Storage``), ``signer`` (``UrlSigner``)
+- ``queue_policy`` (``QueuePolicy``), ``queue_signals`` (``QueueSignals``)
+- ``job_wakeup``, ``status_wakeup`` (``Wakeup``): a job was enqueued / a status
+  change awaits delivery
+- ``puller`` (``JobPuller``): long-polling pulls
+- ``http_client`` (``httpx.AsyncClient``), ``status_forwarder`` (``StatusForwarder``)
+- ``background_tasks``: the reaper and the status forwarder
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import FastAPI
+
+from labcloud.auth import TokenVerifier
+from labcloud.auth.local import cognito_verifier, local_jwks_verifier
+from labcloud.db import create_db_engine, make_session_factory, migrate
+from labcloud.settings import AuthMode
+from labcloud.storage import UrlSigner, make_storage
+from labcloud.web import install_error_handlers
+from worker_api.clients.user_api import StatusForwarder
+from worker_api.files.endpoints import router as files_router
+from worker_api.queue.endpoints import internal_router
+from worker_api.queue.endpoints import router as queue_router
+from worker_api.queue.service import JobPuller, QueuePolicy, QueueSignals, Wakeup, run_reaper
+from worker_api.settings import WorkerApiSettings
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+logger = logging.getLogger(__name__)
+
+
+def make_verifier(settings: WorkerApiSettings) -> TokenVerifier:
+    """Tokens from the user API's local auth (its JWKS), or Cognito ID tokens."""
+    if settings.auth is AuthMode.COGNITO:
+        assert settings.cognito_client_id is not None, "checked by the settings"
+        return cognito_verifier(
+            jwks_url=settings.resolved_cognito_jwks_url,
+            issuer=settings.resolved_cognito_issuer,
+            client_id=settings.cognito_client_id,
+        )
+    return local_jwks_verifier(settings.resolved_local_jwks_url)
+
+
+def access_info(settings: WorkerApiSettings) -> dict[str, Any]:
+    """How workers get a token: the Cognito pool (upstream's shape), or local auth."""
+    cognito = settings.auth is AuthMode.COGNITO
+    return {
+        "cognito": {
+            "user_pool_id": settings.cognito_user_pool_id if cognito else None,
+            "client_id": settings.cognito_client_id if cognito else None,
+            "region": settings.cognito_region if cognito else None,
+        },
+        "auth": settings.auth.value,
+    }
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: WorkerApiSettings = app.state.settings
+    engine = create_db_engine(
+        settings.resolved_database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+    )
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await anyio.to_thread.run_sync(migrate, engine, MIGRATIONS)
+        factory = make_session_factory(engine)
+        job_wakeup, status_wakeup = Wakeup(), Wakeup()
+        policy = QueuePolicy(
+            lease_seconds=settings.timeout_failure,
+            max_retries=settings.max_retries,
+            retry_different=settings.retry_different,
+        )
+        signals = QueueSignals(job_enqueued=job_wakeup.notify, status_recorded=status_wakeup.notify)
+        state = app.state
+        state.engine = engine
+        state.session_factory = factory
+        state.verifier = make_verifier(settings)
+        state.storage = make_storage(settings)
+        state.signer = UrlSigner(settings.url_signing_key)
+        state.queue_policy = policy
+        state.queue_signals = signals
+        state.job_wakeup = job_wakeup
+        state.status_wakeup = status_wakeup
+        state.puller = JobPuller(factory, policy, signals, job_wakeup)
+        async with httpx.AsyncClient(
+            timeout=settings.status_forward_timeout_seconds
+        ) as http_client:
+            state.http_client = http_client
+            state.status_forwarder = StatusForwarder(
+                factory=factory,
+                client=http_client,
+                user_api_url=settings.userfacing_api_url,
+                api_key=settings.internal_api_key_secret.get_secret_value(),
+                wakeup=status_wakeup,
+                poll_seconds=settings.status_forward_poll_seconds,
+                retry_max_seconds=settings.status_forward_retry_max_seconds,
+            )
+            tasks.append(
+                asyncio.create_task(
+                    run_reaper(
+                        factory,
+                        policy,
+                        signals,
+                        interval_seconds=settings.reaper_interval_seconds,
+                    ),
+                    name="worker_api reaper",
+                )
+            )
+            tasks.append(
+                asyncio.create_task(
+                    state.status_forwarder.run(), name="worker_api status forwarder"
+                )
+            )
+            state.background_tasks = tasks
+            yield
+            await _stop(tasks)
+    finally:
+        await _stop(tasks)
+        engine.dispose()
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    tasks.clear()
+
+
+def create_app(settings: WorkerApiSettings | None = None) -> FastAPI:
+    """The worker API. Settings are read from the environment when not given."""
+    resolved = settings or WorkerApiSettings()
+    app = FastAPI(
+        title="LabCloud worker API",
+        description="The queue that workers pull jobs from, and their file transfers.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = resolved
+    install_error_handlers(app)
+
+    @app.get("/access_info", tags=["auth"])
+    def get_access_info() -> dict[str, Any]:
+        """How to obtain a token for this API."""
+        return access_info(resolved)
+
+    app.include_router(queue_router)
+    app.include_router(files_router)
+    app.include_router(internal_router)
+    return app

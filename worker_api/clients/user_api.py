@@ -1,0 +1,111 @@
+"""Delivery of status changes to the user API (``PUT /_job_status``).
+
+Rows of ``status_outbox`` are sent one at a time in id order, so the user API sees
+each job's changes in the order they happened, and a row is deleted only once the
+user API acknowledged it (2xx, or 404 for a job deleted there). Until then it stays:
+the user API may be down for minutes, and this process may restart, without a
+status being lost.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import httpx
+from sqlalchemy.orm import Session, sessionmaker
+
+from labcloud.contract import INTERNAL_API_KEY_HEADER, StatusUpdate
+from labcloud.db import unit_of_work
+from worker_api.queue.repository import QueueRepository
+from worker_api.queue.service import Wakeup
+
+logger = logging.getLogger(__name__)
+
+_FIRST_RETRY_SECONDS = 0.1
+
+
+class DeliveryFailed(Exception):
+    """The user API did not acknowledge a status update."""
+
+
+class StatusForwarder:
+    """Sends the outbox to the user API until cancelled."""
+
+    def __init__(
+        self,
+        *,
+        factory: sessionmaker[Session],
+        client: httpx.AsyncClient,
+        user_api_url: str,
+        api_key: str,
+        wakeup: Wakeup,
+        poll_seconds: float = 1.0,
+        retry_max_seconds: float = 10.0,
+    ) -> None:
+        self._factory = factory
+        self._client = client
+        self._url = f"{user_api_url.rstrip('/')}/_job_status"
+        self._api_key = api_key
+        self._wakeup = wakeup
+        self._poll_seconds = poll_seconds
+        self._retry_max_seconds = retry_max_seconds
+
+    async def run(self) -> None:
+        """Deliver whatever is pending, then wait for a new row (woken at once by
+        this process, polling for rows written by other processes); back off
+        exponentially while the user API does not acknowledge."""
+        backoff = 0.0
+        while True:
+            signal = self._wakeup.current
+            try:
+                await self.deliver_pending()
+            except Exception as exc:
+                backoff = min(max(backoff * 2, _FIRST_RETRY_SECONDS), self._retry_max_seconds)
+                logger.warning("status delivery failed (%s); retrying in %.1f s", exc, backoff)
+                await anyio.sleep(backoff)
+                continue
+            backoff = 0.0
+            await self._wakeup.wait(signal, self._poll_seconds)
+
+    async def deliver_pending(self) -> int:
+        """Send rows until the outbox is empty; the number sent. Raises on the first
+        row the user API does not acknowledge (it stays first in line)."""
+        sent = 0
+        while True:
+            row = await anyio.to_thread.run_sync(self._first_row)
+            if row is None:
+                return sent
+            outbox_id, update = row
+            await self._send(update)
+            await anyio.to_thread.run_sync(self._remove_row, outbox_id)
+            sent += 1
+
+    async def _send(self, update: StatusUpdate) -> None:
+        try:
+            response = await self._client.put(
+                self._url,
+                json=update.model_dump(mode="json"),
+                headers={INTERNAL_API_KEY_HEADER: self._api_key},
+            )
+        except httpx.HTTPError as exc:
+            raise DeliveryFailed(f"cannot reach the user API: {exc!r}") from exc
+        if response.is_success or response.status_code == 404:
+            # 404: the job was deleted on the user API; nothing left to update.
+            return
+        raise DeliveryFailed(
+            f"the user API answered {response.status_code} to the status of job {update.job_id}"
+        )
+
+    def _first_row(self) -> tuple[int, StatusUpdate] | None:
+        with unit_of_work(self._factory) as session:
+            row = QueueRepository(session).first_in_outbox()
+            if row is None:
+                return None
+            return row.id, StatusUpdate(
+                job_id=row.job_id, status=row.status, runtime_details=row.runtime_details
+            )
+
+    def _remove_row(self, outbox_id: int) -> None:
+        with unit_of_work(self._factory) as session:
+            QueueRepository(session).remove_from_outbox(outbox_id)

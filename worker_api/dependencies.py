@@ -1,0 +1,104 @@
+"""Request-scoped dependencies: the unit of work, the caller, the services.
+
+Everything long-lived is created by the lifespan (``worker_api.app``) and read here
+from ``app.state``; see ``create_app`` for the attribute names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from labcloud.auth import Principal, TokenVerifier
+from labcloud.contract import Environment, Group
+from labcloud.db import unit_of_work
+from labcloud.errors import Forbidden
+from labcloud.storage import Storage, UrlSigner
+from labcloud.web import bearer_token, check_internal_key
+from worker_api.files.service import FileService
+from worker_api.queue.service import JobPuller, QueueService
+from worker_api.settings import WorkerApiSettings
+
+
+def get_settings(request: Request) -> WorkerApiSettings:
+    settings: WorkerApiSettings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One transaction per request, committed before the response is sent (the
+    dependency is used with ``scope="function"``) and rolled back on error."""
+    with unit_of_work(request.app.state.session_factory) as session:
+        yield session
+
+
+def current_worker(request: Request) -> Principal:
+    """The calling worker. A sync dependency: the first verification fetches the
+    signing keys over HTTP, which must not block the event loop."""
+    verifier: TokenVerifier = request.app.state.verifier
+    principal = verifier.verify(bearer_token(request))
+    if not principal.has(Group.WORKERS):
+        raise Forbidden("only accounts in group 'workers' may use the worker API")
+    return principal
+
+
+def require_internal_key(request: Request) -> None:
+    """Only the user API, holding the internal key, may call the internal routes."""
+    check_internal_key(request, get_settings(request).internal_api_key_secret.get_secret_value())
+
+
+def worker_environment(principal: Principal) -> Environment:
+    """Workers whose account is also in group ``cloud`` pull cloud jobs."""
+    return Environment.CLOUD if principal.has(Group.CLOUD) else Environment.LOCAL
+
+
+SettingsDep = Annotated[WorkerApiSettings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+CurrentWorker = Annotated[Principal, Depends(current_worker)]
+InternalCaller = Depends(require_internal_key)
+
+
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def get_signer(request: Request) -> UrlSigner:
+    signer: UrlSigner = request.app.state.signer
+    return signer
+
+
+def get_puller(request: Request) -> JobPuller:
+    puller: JobPuller = request.app.state.puller
+    return puller
+
+
+def get_queue_service(request: Request, session: SessionDep) -> QueueService:
+    state = request.app.state
+    return QueueService(session, state.queue_policy, state.queue_signals)
+
+
+StorageDep = Annotated[Storage, Depends(get_storage)]
+SignerDep = Annotated[UrlSigner, Depends(get_signer)]
+PullerDep = Annotated[JobPuller, Depends(get_puller)]
+QueueServiceDep = Annotated[QueueService, Depends(get_queue_service)]
+
+
+def make_file_service(request: Request, session: Session) -> FileService:
+    settings = get_settings(request)
+    return FileService(
+        session,
+        get_signer(request),
+        public_url=settings.public_url,
+        expires_in=settings.signed_url_expiry_seconds,
+    )
+
+
+def get_file_service(request: Request, session: SessionDep) -> FileService:
+    return make_file_service(request, session)
+
+
+FileServiceDep = Annotated[FileService, Depends(get_file_service)]

@@ -1,0 +1,1 @@
+"""Files of the jobs a worker holds: signed URLs and direct transfers."""

@@ -1,0 +1,102 @@
+"""The queue's tables: the jobs themselves and the status changes not yet
+acknowledged by the user API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, CheckConstraint, Index, Integer, MetaData, String, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from labcloud.contract import JobStatus
+from labcloud.db import UtcDateTime
+
+# Named constraints and indexes, so that migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+STATUS_LENGTH = 16
+_STATUS_VALUES = ", ".join(f"'{status.value}'" for status in JobStatus)
+# The same text is written in the initial migration; a new status needs a migration.
+STATUS_CHECK = f"status IN ({_STATUS_VALUES})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class StatusType(TypeDecorator[JobStatus]):
+    """A ``JobStatus`` stored as its string value (readable in SQL, checked by a
+    constraint), instead of a database enum that needs DDL for every new status."""
+
+    impl = String(STATUS_LENGTH)
+    cache_ok = True
+
+    def process_bind_param(self, value: JobStatus | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else JobStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
+
+
+class QueuedJob(Base):
+    """One job in the queue. ``id`` is the queue id workers see; ``job_id`` the user
+    API's id. The hardware columns copy ``spec.hardware`` so pulls can match in SQL."""
+
+    __tablename__ = "queued_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    paths_upload: Mapped[dict[str, str]] = mapped_column(JSON)
+    environment: Mapped[str | None] = mapped_column(String(16))
+    group_name: Mapped[str | None] = mapped_column(String(255))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_cores: Mapped[int | None] = mapped_column(Integer)
+    memory: Mapped[int | None] = mapped_column(Integer)
+    gpu_mem: Mapped[int | None] = mapped_column(Integer)
+    gpu_model: Mapped[str | None] = mapped_column(String(255))
+    gpu_archi: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[JobStatus] = mapped_column(StatusType(), default=JobStatus.QUEUED)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    failed_workers: Mapped[list[str]] = mapped_column(JSON, default=list)
+    runtime_details: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (
+        CheckConstraint(STATUS_CHECK, name="status"),
+        # The pull filters on status and environment and orders by priority, then age.
+        Index(
+            "ix_queued_jobs_pull",
+            "status",
+            "environment",
+            priority.desc(),
+            "created_at",
+        ),
+    )
+
+
+class StatusOutbox(Base):
+    """A status change the user API has not acknowledged yet. Rows are sent in id
+    order and deleted once acknowledged, so a change survives restarts of either API."""
+
+    __tablename__ = "status_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer)
+    status: Mapped[JobStatus] = mapped_column(StatusType())
+    runtime_details: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+    __table_args__ = (CheckConstraint(STATUS_CHECK, name="status"),)

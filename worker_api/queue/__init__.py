@@ -1,0 +1,1 @@
+"""The job queue: enqueue, lease, keep-alive, transitions, reaping, cancellation."""

@@ -1,0 +1,102 @@
+"""Queue routes: workers pull jobs and report status; the user API enqueues and
+cancels (internal key)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from labcloud.contract import JobSpecs, JobStatus, QueueJob
+from worker_api.dependencies import (
+    CurrentWorker,
+    InternalCaller,
+    PullerDep,
+    QueueServiceDep,
+    SettingsDep,
+    worker_environment,
+)
+from worker_api.queue.schemas import EnqueuedJob, WorkerOffer
+
+router = APIRouter(tags=["queue"])
+internal_router = APIRouter(tags=["internal"], dependencies=[InternalCaller])
+
+
+@router.get("/jobs", response_model=dict[str, JobSpecs])
+async def pull_jobs(
+    request: Request,
+    worker: CurrentWorker,
+    puller: PullerDep,
+    settings: SettingsDep,
+    memory: Annotated[int, Query(ge=0, description="Memory the worker offers, MiB.")],
+    cpu_cores: Annotated[int, Query(ge=1)] = 1,
+    gpu_mem: Annotated[int | None, Query(ge=0, description="GPU memory, MiB.")] = None,
+    gpu_memory: Annotated[
+        int | None, Query(ge=0, description="Alias of gpu_mem (the upstream worker's name).")
+    ] = None,
+    gpu_model: str | None = None,
+    gpu_archi: str | None = None,
+    groups: Annotated[list[str] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 1,
+    older_than: Annotated[
+        float, Query(ge=0, description="Seconds (jobs for any environment).")
+    ] = 0,
+    wait: Annotated[
+        float, Query(ge=0, description="Long-poll: seconds to wait for a job (capped).")
+    ] = 0,
+) -> dict[str, JobSpecs]:
+    """Lease up to ``limit`` matching jobs to the calling worker: ``{queue id: spec}``,
+    ``{}`` when none matched within ``wait`` seconds."""
+    offer = WorkerOffer(
+        name=worker.name,
+        environment=worker_environment(worker),
+        memory=memory,
+        cpu_cores=cpu_cores,
+        gpu_mem=gpu_mem if gpu_mem is not None else gpu_memory or 0,
+        gpu_model=gpu_model,
+        gpu_archi=gpu_archi,
+    )
+    leased = await puller.pull(
+        offer,
+        limit=limit,
+        older_than=older_than,
+        wait=min(wait, settings.max_wait_seconds),
+        caller_gone=request.is_disconnected,
+    )
+    return {str(job.queue_id): job.spec for job in leased}
+
+
+@router.get("/jobs/{queue_id}/status")
+def job_status(queue_id: int, _worker: CurrentWorker, queue: QueueServiceDep) -> JobStatus:
+    """The job's status, e.g. ``"running"``."""
+    return queue.status_of(queue_id)
+
+
+@router.put("/jobs/{queue_id}/status", status_code=status.HTTP_204_NO_CONTENT)
+def report_status(
+    queue_id: int,
+    worker: CurrentWorker,
+    queue: QueueServiceDep,
+    status_: Annotated[JobStatus, Query(alias="status")],
+    runtime_details: str | None = None,
+) -> Response:
+    """Report the job's status; the same status again is the keep-alive. 404 means
+    the worker no longer holds the job and must abandon it."""
+    queue.report_status(
+        queue_id, worker=worker.name, status=status_, runtime_details=runtime_details
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@internal_router.post("/_jobs", status_code=status.HTTP_201_CREATED, response_model=EnqueuedJob)
+def enqueue(job: QueueJob, queue: QueueServiceDep) -> EnqueuedJob:
+    """Enqueue a job (from the user API); a repeat returns the job already queued."""
+    queued = queue.enqueue(job)
+    return EnqueuedJob(id=queued.id, job_id=queued.job_id, status=queued.status)
+
+
+@internal_router.delete("/_jobs/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
+def cancel(job_id: int, queue: QueueServiceDep) -> Response:
+    """Cancel the job with this user API id if it is still active (idempotent)."""
+    queue.cancel(job_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

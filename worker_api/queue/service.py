@@ -1,0 +1,298 @@
+"""The queue's rules: what a pull leases, which status reports are accepted, when a
+silent worker's job is re-queued or failed. No HTTP here; errors are domain errors.
+
+Every status change that the user API must hear about is written to the outbox in
+the same transaction as the change itself (``worker_api.clients.user_api`` delivers
+it), so a change is never lost and never told before it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import anyio
+from sqlalchemy import event
+from sqlalchemy.orm import Session, sessionmaker
+
+from labcloud.contract import ALLOWED_TRANSITIONS, JobSpecs, JobStatus, QueueJob
+from labcloud.db import unit_of_work, utcnow
+from labcloud.errors import Conflict, NotFound
+from worker_api.models import QueuedJob
+from worker_api.queue.repository import QueueRepository, StatusChange
+from worker_api.queue.schemas import WorkerOffer
+
+logger = logging.getLogger(__name__)
+
+_REPORT_ATTEMPTS = 3
+
+
+class JobNotFound(NotFound):
+    """No such job, or this worker does not hold it (any more)."""
+
+
+class InvalidTransition(Conflict):
+    """This status change is not allowed from the job's current status."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    """Lease length and retry rules (settings ``TIMEOUT_FAILURE``, ``MAX_RETRIES``,
+    ``RETRY_DIFFERENT``)."""
+
+    lease_seconds: float = 300.0
+    max_retries: int = 2
+    retry_different: bool = False
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSignals:
+    """Called after the transaction that caused them commits, from whatever thread
+    committed it: a job was enqueued (wake long-polling pulls) or a status change
+    was written to the outbox (wake the forwarder)."""
+
+    job_enqueued: Callable[[], None] = field(default=_nothing)
+    status_recorded: Callable[[], None] = field(default=_nothing)
+
+
+class Wakeup:
+    """Wakes coroutines of one event loop from any thread.
+
+    A waiter takes ``current`` *before* looking for work and then waits on it, so a
+    notification that arrives in between is not missed: the event it holds is
+    already set."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+
+    @property
+    def current(self) -> asyncio.Event:
+        return self._event
+
+    def notify(self) -> None:
+        # A closed loop means the service is shutting down: nobody waits any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        fired, self._event = self._event, asyncio.Event()
+        fired.set()
+
+    async def wait(self, event: asyncio.Event, seconds: float) -> bool:
+        """Wait until ``event`` fires, at most ``seconds``; True when it fired."""
+        with anyio.move_on_after(seconds):
+            await event.wait()
+            return True
+        return False
+
+
+def _after_commit(session: Session, callback: Callable[[], None]) -> None:
+    def fire(_session: Session) -> None:
+        callback()
+
+    event.listen(session, "after_commit", fire, once=True)
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedJob:
+    """A job just leased to a worker: its queue id and what the worker runs."""
+
+    queue_id: int
+    spec: JobSpecs
+
+
+class QueueService:
+    """Queue operations inside the caller's transaction (the caller commits)."""
+
+    def __init__(
+        self, session: Session, policy: QueuePolicy, signals: QueueSignals | None = None
+    ) -> None:
+        self._session = session
+        self._repository = QueueRepository(session)
+        self._policy = policy
+        self._signals = signals or QueueSignals()
+
+    def enqueue(self, job: QueueJob) -> QueuedJob:
+        """Add ``job`` to the queue, or return the existing row when a job with the
+        same user API id is already there (the user API retries until it hears back)."""
+        if self._repository.insert_if_absent(job, now=utcnow()):
+            _after_commit(self._session, self._signals.job_enqueued)
+        queued = self._repository.get_by_job_id(job.job.meta.job_id)
+        assert queued is not None, "the row was inserted or already existed"
+        return queued
+
+    def lease(self, offer: WorkerOffer, *, limit: int, older_than: float) -> list[LeasedJob]:
+        """Lease up to ``limit`` jobs matching ``offer`` to that worker."""
+        now = utcnow()
+        rows = self._repository.lease(
+            offer,
+            limit=limit,
+            older_than=older_than,
+            retry_different=self._policy.retry_different,
+            now=now,
+            lease_until=now + timedelta(seconds=self._policy.lease_seconds),
+        )
+        for row in rows:
+            self._record(StatusChange(row.job_id, row.status, row.runtime_details))
+        return [LeasedJob(row.id, JobSpecs.model_validate(row.spec)) for row in rows]
+
+    def status_of(self, queue_id: int) -> JobStatus:
+        job = self._repository.get(queue_id)
+        if job is None:
+            raise JobNotFound(f"job {queue_id} not found")
+        return job.status
+
+    def report_status(
+        self, queue_id: int, *, worker: str, status: JobStatus, runtime_details: str | None
+    ) -> None:
+        """Apply a worker's status report, which doubles as its keep-alive.
+
+        The same status again renews the lease; a legal transition is applied and
+        told to the user API; ``queued`` hands the job back. A worker that does not
+        hold the job (any more), or whose job was cancelled, gets ``JobNotFound``
+        and should abandon the job; any other illegal move is ``InvalidTransition``.
+        """
+        # Two guarded statements decide; when neither applies, the row as it is then
+        # says why. On PostgreSQL another request may change the job between those
+        # statements, which shows as a legal move whose guard failed: try again.
+        for _ in range(_REPORT_ATTEMPTS):
+            now = utcnow()
+            lease_until = now + timedelta(seconds=self._policy.lease_seconds)
+            if self._repository.renew(
+                queue_id,
+                worker=worker,
+                status=status,
+                runtime_details=runtime_details,
+                now=now,
+                lease_until=lease_until,
+            ):
+                return
+            change = self._repository.transition(
+                queue_id,
+                worker=worker,
+                target=status,
+                runtime_details=runtime_details,
+                now=now,
+                lease_until=lease_until,
+            )
+            if change is not None:
+                self._record(change)
+                return
+            job = self._repository.get(queue_id)
+            if job is None or job.worker != worker or job.status is JobStatus.CANCELED:
+                raise JobNotFound(f"job {queue_id} not found or not held by worker {worker}")
+            if job.status is status:
+                return  # a repeated final report: already applied
+            if status not in ALLOWED_TRANSITIONS[job.status]:
+                raise InvalidTransition(f"job {queue_id} cannot go from {job.status} to {status}")
+        raise InvalidTransition(f"job {queue_id} keeps changing concurrently; report again")
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel the job with user API id ``job_id`` if it is active; its worker's
+        next report gets ``JobNotFound``. True when something was cancelled."""
+        return self._repository.cancel(job_id, now=utcnow())
+
+    def reap(self) -> list[StatusChange]:
+        """Re-queue or fail every job whose lease expired."""
+        changes = self._repository.reap(
+            now=utcnow(),
+            max_retries=self._policy.max_retries,
+            timeout=self._policy.lease_seconds,
+        )
+        for change in changes:
+            self._record(change)
+        return changes
+
+    def _record(self, change: StatusChange) -> None:
+        self._repository.add_to_outbox(change, now=utcnow())
+        _after_commit(self._session, self._signals.status_recorded)
+
+
+class JobPuller:
+    """Pulls with an optional server-side wait (long-poll).
+
+    Each attempt is its own short transaction run in a worker thread, so the event
+    loop never blocks on the database and no connection is held while waiting.
+    Waiters wake as soon as this process enqueues a job, and re-check every
+    ``recheck_seconds`` for jobs enqueued through another process."""
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        policy: QueuePolicy,
+        signals: QueueSignals,
+        wakeup: Wakeup,
+        *,
+        recheck_seconds: float = 1.0,
+    ) -> None:
+        self._factory = factory
+        self._policy = policy
+        self._signals = signals
+        self._wakeup = wakeup
+        self._recheck_seconds = recheck_seconds
+
+    async def pull(
+        self,
+        offer: WorkerOffer,
+        *,
+        limit: int,
+        older_than: float,
+        wait: float,
+        caller_gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> list[LeasedJob]:
+        """Lease up to ``limit`` jobs, waiting at most ``wait`` seconds for the first.
+
+        ``caller_gone`` is asked before each new attempt after a wait: a job leased
+        to a caller that hung up would sit unseen until its lease expired."""
+        deadline = time.monotonic() + wait
+        while True:
+            signal = self._wakeup.current
+            leased = await anyio.to_thread.run_sync(self._lease_once, offer, limit, older_than)
+            remaining = deadline - time.monotonic()
+            if leased or remaining <= 0:
+                return leased
+            await self._wakeup.wait(signal, min(remaining, self._recheck_seconds))
+            if caller_gone is not None and await caller_gone():
+                return []
+
+    def _lease_once(self, offer: WorkerOffer, limit: int, older_than: float) -> list[LeasedJob]:
+        with unit_of_work(self._factory) as session:
+            return QueueService(session, self._policy, self._signals).lease(
+                offer, limit=limit, older_than=older_than
+            )
+
+
+def reap_once(factory: sessionmaker[Session], policy: QueuePolicy, signals: QueueSignals) -> int:
+    """One reaper pass in its own transaction; the number of jobs taken back."""
+    with unit_of_work(factory) as session:
+        return len(QueueService(session, policy, signals).reap())
+
+
+async def run_reaper(
+    factory: sessionmaker[Session],
+    policy: QueuePolicy,
+    signals: QueueSignals,
+    *,
+    interval_seconds: float,
+) -> None:
+    """Reap expired leases every ``interval_seconds`` until cancelled. Safe with
+    several processes: each pass is one guarded UPDATE."""
+    while True:
+        try:
+            reaped = await anyio.to_thread.run_sync(reap_once, factory, policy, signals)
+            if reaped:
+                logger.info("took back %d job(s) whose worker went silent", reaped)
+        except Exception:
+            # A database hiccup must not end the reaper; the next pass retries.
+            logger.exception("reaper pass failed")
+        await anyio.sleep(interval_seconds)

@@ -1,0 +1,81 @@
+"""Worker API settings (contract section 5), read from the environment and ``.env``."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
+
+from labcloud.db import build_database_url
+from labcloud.settings import ServiceSettings
+
+
+class WorkerApiSettings(ServiceSettings):
+    """Everything the worker API needs; it refuses to start on a missing or malformed
+    value and names it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8001, ge=1, le=65535)
+
+    queue_db_url: str = "sqlite:///./.labcloud/worker_api.db"
+    queue_db_secret: SecretStr | None = Field(
+        default=None,
+        description="Fills the {} placeholder of QUEUE_DB_URL (a value or a Secrets Manager ARN).",
+    )
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
+    db_pool_timeout: float = Field(default=30.0, gt=0)
+
+    max_retries: int = Field(
+        default=2, ge=0, description="Re-queues of a job whose worker went silent."
+    )
+    timeout_failure: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds without keep-alive before a leased job is re-queued or failed.",
+    )
+    retry_different: bool = Field(
+        default=False,
+        description="Never hand a re-queued job back to a worker that already failed it.",
+    )
+
+    userfacing_api_url: str = Field(description="Base URL of the user API (status callbacks).")
+    local_auth_jwks_url: str | None = Field(
+        default=None,
+        description=(
+            "JWKS of the user API's local tokens; default USERFACING_API_URL/.well-known/jwks.json."
+        ),
+    )
+    public_url: str = Field(
+        default="http://127.0.0.1:8001",
+        description="External base URL of this API, used in signed download/upload links.",
+    )
+    signed_url_expiry_seconds: int = Field(default=3600, ge=10, le=7 * 24 * 3600)
+
+    reaper_interval_seconds: float = Field(default=10.0, gt=0)
+    max_wait_seconds: float = Field(
+        default=30.0, ge=0, description="Upper bound of a long-polling pull's `wait`."
+    )
+    # Delivery of status changes to the user API.
+    status_forward_poll_seconds: float = Field(default=1.0, gt=0)
+    status_forward_retry_max_seconds: float = Field(default=10.0, gt=0)
+    status_forward_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _normalise_urls(self) -> Self:
+        self.userfacing_api_url = self.userfacing_api_url.rstrip("/")
+        self.public_url = self.public_url.rstrip("/")
+        if not self.userfacing_api_url.startswith(("http://", "https://")):
+            raise ValueError("USERFACING_API_URL must be an http(s) URL")
+        if not self.public_url.startswith(("http://", "https://")):
+            raise ValueError("PUBLIC_URL must be an http(s) URL")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        secret = self.queue_db_secret.get_secret_value() if self.queue_db_secret else None
+        return build_database_url(self.queue_db_url, secret)
+
+    @property
+    def resolved_local_jwks_url(self) -> str:
+        return self.local_auth_jwks_url or f"{self.userfacing_api_url}/.well-known/jwks.json"

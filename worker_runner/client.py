@@ -1,0 +1,348 @@
+"""Client of the worker API (contract section 2).
+
+It fetches and refreshes the bearer token, leases jobs (with the long-poll ``wait``
+extension), reports statuses (which double as keep-alives), and moves files through
+the signed requests the API hands out. Signed requests are sent without the bearer
+token, and file bodies are streamed in chunks in both directions.
+
+The client is safe to share between the runner's slot threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import SecretStr, ValidationError
+
+from labcloud.contract import JobStatus, OutputKind, SignedRequest
+from worker_runner import RunnerError
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1024 * 1024
+# Refresh the token this long before it expires, so a request never carries a token
+# that expires in flight.
+TOKEN_MARGIN_S = 60.0
+RETRY_DELAYS_S: tuple[float, ...] = (0.5, 1.0, 2.0)
+
+_T = TypeVar("_T")
+
+
+class WorkerApiError(RunnerError):
+    """The worker API did not accept a request."""
+
+    def __init__(self, message: str | None = None, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class AuthenticationFailed(WorkerApiError):
+    """The token endpoint refused the worker's credentials."""
+
+
+class JobGone(WorkerApiError):
+    """The job is no longer leased to this worker (canceled, deleted or re-assigned)."""
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict) and "detail" in body:
+        return str(body["detail"])[:200]
+    return str(body)[:200]
+
+
+class WorkerApiClient:
+    """Talks to the worker API on behalf of one worker account."""
+
+    def __init__(
+        self,
+        *,
+        api_url: str,
+        auth_url: str,
+        username: str,
+        password: SecretStr | str,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        retry_delays: Sequence[float] = RETRY_DELAYS_S,
+    ) -> None:
+        self._api_url = api_url.rstrip("/")
+        self._auth_url = auth_url.rstrip("/")
+        self._username = username
+        self._password = password if isinstance(password, SecretStr) else SecretStr(password)
+        self._timeout = timeout
+        self._retry_delays = tuple(retry_delays)
+        self._api = httpx.Client(timeout=timeout, transport=transport)
+        # Signed requests go to storage (S3 or the API's own signed routes) and must
+        # not carry the bearer token, so they use a client that never sets one.
+        self._signed = httpx.Client(timeout=timeout, transport=transport, follow_redirects=True)
+        self._token_lock = threading.Lock()
+        self._token: str | None = None
+        self._token_refresh_at = 0.0
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._api.close()
+        self._signed.close()
+
+    def __enter__(self) -> WorkerApiClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- token -----------------------------------------------------------------
+
+    def _fetch_token(self) -> None:
+        try:
+            response = self._api.post(
+                f"{self._auth_url}/token",
+                data={
+                    "username": self._username,
+                    "password": self._password.get_secret_value(),
+                },
+            )
+        except httpx.HTTPError as exc:
+            raise WorkerApiError(f"token request failed: {exc}") from exc
+        if response.status_code in (400, 401, 403):
+            raise AuthenticationFailed(
+                f"token refused for {self._username}: {_detail(response)}",
+                status_code=response.status_code,
+            )
+        if response.status_code not in (200, 201):
+            raise WorkerApiError(
+                f"token request answered {response.status_code}: {_detail(response)}",
+                status_code=response.status_code,
+            )
+        body = response.json()
+        try:
+            token = str(body["id_token"])
+            expires_in = float(body["expires_in"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WorkerApiError(f"malformed token response: {exc}") from exc
+        self._token = token
+        # Short-lived tokens are refreshed at half their life instead of never.
+        margin = min(TOKEN_MARGIN_S, expires_in / 2)
+        self._token_refresh_at = time.monotonic() + expires_in - margin
+
+    def authenticate(self) -> None:
+        """Fetch a token now: lets a starting worker find out at once that its
+        credentials are wrong (``AuthenticationFailed``)."""
+        self._bearer(force_refresh=True)
+
+    def _bearer(self, *, force_refresh: bool = False) -> str:
+        with self._token_lock:
+            if force_refresh or self._token is None or time.monotonic() >= self._token_refresh_at:
+                self._fetch_token()
+            assert self._token is not None
+            return self._token
+
+    # -- API calls -------------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int | float] | None = None,
+        timeout: httpx.Timeout | float | None = None,
+        retry: bool = True,
+    ) -> httpx.Response:
+        """One authenticated API call. Refreshes the token once on a 401 and retries
+        transport errors and 5xx answers when ``retry`` is set; returns any other
+        answer for the caller to judge."""
+        delays = self._retry_delays if retry else ()
+        refreshed = False
+        attempt = 0
+        while True:
+            token = self._bearer()
+            try:
+                response = self._api.request(
+                    method,
+                    f"{self._api_url}{path}",
+                    params=dict(params) if params is not None else None,
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=timeout if timeout is not None else self._timeout,
+                )
+            except httpx.HTTPError as exc:
+                if attempt < len(delays):
+                    time.sleep(delays[attempt])
+                    attempt += 1
+                    continue
+                raise WorkerApiError(f"{method} {path} failed: {exc}") from exc
+            if response.status_code == 401 and not refreshed:
+                refreshed = True
+                self._bearer(force_refresh=True)
+                continue
+            if response.status_code >= 500 and attempt < len(delays):
+                time.sleep(delays[attempt])
+                attempt += 1
+                continue
+            return response
+
+    @staticmethod
+    def _fail(response: httpx.Response, what: str) -> WorkerApiError:
+        return WorkerApiError(
+            f"{what}: {response.status_code} {_detail(response)}",
+            status_code=response.status_code,
+        )
+
+    def pull_jobs(
+        self, resources: Mapping[str, str | int], *, limit: int = 1, wait: float = 0
+    ) -> dict[str, dict[str, Any]]:
+        """Lease up to ``limit`` jobs that fit ``resources`` (``memory``,
+        ``cpu_cores``, ``gpu_mem`` and optionally ``gpu_model``, ``gpu_archi``).
+
+        The server may hold the request up to ``wait`` seconds until a job arrives.
+        Returns ``{queue_id: raw JobSpecs}``; the specs stay raw so that a malformed
+        one fails only its own job, not the pull."""
+        params: dict[str, str | int | float] = {**resources, "limit": limit}
+        if wait > 0:
+            params["wait"] = int(wait) if float(wait).is_integer() else wait
+        # The read timeout must outlast the server's hold.
+        timeout = httpx.Timeout(self._timeout, read=wait + self._timeout)
+        response = self._call("GET", "/jobs", params=params, timeout=timeout, retry=False)
+        if response.status_code != 200:
+            raise self._fail(response, "pull")
+        body = response.json()
+        if not isinstance(body, dict) or not all(isinstance(v, dict) for v in body.values()):
+            raise WorkerApiError("pull answered something other than {queue_id: specs}")
+        return {str(queue_id): specs for queue_id, specs in body.items()}
+
+    def put_status(
+        self,
+        queue_id: str,
+        status: JobStatus,
+        runtime_details: str | None = None,
+        *,
+        retry: bool = True,
+    ) -> None:
+        """Report ``status`` for a job (also renews its lease).
+
+        Raises ``JobGone`` on 404: the job is no longer this worker's."""
+        params: dict[str, str] = {"status": status.value}
+        if runtime_details is not None:
+            params["runtime_details"] = runtime_details
+        response = self._call(
+            "PUT", f"/jobs/{quote(queue_id, safe='')}/status", params=params, retry=retry
+        )
+        if response.status_code == 404:
+            raise JobGone(f"job {queue_id} is no longer leased to this worker", status_code=404)
+        if response.status_code not in (200, 204):
+            raise self._fail(response, f"status {status.value} of job {queue_id}")
+
+    def _signed_request(self, response: httpx.Response, what: str) -> SignedRequest:
+        try:
+            return SignedRequest.model_validate(response.json())
+        except (ValueError, ValidationError) as exc:
+            raise WorkerApiError(f"{what}: malformed signed request: {exc}") from exc
+
+    def _absolute(self, url: str) -> str:
+        # A signed URL of the API's own local storage may come as a path.
+        return str(httpx.URL(self._api_url + "/").join(url))
+
+    def _transfer(self, what: str, attempt_once: Callable[[], _T]) -> _T:
+        """Run one whole transfer (sign, then move the bytes), again from the start
+        after a transport error or a 5xx, since a signed URL may have expired."""
+        for delay in (*self._retry_delays, None):
+            try:
+                return attempt_once()
+            except JobGone:
+                raise
+            except WorkerApiError as exc:
+                transient = exc.status_code is None or exc.status_code >= 500
+                if delay is None or not transient:
+                    raise
+                logger.info("%s failed (%s), retrying in %.1f s", what, exc.message, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def download(
+        self, uri: str, destination: Path, *, check: Callable[[], None] | None = None
+    ) -> int:
+        """Download the input ``uri`` to ``destination`` and return its size.
+
+        The body is streamed to a temporary file beside the destination, which is
+        renamed on success, so a partial download never looks complete. ``check`` is
+        called between chunks and may raise to interrupt the transfer."""
+        return self._transfer(
+            f"download of {uri}", lambda: self._download_once(uri, destination, check)
+        )
+
+    def _download_once(self, uri: str, destination: Path, check: Callable[[], None] | None) -> int:
+        response = self._call("GET", f"/files/{quote(uri, safe='/')}/url")
+        if response.status_code != 200:
+            raise self._fail(response, f"download URL of {uri}")
+        signed = self._signed_request(response, f"download URL of {uri}")
+        partial = destination.with_name(destination.name + ".part")
+        size = 0
+        try:
+            with (
+                self._signed.stream(
+                    signed.method,
+                    self._absolute(signed.url),
+                    headers=signed.headers,
+                    data=signed.data or None,
+                ) as stream,
+                partial.open("wb") as sink,
+            ):
+                if stream.status_code >= 400:
+                    stream.read()
+                    raise self._fail(stream, f"download of {uri}")
+                for chunk in stream.iter_bytes(CHUNK_SIZE):
+                    if check is not None:
+                        check()
+                    sink.write(chunk)
+                    size += len(chunk)
+            partial.replace(destination)
+        except httpx.HTTPError as exc:
+            raise WorkerApiError(f"download of {uri} failed: {exc}") from exc
+        finally:
+            partial.unlink(missing_ok=True)
+        return size
+
+    def upload(self, queue_id: str, kind: OutputKind, base_path: str, source: Path) -> None:
+        """Upload one result file of a job, streamed from disk.
+
+        ``base_path`` is the file's path relative to its ``files_up`` folder."""
+        self._transfer(
+            f"upload of {kind.value}/{base_path}",
+            lambda: self._upload_once(queue_id, kind, base_path, source),
+        )
+
+    def _upload_once(self, queue_id: str, kind: OutputKind, base_path: str, source: Path) -> None:
+        response = self._call(
+            "POST",
+            f"/jobs/{quote(queue_id, safe='')}/files/url",
+            params={"type": kind.value, "base_path": base_path},
+        )
+        if response.status_code == 404:
+            raise JobGone(f"job {queue_id} is no longer leased to this worker", status_code=404)
+        if response.status_code not in (200, 201):
+            raise self._fail(response, f"upload URL of {kind.value}/{base_path}")
+        signed = self._signed_request(response, f"upload URL of {kind.value}/{base_path}")
+        form = {key: str(value) for key, value in signed.data.items()}
+        try:
+            with source.open("rb") as body:
+                # httpx reads file fields in chunks while sending; the file is never
+                # held in memory whole.
+                answer = self._signed.request(
+                    signed.method,
+                    self._absolute(signed.url),
+                    headers=signed.headers,
+                    data=form,
+                    files={"file": (Path(base_path).name, body, "application/octet-stream")},
+                )
+        except httpx.HTTPError as exc:
+            raise WorkerApiError(f"upload of {kind.value}/{base_path} failed: {exc}") from exc
+        if answer.status_code >= 400:
+            raise self._fail(answer, f"upload of {kind.value}/{base_path}")

@@ -1,0 +1,627 @@
+"""The runner loop: lease -> stage in -> run -> stage out -> report.
+
+``Runner.run(stop)`` runs ``SLOTS`` slot threads. A free slot long-polls the worker
+API for one job and handles it (contract section 3):
+
+1. ``preprocessing``: create ``{PATH_BASE}/{queue_id}/files``, download every
+   ``files_down`` input into it (every destination checked against the folder
+   first), create the ``files_up`` folders;
+2. ``running``: run ``/bin/sh -c "<cmd>"`` in the job's image on the execution
+   backend, appending its output to ``log.txt``; stop it when the job's ``timeout``
+   passes;
+3. ``postprocessing``: upload every file under each ``files_up`` folder, then
+   ``log.txt``;
+4. ``finished`` on exit code 0, otherwise ``error`` with the reason and the tail of
+   the log.
+
+While a job is handled, its current status is re-sent every ``TIMEOUT_STATUS``
+seconds by a keep-alive thread that lives exactly as long as the handling (a
+context manager), so a handler that died never keeps its job alive. A 404 on any
+status update means the job is no longer ours: its container is stopped at once
+and nothing more is reported. Containers and job folders are always removed.
+
+Shutdown: setting the stop event stops pulling; running jobs get
+``SHUTDOWN_GRACE`` seconds to finish, then their containers are stopped and the
+jobs handed back (status ``queued``). ``Runner.hurry()`` ends the grace at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+from pydantic import ValidationError
+
+from labcloud.contract import JobSpecs, JobStatus, OutputKind
+from worker_runner import RunnerError
+from worker_runner.backends.base import (
+    BackendError,
+    ExecutionBackend,
+    RunHandle,
+    RunRequest,
+    RunResult,
+)
+from worker_runner.client import JobGone, WorkerApiClient, WorkerApiError
+from worker_runner.hardware import HostHardware, SlotResources
+from worker_runner.settings import WorkerSettings
+from worker_runner.staging import (
+    LOG_NAME,
+    JobFolder,
+    StagingError,
+    iter_result_files,
+    output_folders,
+    read_log_tail,
+    remove_stale_folders,
+    stage_inputs,
+)
+
+logger = logging.getLogger(__name__)
+
+LABEL_QUEUE_ID = "labcloud.queue_id"
+LABEL_JOB_ID = "labcloud.job_id"
+LABEL_WORKER = "labcloud.worker"
+
+# How often the wait for a container wakes up to look at time-outs, abandonment and
+# shutdown: the delay before a 404'd job's container is stopped.
+WAIT_POLL_S = 0.25
+# Time the log follower gets to write the last output after the container ended.
+LOG_DRAIN_S = 5.0
+# Grace a container gets between SIGTERM and SIGKILL when the runner stops it.
+STOP_GRACE_S = 5.0
+# How long shutdown waits for jobs to be handed back after the grace ended.
+HAND_BACK_JOIN_S = 30.0
+# runtime_details travels as a query parameter: keep the encoded URL well below the
+# request-line limits of common servers (h11: 16 KiB).
+MAX_DETAILS_ENCODED = 8000
+# How long a final status is retried while the worker API is unreachable.
+FINAL_REPORT_PATIENCE_S = 60.0
+FINAL_REPORT_PAUSE_S = 3.0
+
+
+class JobFailed(RunnerError):
+    """The job failed."""
+
+
+class _HandBack(RunnerError):
+    """The worker is shutting down: the job goes back to the queue."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The final report of a job."""
+
+    status: JobStatus
+    runtime_details: str | None = None
+
+
+def runtime_details(reason: str, log_tail: str, *, max_encoded: int = MAX_DETAILS_ENCODED) -> str:
+    """The reason, then the log tail, trimmed from the oldest line on until the
+    URL-encoded text fits ``max_encoded`` bytes."""
+    tail = log_tail
+    while True:
+        text = f"{reason}\n{tail}" if tail else reason
+        if len(quote(text, safe="")) <= max_encoded:
+            return text
+        if not tail:
+            return reason[: max_encoded // 9]
+        tail = tail[len(tail) // 4 + 1 :]
+
+
+class StatusReporter:
+    """Reports one job's statuses; as a context manager, also keeps its lease alive.
+
+    ``set`` reports a new phase at once. Inside the ``with`` block a thread re-sends
+    the current status every ``interval`` seconds; leaving the block stops it before
+    anything else happens, and ``finish`` sends the final status. All sends of one
+    job are serialised, so a keep-alive never overtakes a newer status. A 404 sets
+    ``gone``; ``set`` then raises ``JobGone``."""
+
+    def __init__(self, client: WorkerApiClient, queue_id: str, interval: float) -> None:
+        self.status = JobStatus.PULLED
+        self.gone = threading.Event()
+        self._client = client
+        self._queue_id = queue_id
+        self._interval = interval
+        self._send_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> StatusReporter:
+        self._stopped.clear()
+        self._thread = threading.Thread(
+            target=self._keep_alive, name=f"keep-alive-{self._queue_id}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            # A keep-alive already on the wire finishes; none starts after this.
+            self._thread.join(timeout=self._interval)
+            self._thread = None
+
+    def _keep_alive(self) -> None:
+        while not self._stopped.wait(self._interval):
+            with self._send_lock:
+                if self._stopped.is_set():
+                    return
+                try:
+                    self._client.put_status(self._queue_id, self.status, retry=False)
+                except JobGone:
+                    logger.warning("queue %s: keep-alive answered 404", self._queue_id)
+                    self.gone.set()
+                    return
+                except WorkerApiError as exc:
+                    logger.warning("queue %s: keep-alive failed: %s", self._queue_id, exc.message)
+
+    def set(self, status: JobStatus) -> None:
+        """Enter a new phase and report it. A failed report is logged (the
+        keep-alive repeats it); a 404 raises ``JobGone``."""
+        with self._send_lock:
+            self.status = status
+            try:
+                self._client.put_status(self._queue_id, status)
+            except JobGone:
+                self.gone.set()
+                raise
+            except WorkerApiError as exc:
+                logger.warning("queue %s: reporting %s failed: %s", self._queue_id, status, exc)
+
+    def finish(self, outcome: Outcome, *, patience: float = FINAL_REPORT_PATIENCE_S) -> None:
+        """Send the final status; stops any keep-alive first. An unreachable API is
+        retried for up to ``patience`` seconds, since a lost final status would leave
+        the job to the reaper."""
+        self._stopped.set()
+        deadline = time.monotonic() + patience
+        with self._send_lock:
+            self.status = outcome.status
+            while True:
+                try:
+                    self._client.put_status(self._queue_id, outcome.status, outcome.runtime_details)
+                    return
+                except JobGone:
+                    raise
+                except WorkerApiError as exc:
+                    transient = exc.status_code is None or exc.status_code >= 500
+                    if not transient or time.monotonic() + FINAL_REPORT_PAUSE_S > deadline:
+                        raise
+                    logger.warning(
+                        "queue %s: reporting %s failed, retrying: %s",
+                        self._queue_id,
+                        outcome.status,
+                        exc.message,
+                    )
+                    time.sleep(FINAL_REPORT_PAUSE_S)
+
+
+@dataclass
+class _Job:
+    queue_id: str
+    raw: dict[str, object]
+    resources: SlotResources
+    reporter: StatusReporter
+    folder: JobFolder
+    started: float = field(default_factory=time.monotonic)
+    specs: JobSpecs | None = None
+    handle: RunHandle | None = None
+    memory: int | None = None
+    gpus: tuple[str, ...] = ()
+    committed: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.specs is None:
+            return f"queue {self.queue_id}"
+        return f"job {self.specs.meta.job_id} (queue {self.queue_id})"
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+class Runner:
+    """Pulls and runs jobs on one worker host until stopped.
+
+    In-process use (tests, embedding)::
+
+        stop = threading.Event()
+        runner = Runner(settings, client, backend, detect_hardware())
+        thread = threading.Thread(target=runner.run, args=(stop,))
+        thread.start()
+        ...
+        stop.set()      # stop pulling; running jobs get SHUTDOWN_GRACE seconds
+        runner.hurry()  # optional: end the grace now
+        thread.join()
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        client: WorkerApiClient,
+        backend: ExecutionBackend,
+        hardware: HostHardware,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._backend = backend
+        self._slots = hardware.split(settings.slots)
+        self._hand_back = threading.Event()
+        self._hurry = threading.Event()
+        self._state_lock = threading.Lock()
+        self._busy: set[int] = set()
+
+    @property
+    def worker_labels(self) -> dict[str, str]:
+        """Labels that mark every run of this worker."""
+        return {LABEL_WORKER: self._settings.worker_name}
+
+    def hurry(self) -> None:
+        """End the shutdown grace now: running jobs are stopped and handed back."""
+        self._hurry.set()
+
+    # -- life cycle ------------------------------------------------------------
+
+    def clean_leftovers(self) -> None:
+        """Remove the containers and job folders an earlier run of this worker left
+        behind. A runner that starts holds no job, so all of them are stale."""
+        try:
+            removed = self._backend.remove_leftovers(self.worker_labels)
+        except BackendError as exc:
+            logger.warning("could not remove leftover containers: %s", exc.message)
+        else:
+            if removed:
+                logger.info("removed %d leftover container(s)", removed)
+        if not self._settings.keep_job_folders:
+            folders = remove_stale_folders(self._settings.path_base, self._settings.worker_name)
+            if folders:
+                logger.info("removed %d leftover job folder(s)", len(folders))
+
+    def run(self, stop: threading.Event) -> None:
+        """Run the slots until ``stop`` is set, then shut down (see the module
+        docstring). Returns when every job is finished or handed back."""
+        self._hand_back.clear()
+        self.clean_leftovers()
+        self._settings.path_base.mkdir(parents=True, exist_ok=True)
+        threads = [
+            threading.Thread(
+                target=self._slot_loop,
+                args=(index, resources, stop),
+                name=f"slot-{index}",
+                daemon=True,
+            )
+            for index, resources in enumerate(self._slots)
+        ]
+        for thread in threads:
+            thread.start()
+        logger.info(
+            "worker %s started with %d slot(s): %s",
+            self._settings.worker_name,
+            len(self._slots),
+            ", ".join(str(slot.pull_params()) for slot in self._slots),
+        )
+        while not stop.wait(0.5):
+            pass
+        self._shut_down(threads)
+
+    def _shut_down(self, threads: list[threading.Thread]) -> None:
+        deadline = time.monotonic() + self._settings.shutdown_grace
+        with self._state_lock:
+            busy = len(self._busy)
+        if busy:
+            logger.info(
+                "stopping: %d job(s) get up to %.0f s to finish",
+                busy,
+                self._settings.shutdown_grace,
+            )
+        while not self._hurry.is_set():
+            remaining = deadline - time.monotonic()
+            with self._state_lock:
+                busy = len(self._busy)
+            if remaining <= 0 or not busy:
+                break
+            self._hurry.wait(min(0.1, remaining))
+        self._hand_back.set()
+        hand_back_deadline = time.monotonic() + HAND_BACK_JOIN_S
+        for index, thread in enumerate(threads):
+            with self._state_lock:
+                busy_slot = index in self._busy
+            if busy_slot:
+                thread.join(timeout=max(0.0, hand_back_deadline - time.monotonic()))
+        # Slots still in a long-poll get the rest of the grace to come back, so a job
+        # leased by that last pull is handed back rather than left to the reaper.
+        poll_deadline = 0.0 if self._hurry.is_set() else deadline
+        for thread in threads:
+            thread.join(timeout=max(0.0, poll_deadline - time.monotonic()))
+        try:
+            self._backend.remove_leftovers(self.worker_labels)
+        except BackendError as exc:
+            logger.warning("could not remove containers on shutdown: %s", exc.message)
+        logger.info("worker %s stopped", self._settings.worker_name)
+
+    # -- slots -----------------------------------------------------------------
+
+    def _slot_loop(self, index: int, resources: SlotResources, stop: threading.Event) -> None:
+        params = resources.pull_params()
+        wait = self._settings.wait
+        while not stop.is_set():
+            polled_at = time.monotonic()
+            try:
+                jobs = self._client.pull_jobs(params, limit=1, wait=wait)
+            except WorkerApiError as exc:
+                logger.warning("slot %d: pull failed: %s", index, exc.message)
+                stop.wait(self._settings.timeout_job)
+                continue
+            except Exception:
+                logger.exception("slot %d: pull failed", index)
+                stop.wait(self._settings.timeout_job)
+                continue
+            if not jobs:
+                # A server that honours ``wait`` held the request; one that ignored
+                # it answered at once and must not be hammered.
+                if time.monotonic() - polled_at < wait * 0.8 or wait <= 0:
+                    stop.wait(self._settings.timeout_job)
+                continue
+            with self._state_lock:
+                self._busy.add(index)
+                stopping = stop.is_set()
+            try:
+                items = list(jobs.items())
+                if stopping:
+                    for queue_id, _ in items:
+                        self._hand_back_unstarted(queue_id, "the worker is shutting down")
+                    break
+                for queue_id, _ in items[1:]:
+                    self._hand_back_unstarted(queue_id, "the pull returned more than asked")
+                queue_id, raw = items[0]
+                self.handle_job(queue_id, raw, resources)
+            except Exception:
+                logger.exception("slot %d: unexpected failure", index)
+            finally:
+                with self._state_lock:
+                    self._busy.discard(index)
+
+    def _hand_back_unstarted(self, queue_id: str, why: str) -> None:
+        logger.info("queue %s: handing back unstarted job: %s", queue_id, why)
+        try:
+            self._client.put_status(queue_id, JobStatus.QUEUED)
+        except WorkerApiError as exc:
+            logger.warning("queue %s: hand-back failed: %s", queue_id, exc.message)
+
+    # -- one job ---------------------------------------------------------------
+
+    def handle_job(
+        self, queue_id: str, raw: dict[str, object], resources: SlotResources
+    ) -> Outcome | None:
+        """Handle one leased job from start to final report; never raises. Returns
+        what was reported, or ``None`` when the job was abandoned."""
+        reporter = StatusReporter(self._client, queue_id, self._settings.timeout_status)
+        try:
+            folder = JobFolder.for_job(self._settings.path_base, self._settings.host_base, queue_id)
+        except StagingError as exc:
+            self._report(queue_id, reporter, Outcome(JobStatus.ERROR, exc.message))
+            return Outcome(JobStatus.ERROR, exc.message)
+        job = _Job(
+            queue_id=queue_id, raw=raw, resources=resources, reporter=reporter, folder=folder
+        )
+        try:
+            outcome = self._process(job)
+            self._remove_container(job)
+            if outcome is not None:
+                self._report(job.label, reporter, outcome)
+                logger.info("%s: %s after %.1f s", job.label, outcome.status, job.elapsed())
+            return outcome
+        finally:
+            self._remove_container(job)
+            if not self._settings.keep_job_folders:
+                folder.remove()
+
+    def _report(self, label: str, reporter: StatusReporter, outcome: Outcome) -> None:
+        try:
+            reporter.finish(outcome)
+        except JobGone:
+            logger.warning("%s: final status %s answered 404", label, outcome.status)
+        except WorkerApiError as exc:
+            logger.error("%s: final status %s failed: %s", label, outcome.status, exc.message)
+
+    def _process(self, job: _Job) -> Outcome | None:
+        try:
+            with job.reporter:
+                return self._phases(job)
+        except JobGone:
+            logger.warning("%s: abandoned, the worker API no longer leases it to us", job.label)
+            return None
+        except _HandBack:
+            logger.info("%s: handed back (shutdown)", job.label)
+            return Outcome(JobStatus.QUEUED)
+        except JobFailed as exc:
+            return Outcome(JobStatus.ERROR, self._details(job, exc.message))
+        except Exception as exc:
+            logger.exception("%s: failed in the worker", job.label)
+            return Outcome(
+                JobStatus.ERROR, self._details(job, f"worker error: {type(exc).__name__}: {exc}")
+            )
+
+    def _details(self, job: _Job, reason: str) -> str:
+        return runtime_details(reason, read_log_tail(job.folder.log))
+
+    def _check(self, job: _Job) -> None:
+        """Raise when the job must not go on: abandoned, or handed back on shutdown."""
+        if job.reporter.gone.is_set():
+            raise JobGone(f"{job.label} is no longer ours")
+        if job.committed:
+            # The run is over and its results are being uploaded: the contract does
+            # not let such a job go back to the queue, and its results are worth the
+            # wait, so only a second signal cuts the upload short.
+            if self._hurry.is_set():
+                raise JobFailed("the worker shut down while uploading the results")
+        elif self._hand_back.is_set():
+            raise _HandBack()
+
+    def _enter(self, job: _Job, status: JobStatus) -> None:
+        self._check(job)
+        job.reporter.set(status)
+        logger.info("%s: %s (%.1f s)", job.label, status, job.elapsed())
+
+    def _phases(self, job: _Job) -> Outcome:
+        try:
+            job.specs = JobSpecs.model_validate(job.raw)
+        except ValidationError as exc:
+            raise JobFailed(f"invalid job spec: {exc.errors()[0]['msg']}") from exc
+        logger.info("%s: pulled", job.label)
+        job.gpus = self._gpus_for(job.specs, job.resources)
+        job.folder.create(self._settings.worker_name)
+
+        self._enter(job, JobStatus.PREPROCESSING)
+        try:
+            size = stage_inputs(self._client, job.specs, job.folder, check=lambda: self._check(job))
+        except StagingError as exc:
+            raise JobFailed(exc.message) from exc
+        logger.info(
+            "%s: staged %d input(s), %d bytes (%.1f s)",
+            job.label,
+            len(job.specs.handler.files_down),
+            size,
+            job.elapsed(),
+        )
+
+        self._enter(job, JobStatus.RUNNING)
+        failure = self._run_container(job)
+        job.committed = True
+
+        self._enter(job, JobStatus.POSTPROCESSING)
+        uploaded = self._upload_results(job)
+        logger.info("%s: uploaded %d file(s) (%.1f s)", job.label, uploaded, job.elapsed())
+        if failure is not None:
+            raise JobFailed(failure)
+        return Outcome(JobStatus.FINISHED)
+
+    def _gpus_for(self, specs: JobSpecs, resources: SlotResources) -> tuple[str, ...]:
+        hardware = specs.hardware
+        if not (hardware.gpu_mem or hardware.gpu_model or hardware.gpu_archi):
+            return ()
+        if not resources.gpus:
+            raise JobFailed("the job needs a GPU but this worker has none")
+        return tuple(gpu.index for gpu in resources.gpus)
+
+    def _run_container(self, job: _Job) -> str | None:
+        """Run the job's command; returns why it failed, or ``None``."""
+        assert job.specs is not None
+        specs = job.specs
+        job.memory = specs.hardware.memory or job.resources.memory
+        request = RunRequest(
+            image=specs.handler.image_url,
+            command=("/bin/sh", "-c", " ".join(specs.app.cmd)),
+            host_folder=job.folder.host_files,
+            env=dict(specs.app.env),
+            labels={
+                **self.worker_labels,
+                LABEL_QUEUE_ID: job.queue_id,
+                LABEL_JOB_ID: str(specs.meta.job_id),
+            },
+            memory=job.memory,
+            cpus=float(specs.hardware.cpu_cores or job.resources.cpu_cores),
+            gpus=job.gpus,
+            network=self._settings.container_network,
+        )
+        try:
+            job.handle = self._backend.start(request)
+        except BackendError as exc:
+            raise JobFailed(exc.message) from exc
+        pump = threading.Thread(
+            target=_pump_logs,
+            args=(self._backend, job.handle, job.folder.log),
+            name=f"logs-{job.queue_id}",
+            daemon=True,
+        )
+        pump.start()
+        result, timed_out = self._wait_for_exit(job, job.handle, specs.timeout)
+        pump.join(timeout=LOG_DRAIN_S)
+        if timed_out:
+            return f"timed out after {specs.timeout} s"
+        return _failure(result, job.memory)
+
+    def _wait_for_exit(
+        self, job: _Job, handle: RunHandle, timeout: int | None
+    ) -> tuple[RunResult | None, bool]:
+        run_started = time.monotonic()
+        deadline = run_started + timeout if timeout else None
+        while True:
+            poll = WAIT_POLL_S
+            if deadline is not None:
+                poll = max(0.0, min(poll, deadline - time.monotonic()))
+            result = self._backend.wait(handle, poll)
+            if result is not None:
+                return result, False
+            if job.reporter.gone.is_set():
+                self._backend.stop(handle, grace=0)
+                raise JobGone(f"{job.label} is no longer ours")
+            if self._hand_back.is_set():
+                self._backend.stop(handle, grace=STOP_GRACE_S)
+                raise _HandBack()
+            if deadline is not None and time.monotonic() >= deadline:
+                logger.info("%s: timed out after %s s, stopping it", job.label, timeout)
+                self._backend.stop(handle, grace=STOP_GRACE_S)
+                return self._backend.wait(handle, STOP_GRACE_S + LOG_DRAIN_S), True
+
+    def _upload_results(self, job: _Job) -> int:
+        assert job.specs is not None
+        count = 0
+        for kind, top in output_folders(job.specs, job.folder).items():
+            for base_path, path in iter_result_files(top):
+                self._check(job)
+                self._upload(job, kind, base_path, path)
+                count += 1
+        self._upload(job, OutputKind.LOG, LOG_NAME, job.folder.log)
+        return count + 1
+
+    def _upload(self, job: _Job, kind: OutputKind, base_path: str, path: Path) -> None:
+        try:
+            self._client.upload(job.queue_id, kind, base_path, path)
+        except JobGone:
+            raise
+        except WorkerApiError as exc:
+            raise JobFailed(f"upload failed: {kind.value}/{base_path}: {exc.message}") from exc
+        except OSError as exc:
+            raise JobFailed(f"upload failed: {kind.value}/{base_path}: {exc}") from exc
+
+    def _remove_container(self, job: _Job) -> None:
+        if job.handle is None:
+            return
+        try:
+            self._backend.remove(job.handle)
+        except BackendError as exc:
+            logger.warning("%s: could not remove its container: %s", job.label, exc.message)
+        else:
+            job.handle = None
+
+
+def _failure(result: RunResult | None, memory: int | None) -> str | None:
+    if result is None:
+        return "the container did not end after being stopped"
+    if result.oom_killed:
+        return f"memory limit exceeded: killed at {memory} MiB (exit code {result.exit_code})"
+    if result.exit_code != 0:
+        reason = f"exit code {result.exit_code}"
+        return f"{reason}: {result.error}" if result.error else reason
+    return None
+
+
+def _pump_logs(backend: ExecutionBackend, handle: RunHandle, path: Path) -> None:
+    """Append the run's output to its log file as it arrives."""
+    try:
+        with path.open("ab") as sink:
+            for chunk in backend.stream_logs(handle):
+                sink.write(chunk)
+                sink.flush()
+    except (BackendError, OSError) as exc:
+        logger.warning("log of %s incomplete: %s", handle.id[:12], exc)

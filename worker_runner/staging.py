@@ -1,0 +1,207 @@
+"""The job folder: inputs staged in, results collected out.
+
+Each leased job gets ``{PATH_BASE}/{queue_id}/`` holding ``files/`` (mounted at
+``/files`` in the container) and ``log.txt`` (the container's output). Every
+destination taken from a job spec is checked against the folder before anything is
+written: no absolute paths, no ``..``, no NUL or backslash, no symlink leading out.
+Results are collected without following symlinks, so a tool cannot make the runner
+upload a file from outside its folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from labcloud.contract import JobSpecs, OutputKind
+from worker_runner import RunnerError
+from worker_runner.client import JobGone, WorkerApiClient, WorkerApiError
+
+logger = logging.getLogger(__name__)
+
+LOG_NAME = "log.txt"
+# Written into every job folder so that a cleanup removes only folders this worker
+# made, even when PATH_BASE is shared or points somewhere unexpected.
+MARKER_NAME = ".labcloud-worker"
+TAIL_LINES = 40
+TAIL_CHARS = 4000
+_TAIL_READ_BYTES = 64 * 1024
+
+
+class StagingError(RunnerError):
+    """A job's files could not be staged."""
+
+
+class UnsafePath(StagingError):
+    """A path in the job spec would leave the job folder."""
+
+
+def _is_safe_component(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
+def resolve_inside(base: Path, relative: str) -> Path:
+    """``base / relative``, refusing anything that would land outside ``base``.
+
+    Refused: empty or absolute paths, ``..`` parts, NUL, backslashes, and paths
+    that existing symlinks under ``base`` would lead outside of it."""
+    if not relative or "\0" in relative or "\\" in relative:
+        raise UnsafePath(f"unsafe path {relative!r} in job spec")
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise UnsafePath(f"path {relative!r} escapes the job folder")
+    candidate = base.joinpath(*pure.parts)
+    if not candidate.resolve().is_relative_to(base.resolve()):
+        raise UnsafePath(f"path {relative!r} escapes the job folder through a symlink")
+    return candidate
+
+
+@dataclass(frozen=True, slots=True)
+class JobFolder:
+    """Paths of one job's folder, as this process sees them and as Docker does."""
+
+    root: Path
+    host_files: Path
+
+    @property
+    def files(self) -> Path:
+        """The folder mounted at ``/files``."""
+        return self.root / "files"
+
+    @property
+    def log(self) -> Path:
+        """The container's output, appended while it runs."""
+        return self.root / LOG_NAME
+
+    @classmethod
+    def for_job(cls, path_base: Path, host_base: Path, queue_id: str) -> JobFolder:
+        """The folder of ``queue_id``; the id becomes a path component, so it is
+        checked like one."""
+        if not _is_safe_component(queue_id) or "\\" in queue_id:
+            raise UnsafePath(f"queue id {queue_id!r} cannot name a folder")
+        return cls(root=path_base / queue_id, host_files=host_base / queue_id / "files")
+
+    def create(self, worker_name: str) -> None:
+        """Create an empty job folder (removing one left from an earlier attempt)."""
+        if self.root.exists():
+            remove_tree(self.root)
+        self.files.mkdir(parents=True)
+        (self.root / MARKER_NAME).write_text(worker_name, encoding="utf-8")
+        self.log.touch()
+
+    def remove(self) -> None:
+        """Remove the folder and everything in it."""
+        remove_tree(self.root)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder tree, logging (not raising) when something stays behind."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        logger.warning("could not remove all of %s", path)
+
+
+def remove_stale_folders(path_base: Path, worker_name: str) -> list[Path]:
+    """Remove the job folders this worker left behind under ``path_base`` (a runner
+    that starts holds no job, so all of them are stale); returns what it removed."""
+    if not path_base.is_dir():
+        return []
+    removed = []
+    for entry in sorted(path_base.iterdir()):
+        marker = entry / MARKER_NAME
+        if entry.is_symlink() or not entry.is_dir() or not marker.is_file():
+            continue
+        if marker.read_text(encoding="utf-8", errors="replace").strip() != worker_name:
+            continue
+        remove_tree(entry)
+        removed.append(entry)
+    return removed
+
+
+def input_destinations(specs: JobSpecs, folder: JobFolder) -> dict[Path, str]:
+    """Where each ``files_down`` entry goes, all checked before any download."""
+    destinations: dict[Path, str] = {}
+    for relative, uri in specs.handler.files_down.items():
+        destinations[resolve_inside(folder.files, relative)] = uri
+    return destinations
+
+
+def output_folders(specs: JobSpecs, folder: JobFolder) -> dict[OutputKind, Path]:
+    """The ``files_up`` folders, checked against the job folder."""
+    return {
+        kind: resolve_inside(folder.files, relative)
+        for kind, relative in specs.handler.files_up.items()
+    }
+
+
+def stage_inputs(
+    client: WorkerApiClient,
+    specs: JobSpecs,
+    folder: JobFolder,
+    *,
+    check: Callable[[], None] | None = None,
+) -> int:
+    """Download every input into the job folder and create the ``files_up``
+    folders; returns the number of bytes downloaded. ``check`` is called between
+    and during downloads and may raise to interrupt staging."""
+    destinations = input_destinations(specs, folder)
+    outputs = output_folders(specs, folder)
+    total = 0
+    for destination, uri in destinations.items():
+        if check is not None:
+            check()
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        # Re-checked after creating the parents: a parent may be a symlink that an
+        # earlier input's folder layout introduced.
+        if not destination.resolve().is_relative_to(folder.files.resolve()):
+            raise UnsafePath(f"input destination {destination} escapes the job folder")
+        try:
+            total += client.download(uri, destination, check=check)
+        except JobGone:
+            raise
+        except WorkerApiError as exc:
+            raise StagingError(f"download failed: {uri}: {exc.message}") from exc
+        except OSError as exc:
+            raise StagingError(f"download failed: {uri}: {exc}") from exc
+    for path in outputs.values():
+        path.mkdir(parents=True, exist_ok=True)
+    return total
+
+
+def iter_result_files(top: Path) -> Iterator[tuple[str, Path]]:
+    """``(path relative to top, absolute path)`` of the regular files under ``top``,
+    sorted, never following symlinks."""
+    if top.is_symlink() or not top.is_dir():
+        return
+    for current, dirnames, filenames in os.walk(top, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(current) / name
+            try:
+                mode = path.lstat().st_mode
+            except OSError:
+                continue
+            if stat.S_ISREG(mode):
+                yield path.relative_to(top).as_posix(), path
+
+
+def read_log_tail(path: Path, *, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> str:
+    """The last ``lines`` lines of a log file, at most ``chars`` characters."""
+    try:
+        with path.open("rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(0, size - _TAIL_READ_BYTES))
+            data = log.read()
+    except FileNotFoundError:
+        return ""
+    text = data.decode("utf-8", errors="replace").rstrip("\n")
+    tail = "\n".join(text.splitlines()[-lines:])
+    return tail[-chars:]
