@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,12 +84,13 @@ def _persistent_secrets(data_dir: Path) -> dict[str, str]:
     restart of the stack. Files are readable by their owner only."""
     data_dir.mkdir(parents=True, exist_ok=True)
     values: dict[str, str] = {}
-    for name, make in (
+    makers: tuple[tuple[str, Callable[[], str]], ...] = (
         ("internal_api_key", lambda: secrets.token_urlsafe(32)),
         ("local_auth_key.pem", generate_private_key_pem),
         ("admin_password", lambda: secrets.token_urlsafe(18)),
         ("worker_password", lambda: secrets.token_urlsafe(18)),
-    ):
+    )
+    for name, make in makers:
         path = data_dir / name
         if not path.exists():
             path.touch(mode=0o600)

@@ -42,7 +42,7 @@ class DemoImageError(RuntimeError):
 def ensure_demo_image(
     client: docker.DockerClient, tag: str = DEMO_IMAGE, *, rebuild: bool = False
 ) -> str:
-    """Build ``tag`` from ``images/demo`` unless it already exists; return its image id.
+    """Build ``tag`` from ``images/demo`` unless it already exists; return ``tag``.
 
     Tries the Dockerfile's default public base first; when that base cannot be
     pulled, builds on ``labcloud/busybox:local`` made from the host's static busybox.
@@ -55,11 +55,12 @@ def ensure_demo_image(
             pass
         else:
             logger.debug("image %s already present (%s)", tag, image.id)
-            return str(image.id)
+            return tag
 
     logger.info("building %s from %s on %s", tag, DEMO_CONTEXT, ONLINE_BASE_IMAGE)
     try:
-        return _build(client, tag, buildargs=None)
+        _build(client, tag, buildargs=None)
+        return tag
     except (docker.errors.BuildError, docker.errors.APIError) as exc:
         if _image_exists(client, ONLINE_BASE_IMAGE):
             # The base was there, so the failure is the Dockerfile's own: a local
@@ -81,7 +82,8 @@ def ensure_demo_image(
             f"({online_failure}) and no offline base could be made: {exc}"
         ) from exc
     try:
-        return _build(client, tag, buildargs={"BASE": LOCAL_BASE_IMAGE})
+        _build(client, tag, buildargs={"BASE": LOCAL_BASE_IMAGE})
+        return tag
     except (docker.errors.BuildError, docker.errors.APIError) as exc:
         raise DemoImageError(
             f"building {tag} on {LOCAL_BASE_IMAGE} failed: {_build_failure(exc)}"
@@ -91,13 +93,13 @@ def ensure_demo_image(
 def build_local_busybox_base(
     client: docker.DockerClient, tag: str = LOCAL_BASE_IMAGE, *, rebuild: bool = False
 ) -> str:
-    """Import a minimal image holding the host's static busybox; return its image id.
+    """Import a minimal image holding the host's static busybox as ``tag``; return ``tag``.
 
     The image has ``/bin/busybox``, a link for each of its applets (``/bin/sh``,
     ``/usr/bin/wc``, ...) and a world-writable ``/tmp``: enough for shell scripts.
     """
     if not rebuild and _image_exists(client, tag):
-        return str(client.images.get(tag).id)
+        return tag
     busybox = find_static_busybox()
     applets = _applet_paths(busybox)
     repository, _, image_tag = tag.rpartition(":")
@@ -106,7 +108,9 @@ def build_local_busybox_base(
         _write_rootfs(archive, busybox, applets)
         logger.info("importing %s from %s (%d applets)", tag, busybox, len(applets))
         client.api.import_image_from_file(str(archive), repository=repository, tag=image_tag)
-    return str(client.images.get(tag).id)
+    if not _image_exists(client, tag):
+        raise DemoImageError(f"importing {tag} from {busybox} produced no image")
+    return tag
 
 
 def find_static_busybox() -> Path:
@@ -188,7 +192,7 @@ def _write_rootfs(archive: Path, busybox: Path, applets: list[str]) -> None:
             tar.addfile(link)
 
 
-def _build(client: docker.DockerClient, tag: str, buildargs: dict[str, str] | None) -> str:
+def _build(client: docker.DockerClient, tag: str, buildargs: dict[str, str] | None) -> None:
     image, _logs = client.images.build(
         path=str(DEMO_CONTEXT),
         tag=tag,
@@ -198,7 +202,6 @@ def _build(client: docker.DockerClient, tag: str, buildargs: dict[str, str] | No
         forcerm=True,
     )
     logger.info("built %s (%s)", tag, image.id)
-    return str(image.id)
 
 
 def _image_exists(client: docker.DockerClient, name: str) -> bool:

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--env-file", help="read settings from this file (default: .env)")
     args = parser.parse_args(argv)
-    settings = UserApiSettings(_env_file=args.env_file or ".env")  # type: ignore[call-arg]
+    settings = UserApiSettings(_env_file=args.env_file or ".env")
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -33,7 +33,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def create_app(settings: UserApiSettings | None = None) -> FastAPI:
-    settings = settings or UserApiSettings()  # type: ignore[call-arg]
+    settings = settings or UserApiSettings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -57,7 +57,9 @@ class UserApiSettings(ServiceSettings):
                 resolve_secret(self.local_auth_private_key.get_secret_value())
             )
         if (self.bootstrap_admin_email is None) != (self.bootstrap_admin_password is None):
-            raise ValueError("set both BOOTSTRAP_ADMIN_EMAIL and BOOTSTRAP_ADMIN_PASSWORD, or neither")
+            raise ValueError(
+                "set both BOOTSTRAP_ADMIN_EMAIL and BOOTSTRAP_ADMIN_PASSWORD, or neither"
+            )
         return self
 
     @property

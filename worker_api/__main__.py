@@ -21,7 +21,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = WorkerApiSettings()
     except ValidationError as exc:
-        sys.exit(f"worker_api: invalid settings (environment or .env):\n{exc}")
+        # Name each setting and problem, never the values: they may be secrets.
+        problems = "\n".join(
+            f"  {'.'.join(str(part) for part in error['loc']).upper() or 'SETTINGS'}: "
+            f"{error['msg']}"
+            for error in exc.errors()
+        )
+        sys.exit(f"worker_api: invalid settings (environment or .env):\n{problems}")
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

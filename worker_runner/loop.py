@@ -164,6 +164,9 @@ class StatusReporter:
                     return
                 except WorkerApiError as exc:
                     logger.warning("queue %s: keep-alive failed: %s", self._queue_id, exc.message)
+                except Exception:
+                    # The next keep-alive may succeed; the thread must not die.
+                    logger.exception("queue %s: keep-alive failed", self._queue_id)
 
     def set(self, status: JobStatus) -> None:
         """Enter a new phase and report it. A failed report is logged (the
@@ -176,7 +179,9 @@ class StatusReporter:
                 self.gone.set()
                 raise
             except WorkerApiError as exc:
-                logger.warning("queue %s: reporting %s failed: %s", self._queue_id, status, exc)
+                logger.warning(
+                    "queue %s: reporting %s failed: %s", self._queue_id, status, exc.message
+                )
 
     def finish(self, outcome: Outcome, *, patience: float = FINAL_REPORT_PATIENCE_S) -> None:
         """Send the final status; stops any keep-alive first. An unreachable API is

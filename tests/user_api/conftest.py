@@ -20,7 +20,7 @@ TEST_CATALOG = Path(__file__).resolve().parents[1] / "data" / "application_confi
 @pytest.fixture
 def user_settings(tmp_path: Path) -> UserApiSettings:
     return UserApiSettings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         internal_api_key_secret=secrets.token_urlsafe(24),
         local_auth_private_key=generate_private_key_pem(),
         database_url=f"sqlite:///{tmp_path / 'user_api.db'}",

@@ -234,7 +234,7 @@ def test_reaper_requeues_then_fails_and_records(factory: sessionmaker[Session]) 
     assert reap_once(factory, POLICY, signals) == 0
     statuses = [status for _job, status, _details in outbox(factory)]
     assert statuses == ["pulled", "queued", "pulled", "error"]
-    assert "went silent 2 times" in (outbox(factory)[-1][2] or "")
+    assert "giving up (silent attempts: 2)" in (outbox(factory)[-1][2] or "")
     assert recorded.count == 2
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Form, Response
 from fastapi.security import OAuth2PasswordRequestForm
 
 from labcloud.contract import Group
+from labcloud.settings import AuthMode
 from labcloud.web import TOKEN_COOKIE
 from user_api.auth import service
 from user_api.auth.schemas import AccessInfo, CognitoInfo, TokenResponse, UserInfo
@@ -18,7 +19,6 @@ from user_api.dependencies import (
     SessionDep,
     SettingsDep,
 )
-from user_api.settings import AuthMode
 
 router = APIRouter(tags=["auth"])
 PasswordForm = Annotated[OAuth2PasswordRequestForm, Depends()]

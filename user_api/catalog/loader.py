@@ -121,8 +121,8 @@ def _describe_yaml_error(exc: yaml.MarkedYAMLError, source: str) -> str:
     where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
     problem = exc.problem or "invalid YAML"
     if exc.context:
-        # The context's own line matters when it differs (e.g. where a duplicated
-        # mapping or an unclosed quote started).
+        # Where the construct began matters when it is far from where it broke,
+        # as with an unclosed bracket or quote.
         context = exc.context
         if exc.context_mark is not None and exc.problem_mark is not None:
             context += f" started on line {exc.context_mark.line + 1}"
@@ -170,9 +170,7 @@ def _node_at(root: yaml.Node, loc: Sequence[int | str]) -> yaml.Node:
     for index, part in enumerate(loc):
         if part == _KEY_MARKER:
             continue
-        is_last = index == len(loc) - 1 or (
-            index == len(loc) - 2 and loc[index + 1] == _KEY_MARKER
-        )
+        is_last = index == len(loc) - 1 or (index == len(loc) - 2 and loc[index + 1] == _KEY_MARKER)
         if isinstance(node, yaml.MappingNode):
             entry = next(
                 (

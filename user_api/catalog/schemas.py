@@ -11,13 +11,21 @@ catalog's own spelling and ``model_validate`` reads it back.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import PurePosixPath
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, StrictInt
-from pydantic import StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from labcloud.contract import HardwareSpec, OutputKind
@@ -64,9 +72,7 @@ def _check_mount_dir(value: str) -> str:
             {"dir": repr(value)},
         )
     if ".." in path.parts:
-        raise PydanticCustomError(
-            "mount_dir", "{dir} must not contain '..'", {"dir": repr(value)}
-        )
+        raise PydanticCustomError("mount_dir", "{dir} must not contain '..'", {"dir": repr(value)})
     normalised = path.as_posix()
     if normalised == ".":
         raise PydanticCustomError(
@@ -295,5 +301,5 @@ class Catalog(RootModel[dict[CatalogName, _Versions]]):
         return PublicCatalog(view)
 
 
-def _known(names: dict[str, object]) -> str:
+def _known(names: Mapping[str, object]) -> str:
     return ", ".join(names) or "none"

@@ -42,8 +42,9 @@ class CatalogStore:
 
     The constructor loads the file once and raises ``CatalogError`` when it is
     invalid: the service must not start with a broken catalog. Watcher timings are
-    arguments so tests can react in milliseconds; ``force_polling`` is for file
-    systems without change notifications (network mounts) and for tests.
+    arguments so tests can react in milliseconds. ``force_polling`` is for file
+    systems without change notifications (network mounts); polling compares
+    modification times, so a second edit within the same second may be missed.
     """
 
     def __init__(
@@ -133,18 +134,26 @@ class CatalogStore:
         tools replace a file by renaming a new one over it, which a watch on the
         old file would not see.
         """
+        # An edit made between the constructor's load and the start of the watch
+        # would otherwise go unnoticed until the next one.
         await anyio.to_thread.run_sync(self.reload)
-        async for _changes in awatch(
-            self._path.parent,
-            watch_filter=self._concerns_catalog,
-            debounce=self._debounce_ms,
-            step=self._step_ms,
-            stop_event=stop_event,
-            recursive=False,
-            force_polling=self._force_polling,
-            poll_delay_ms=self._poll_delay_ms,
-        ):
-            await anyio.to_thread.run_sync(self.reload)
+        try:
+            async for _changes in awatch(
+                self._path.parent,
+                watch_filter=self._concerns_catalog,
+                debounce=self._debounce_ms,
+                step=self._step_ms,
+                stop_event=stop_event,
+                recursive=False,
+                force_polling=self._force_polling,
+                poll_delay_ms=self._poll_delay_ms,
+            ):
+                await anyio.to_thread.run_sync(self.reload)
+        except Exception:
+            # The watcher usually runs as a background task whose failure nobody
+            # awaits; say that edits are no longer followed.
+            logger.exception("watching %s failed; catalog edits are no longer applied", self._path)
+            raise
 
     def _concerns_catalog(self, _change: Change, changed: str) -> bool:
         return self._any_change_in_folder or Path(changed).name == self._path.name

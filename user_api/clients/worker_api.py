@@ -101,11 +101,11 @@ class WorkerApiForwarder:
 
     async def _send(self, message: _Message) -> None:
         if message.kind is OutboxKind.ENQUEUE:
-            response = await self._client.post("/_jobs", json=message.payload, headers=self._headers)
-        else:
-            response = await self._client.delete(
-                f"/_jobs/{message.job_id}", headers=self._headers
+            response = await self._client.post(
+                "/_jobs", json=message.payload, headers=self._headers
             )
+        else:
+            response = await self._client.delete(f"/_jobs/{message.job_id}", headers=self._headers)
         if response.is_success or response.status_code in (404, 409):
             logger.info("job %s: %s delivered to the worker API", message.job_id, message.kind)
             return
@@ -130,7 +130,9 @@ class WorkerApiForwarder:
             repository.acknowledge_outbox(session, outbox_id)
 
     def _give_up(self, message: _Message, reason: str) -> None:
-        logger.error("job %s: %s rejected by the worker API: %s", message.job_id, message.kind, reason)
+        logger.error(
+            "job %s: %s rejected by the worker API: %s", message.job_id, message.kind, reason
+        )
         with unit_of_work(self._sessions) as session:
             repository.acknowledge_outbox(session, message.id)
             if message.kind is OutboxKind.ENQUEUE:

@@ -171,9 +171,7 @@ def cancel_job(session: Session, *, user: AuthenticatedUser, job_id: int) -> Job
     return _read(job, user)
 
 
-def delete_job(
-    session: Session, *, user: AuthenticatedUser, job_id: int, storage: Storage
-) -> None:
+def delete_job(session: Session, *, user: AuthenticatedUser, job_id: int, storage: Storage) -> None:
     """Cancel the job if it is active, then remove its row and its result folders."""
     job = _owned(session, user, job_id)
     _cancel(session, job)
@@ -268,8 +266,7 @@ def _place_inputs(
                 pairs = [(posixpath.basename(key), key)]
             else:
                 pairs = [
-                    (posixpath.relpath(item.key, key), item.key)
-                    for item in storage.iter_files(key)
+                    (posixpath.relpath(item.key, key), item.key) for item in storage.iter_files(key)
                 ]
             for relative, source in pairs:
                 target = posixpath.join(mount.strip("/"), relative)

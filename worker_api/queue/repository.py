@@ -275,14 +275,13 @@ class QueueRepository:
         job = QueuedJob
         give_up = job.attempts > max_retries
         silent_worker = func.coalesce(job.worker, "")
-        reason = (
-            literal("no keep-alive for ")
-            + literal(f"{timeout:g}")
-            + literal(" s: the job's worker went silent ")
-            + cast(job.attempts, String)
-            + literal(" times (last worker: ")
-            + silent_worker
-            + literal(")")
+        attempts = cast(job.attempts, String)
+        silence = (
+            literal("worker ") + silent_worker + literal(f" sent no keep-alive for {timeout:g} s; ")
+        )
+        gave_up = silence + literal("giving up (silent attempts: ") + attempts + literal(")")
+        requeued = (
+            silence + literal("re-queued (attempt ") + attempts + literal(f" of {max_retries + 1})")
         )
         statement = (
             update(job)
@@ -298,7 +297,7 @@ class QueueRepository:
                     (self._list_contains(job.failed_workers, silent_worker), job.failed_workers),
                     else_=self._list_append(job.failed_workers, silent_worker),
                 ),
-                runtime_details=case((give_up, reason), else_=job.runtime_details),
+                runtime_details=case((give_up, gave_up), else_=requeued),
                 updated_at=now,
             )
             .returning(job.job_id, job.status, job.runtime_details)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import anyio
@@ -60,8 +60,8 @@ class QueueSignals:
     committed it: a job was enqueued (wake long-polling pulls) or a status change
     was written to the outbox (wake the forwarder)."""
 
-    job_enqueued: Callable[[], None] = field(default=_nothing)
-    status_recorded: Callable[[], None] = field(default=_nothing)
+    job_enqueued: Callable[[], None] = _nothing
+    status_recorded: Callable[[], None] = _nothing
 
 
 class Wakeup:

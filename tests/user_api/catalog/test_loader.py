@@ -197,7 +197,8 @@ demo:
         (
             "{output: output}",
             "{output: out/../../etc}",
-            "line 10: demo/latest/wc/handler/files_up/output: 'out/../../etc' must not contain '..'",
+            "line 10: demo/latest/wc/handler/files_up/output: "
+            "'out/../../etc' must not contain '..'",
         ),
         (
             "{data_ids: data}",
