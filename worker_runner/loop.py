@@ -71,6 +71,8 @@ LABEL_WORKER = "labcloud.worker"
 WAIT_POLL_S = 0.25
 # Time the log follower gets to write the last output after the container ended.
 LOG_DRAIN_S = 5.0
+# 128 + SIGKILL: what a run killed by the kernel (or a stop's deadline) exits with.
+SIGKILL_EXIT_CODE = 137
 # Grace a container gets between SIGTERM and SIGKILL when the runner stops it.
 STOP_GRACE_S = 5.0
 # How long shutdown waits for jobs to be handed back after the grace ended.
@@ -615,6 +617,13 @@ def _failure(result: RunResult | None, memory: int | None) -> str | None:
         return "the container did not end after being stopped"
     if result.oom_killed:
         return f"memory limit exceeded: killed at {memory} MiB (exit code {result.exit_code})"
+    if result.exit_code == SIGKILL_EXIT_CODE and memory is not None:
+        # The engine's OOM flag comes from an event that is sometimes lost when the
+        # container exits at once; a SIGKILL nobody sent is nearly always the limit.
+        return (
+            f"exit code {SIGKILL_EXIT_CODE}: killed, most likely for exceeding the memory "
+            f"limit of {memory} MiB"
+        )
     if result.exit_code != 0:
         reason = f"exit code {result.exit_code}"
         return f"{reason}: {result.error}" if result.error else reason

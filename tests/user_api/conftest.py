@@ -18,12 +18,12 @@ TEST_CATALOG = Path(__file__).resolve().parents[1] / "data" / "application_confi
 
 
 @pytest.fixture
-def user_settings(tmp_path: Path) -> UserApiSettings:
+def user_settings(tmp_path: Path, database_url: str) -> UserApiSettings:
     return UserApiSettings(
         _env_file=None,
         internal_api_key_secret=secrets.token_urlsafe(24),
         local_auth_private_key=generate_private_key_pem(),
-        database_url=f"sqlite:///{tmp_path / 'user_api.db'}",
+        database_url=database_url,
         user_data_root_path=tmp_path / "data",
         application_config_file=TEST_CATALOG,
         # Nothing listens there: jobs stay in the outbox, which these tests inspect.

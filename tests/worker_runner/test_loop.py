@@ -414,6 +414,14 @@ def test_oom_kill_is_reported(
     assert details is not None
     assert details.startswith("memory limit exceeded: killed at 512 MiB")
 
+    # A SIGKILL whose OOM flag the engine lost reads the same way, hedged.
+    killed = FakeBackend(default=FakeProgram(exit_code=137))
+    status, details = run_one(
+        api, settings, client, killed, job_spec(hardware={"memory": 256}), queue_id="q2"
+    )
+    assert status == "error"
+    assert details == "exit code 137: killed, most likely for exceeding the memory limit of 256 MiB"
+
 
 def test_download_failure_fails_the_job(
     api: FakeWorkerApi, settings: WorkerSettings, client: WorkerApiClient
