@@ -22,7 +22,6 @@ from labcloud.auth.local import generate_private_key_pem
 
 logger = logging.getLogger("labcloud")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WORKER_ACCOUNT = "runner@labcloud.local"
 ADMIN_ACCOUNT = "admin@labcloud.local"
 
 
@@ -88,7 +87,6 @@ def _persistent_secrets(data_dir: Path) -> dict[str, str]:
         ("internal_api_key", lambda: secrets.token_urlsafe(32)),
         ("local_auth_key.pem", generate_private_key_pem),
         ("admin_password", lambda: secrets.token_urlsafe(18)),
-        ("worker_password", lambda: secrets.token_urlsafe(18)),
     )
     for name, make in makers:
         path = data_dir / name
@@ -164,13 +162,19 @@ def _up(args: argparse.Namespace) -> int:
             )
         )
         _wait_ready(worker_url, services)
-        _ensure_worker_account(user_url, secret)
-        env_file = _write_worker_env(data_dir, user_url, worker_url, secret)
-        for index in range(args.runners):
+        # Every runner has an account of its own: the worker API tells runners apart
+        # by account, and a runner cleans up the containers its account left behind.
+        admin = _admin_headers(user_url, secret)
+        jobs = data_dir / "jobs"
+        env_file = _worker_env(data_dir, "worker", user_url, worker_url, admin, jobs)
+        for index in range(1, args.runners + 1):
+            runner_env = _worker_env(
+                data_dir / "runners", f"runner-{index}", user_url, worker_url, admin, jobs
+            )
             services.append(
                 _start(
-                    f"runner-{index + 1}",
-                    ["worker_runner", "--env-file", str(env_file)],
+                    f"runner-{index}",
+                    ["worker_runner", "--env-file", str(runner_env)],
                     {},
                     data_dir,
                 )
@@ -230,46 +234,68 @@ def _wait_ready(url: str, services: list[_Service], timeout: float = 60) -> None
     raise _StartupError(f"{url} did not answer within {timeout:.0f} s")
 
 
-def _ensure_worker_account(user_url: str, secret: dict[str, str]) -> None:
-    with httpx.Client(base_url=user_url, timeout=30) as client:
-        token = client.post(
-            "/token", data={"username": ADMIN_ACCOUNT, "password": secret["admin_password"]}
-        )
-        token.raise_for_status()
-        headers = {"Authorization": f"Bearer {token.json()['id_token']}"}
-        created = client.post(
-            "/user",
-            data={
-                "username": WORKER_ACCOUNT,
-                "password": secret["worker_password"],
-                "groups": ["workers"],
-            },
-            headers=headers,
-        )
-        if created.status_code not in (201, 409):
-            raise _StartupError(f"cannot create the worker account: {created.text}")
+def _admin_headers(user_url: str, secret: dict[str, str]) -> dict[str, str]:
+    token = httpx.post(
+        f"{user_url}/token",
+        data={"username": ADMIN_ACCOUNT, "password": secret["admin_password"]},
+        timeout=30,
+    )
+    if token.status_code != 201:
+        raise _StartupError(f"cannot log in as {ADMIN_ACCOUNT}: {token.text}")
+    return {"Authorization": f"Bearer {token.json()['id_token']}"}
 
 
-def _write_worker_env(
-    data_dir: Path, user_url: str, worker_url: str, secret: dict[str, str]
+def _worker_env(
+    folder: Path,
+    name: str,
+    user_url: str,
+    worker_url: str,
+    admin: dict[str, str],
+    jobs: Path,
 ) -> Path:
-    path = data_dir / "worker.env"
+    """Write ``folder/<name>.env`` for a runner with its own ``workers`` account,
+    creating the account the first time (the password is kept in the file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.env"
+    account = f"{name}@labcloud.local"
+    values = _read_env_file(path)
+    password = values.get("PASSWORD") or secrets.token_urlsafe(18)
+    created = httpx.post(
+        f"{user_url}/user",
+        data={"username": account, "password": password, "groups": ["workers"]},
+        headers=admin,
+        timeout=30,
+    )
+    if created.status_code not in (201, 409):
+        raise _StartupError(f"cannot create the worker account {account}: {created.text}")
     lines = {
         "API_URL": worker_url,
         "AUTH_URL": user_url,
-        "USERNAME": WORKER_ACCOUNT,
-        "PASSWORD": secret["worker_password"],
-        "PATH_BASE": str(data_dir / "jobs"),
-        "PATH_HOST_BASE": str(data_dir / "jobs"),
+        "USERNAME": account,
+        "PASSWORD": password,
+        "PATH_BASE": str(jobs),
+        "PATH_HOST_BASE": str(jobs),
+        # Keep-alives every 2 s: a cancelled job's container stops within seconds.
         "TIMEOUT_STATUS": "2",
     }
     path.touch(mode=0o600)
     path.write_text(
-        "# Settings of a LabCloud worker runner; start one with\n"
+        "# Settings of one LabCloud worker runner (one account per runner); start it with\n"
         f"#   labcloud runner --env-file {path}\n"
         + "".join(f"{key}={shlex.quote(value)}\n" for key, value in lines.items())
     )
     return path
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#"):
+            values[key.strip()] = (shlex.split(value) or [""])[0]
+    return values
 
 
 def _stop_all(services: list[_Service]) -> None:
@@ -296,6 +322,7 @@ LabCloud is up.
   data        {data_dir}
   admin       {ADMIN_ACCOUNT} / password in {data_dir / "admin_password"}
   add a runner (e.g. on a GPU machine): labcloud runner --env-file {env_file}
+    (that file holds the account of one more runner; each runner needs its own)
   self-signup is ON: a development setting, never for a public server
 
 Example session (paste in another terminal):

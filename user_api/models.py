@@ -37,6 +37,7 @@ def _in_check(column: str, values: type[StrEnum]) -> str:
 
 class User(Base):
     __tablename__ = "users"
+    __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Stable id used in storage paths and tokens' ``sub``: a random hex id for local
@@ -57,6 +58,9 @@ class Job(Base):
         CheckConstraint("priority BETWEEN 0 AND 5", name="ck_jobs_priority"),
         # GET /jobs: one user's jobs, newest first.
         Index("ix_jobs_user_id_date_created", "user_id", "date_created", "id"),
+        # Ids are never reused (SQLite would otherwise hand out the id of the last
+        # deleted row again): the worker API knows jobs by this id.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -214,3 +214,10 @@ def test_applications_are_listed_without_internal_fields(
     assert catalog.status_code == 200
     assert "wordcount" in catalog.text
     assert "image_url" not in catalog.text and "labcloud/demo" not in catalog.text
+
+
+def test_job_ids_are_never_reused(client: TestClient, user: dict[str, str]) -> None:
+    first = client.post("/jobs", json=_job("a"), headers=user).json()["id"]
+    assert client.delete(f"/jobs/{first}", headers=user).status_code == 204
+    second = client.post("/jobs", json=_job("a"), headers=user).json()["id"]
+    assert second > first
