@@ -22,7 +22,7 @@ from labcloud.auth.local import generate_private_key_pem
 
 logger = logging.getLogger("labcloud")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ADMIN_ACCOUNT = "admin@labcloud.local"
+ADMIN_ACCOUNT = "admin@labcloud.example.org"
 
 
 @dataclass
@@ -257,7 +257,7 @@ def _worker_env(
     creating the account the first time (the password is kept in the file)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.env"
-    account = f"{name}@labcloud.local"
+    account = f"{name}@labcloud.example.org"
     values = _read_env_file(path)
     password = values.get("PASSWORD") or secrets.token_urlsafe(18)
     created = httpx.post(

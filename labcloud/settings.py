@@ -11,15 +11,17 @@ import hashlib
 import hmac
 from enum import StrEnum
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from labcloud.secrets import resolve_secret
 
 # Values that .env.example ships with; refused outside development so that a copied
 # example file never becomes a production configuration.
+_S = TypeVar("_S", bound=BaseSettings)
+
 PLACEHOLDER_SECRETS = frozenset({"", "changethis", "change-me", "changeme"})
 
 
@@ -111,3 +113,16 @@ class ServiceSettings(BaseSettings):
     @property
     def resolved_cognito_jwks_url(self) -> str:
         return self.cognito_jwks_url or f"{self.resolved_cognito_issuer}/.well-known/jwks.json"
+
+
+def load_settings(cls: type[_S], env_file: str | None = ".env") -> _S:
+    """Load settings, or exit with status 2 and one line per bad setting, named as
+    its environment variable (no traceback: this is a configuration error)."""
+    try:
+        return cls(_env_file=env_file)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]).upper() or "SETTINGS"
+            lines.append(f"  {name}: {error['msg']}")
+        raise SystemExit(f"{cls.__name__}: invalid settings\n" + "\n".join(lines)) from None

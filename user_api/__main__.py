@@ -7,6 +7,7 @@ import logging
 
 import uvicorn
 
+from labcloud.settings import load_settings
 from user_api.app import create_app
 from user_api.settings import UserApiSettings
 
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--env-file", help="read settings from this file (default: .env)")
     args = parser.parse_args(argv)
-    settings = UserApiSettings(_env_file=args.env_file or ".env")
+    settings = load_settings(UserApiSettings, args.env_file or ".env")
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
