@@ -27,7 +27,6 @@ if ! command -v poetry >/dev/null 2>&1; then
   log "installing poetry"
   python3 -m pip install --quiet poetry
 fi
-poetry config virtualenvs.in-project true --local
 log "installing Python dependencies (poetry install)"
 poetry install --quiet
 
