@@ -6,12 +6,13 @@ A test that needs an absent component is skipped with the reason locally; under 
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.databases import temporary_postgres_database
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "LABCLOUD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -88,18 +89,8 @@ def postgres_admin_url() -> str:
 @pytest.fixture
 def postgres_database(postgres_admin_url: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    from sqlalchemy import create_engine, text
-
-    name = f"labcloud_test_{secrets.token_hex(6)}"
-    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield postgres_admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with temporary_postgres_database(postgres_admin_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

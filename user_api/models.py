@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -47,6 +49,12 @@ class User(Base):
     password_hash: Mapped[str | None] = mapped_column(String(255))
     groups: Mapped[list[str]]
     is_active: Mapped[bool] = mapped_column(default=True)
+    # False while a self-signed-up account waits for an admin (SIGNUP_REQUIRES_APPROVAL).
+    is_approved: Mapped[bool] = mapped_column(default=True, server_default=true())
+    email_notifications: Mapped[bool] = mapped_column(default=True, server_default=true())
+    # Per-user limits set by admins; None means the default from the settings.
+    max_active_jobs: Mapped[int | None]
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -101,3 +109,51 @@ class WorkerOutbox(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EmailStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class EmailOutbox(Base):
+    """One completion email per job, written in the transaction that ends the job and
+    sent by a background task with retries, so sending never blocks or fails a status
+    update and survives restarts."""
+
+    __tablename__ = "email_outbox"
+    __table_args__ = (
+        CheckConstraint(_in_check("status", EmailStatus), name="ck_email_outbox_status"),
+        Index("ix_email_outbox_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Unique: a job ends once, so it is announced once, however often its terminal
+    # status is delivered.
+    job_id: Mapped[int] = mapped_column(unique=True)
+    recipient: Mapped[str] = mapped_column(String(320))
+    subject: Mapped[str] = mapped_column(String(255))
+    html: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=EmailStatus.PENDING.value)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+
+
+class AuditEntry(Base):
+    """An admin action. Rows are only ever inserted (the service has no update or
+    delete for them)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(320))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(320))
+    details: Mapped[dict[str, Any]]

@@ -68,7 +68,14 @@ class Process:
 class Stack:
     """A complete local stack in ``root``: SQLite databases, a data folder, local auth."""
 
-    def __init__(self, root: Path, catalog: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        catalog: Path,
+        *,
+        user_db: str | None = None,
+        queue_db: str | None = None,
+    ) -> None:
         self.root = root
         self.user_port = free_port()
         self.worker_port = free_port()
@@ -86,7 +93,7 @@ class Stack:
             ["user_api", "--port", str(self.user_port)],
             {
                 **common,
-                "DATABASE_URL": f"sqlite:///{root / 'user_api.db'}",
+                "DATABASE_URL": user_db or f"sqlite:///{root / 'user_api.db'}",
                 "LOCAL_AUTH_PRIVATE_KEY": generate_private_key_pem(),
                 "PUBLIC_URL": self.user_url,
                 "WORKERFACING_API_URL": self.worker_url,
@@ -103,7 +110,7 @@ class Stack:
             ["worker_api", "--port", str(self.worker_port)],
             {
                 **common,
-                "QUEUE_DB_URL": f"sqlite:///{root / 'worker_api.db'}",
+                "QUEUE_DB_URL": queue_db or f"sqlite:///{root / 'worker_api.db'}",
                 "PUBLIC_URL": self.worker_url,
                 "USERFACING_API_URL": self.user_url,
                 "TIMEOUT_FAILURE": "60",

@@ -3,6 +3,7 @@ upload, start a catalog job, follow it, download its results."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import secrets
 import time
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from labcloud.images import ensure_demo_image
+from tests.databases import temporary_postgres_database
 from tests.e2e.stack import Stack, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
@@ -23,18 +25,29 @@ CATALOG = Path(__file__).resolve().parents[1] / "data" / "application_config.yam
 PROGRESS = ["queued", "pulled", "preprocessing", "running", "postprocessing", "finished"]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The whole stack on SQLite, then again with both APIs on PostgreSQL."""
     ensure_demo_image(docker.from_env())
-    stack = Stack(tmp_path_factory.mktemp("stack"), CATALOG)
-    try:
-        stack.start(runners=1)
-        yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
+    with contextlib.ExitStack() as resources:
+        databases: dict[str, str] = {}
+        if request.param == "postgresql":
+            admin_url = request.getfixturevalue("postgres_admin_url")
+            for name in ("user_db", "queue_db"):
+                databases[name] = resources.enter_context(temporary_postgres_database(admin_url))
+        stack = Stack(tmp_path_factory.mktemp("stack"), CATALOG, **databases)
+        try:
+            stack.start(runners=1)
+            yield stack
+        except BaseException:
+            print(stack.logs())
+            raise
+        finally:
+            stack.stop()
 
 
 def _email() -> str:
