@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
@@ -10,6 +11,11 @@ from pydantic import EmailStr, Field, SecretStr, model_validator
 from labcloud.db import build_database_url
 from labcloud.secrets import resolve_secret
 from labcloud.settings import AuthMode, ServiceSettings
+
+
+class EmailSenderService(StrEnum):
+    NONE = ""
+    MAILJET = "mailjet"
 
 
 class UserApiSettings(ServiceSettings):
@@ -37,11 +43,24 @@ class UserApiSettings(ServiceSettings):
     bootstrap_admin_email: EmailStr | None = None
     bootstrap_admin_password: SecretStr | None = None
 
-    # Notifications.
-    email_sender_service: str = ""
-    email_sender_address: str | None = None
+    signup_requires_approval: bool = Field(
+        default=False, description="Self-signed-up accounts wait for an admin's approval."
+    )
+
+    # Fair use: defaults of the per-user limits (admins may set others per user).
+    default_max_active_jobs: int | None = Field(default=100, ge=0)
+    default_max_storage_bytes: int | None = Field(default=100 * 1024**3, ge=0)
+
+    # Email when a job ends.
+    email_sender_service: EmailSenderService = EmailSenderService.NONE
+    email_sender_address: EmailStr | None = None
     email_sender_api_key: str | None = None
     email_sender_secret_key: SecretStr | None = None
+    # Base URL of Mailjet's API; tests and proxies point it elsewhere.
+    mailjet_api_url: str = "https://api.mailjet.com/"
+    email_max_attempts: int = Field(default=8, ge=1)
+    email_retry_max_seconds: float = Field(default=3600, gt=0)
+    email_poll_seconds: float = Field(default=5, gt=0)
     frontend_url: str | None = None
 
     # Delivery of new jobs and cancellations to the worker API.
@@ -55,6 +74,22 @@ class UserApiSettings(ServiceSettings):
                 raise ValueError("AUTH=local needs LOCAL_AUTH_PRIVATE_KEY (an Ed25519 PEM key)")
             self.local_auth_private_key = SecretStr(
                 resolve_secret(self.local_auth_private_key.get_secret_value())
+            )
+        if self.email_sender_service is EmailSenderService.MAILJET:
+            missing = [
+                name
+                for name, value in (
+                    ("EMAIL_SENDER_ADDRESS", self.email_sender_address),
+                    ("EMAIL_SENDER_API_KEY", self.email_sender_api_key),
+                    ("EMAIL_SENDER_SECRET_KEY", self.email_sender_secret_key),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(f"EMAIL_SENDER_SERVICE=mailjet needs {', '.join(missing)}")
+            assert self.email_sender_secret_key is not None
+            self.email_sender_secret_key = SecretStr(
+                resolve_secret(self.email_sender_secret_key.get_secret_value())
             )
         if (self.bootstrap_admin_email is None) != (self.bootstrap_admin_password is None):
             raise ValueError(
