@@ -166,7 +166,7 @@ def cancel_job(session: Session, *, user: AuthenticatedUser, job_id: int) -> Job
     """Move an active job to ``canceled`` and tell the worker API; a job that already
     ended is returned unchanged."""
     job = _owned(session, user, job_id)
-    _cancel(session, job)
+    _cancel(session, job, discard_outputs=False)
     session.refresh(job)
     return _read(job, user)
 
@@ -174,7 +174,7 @@ def cancel_job(session: Session, *, user: AuthenticatedUser, job_id: int) -> Job
 def delete_job(session: Session, *, user: AuthenticatedUser, job_id: int, storage: Storage) -> None:
     """Cancel the job if it is active, then remove its row and its result folders."""
     job = _owned(session, user, job_id)
-    _cancel(session, job)
+    _cancel(session, job, discard_outputs=True)
     repository.delete_job(session, job.id)
     session.flush()
     # Files go last: if removing them fails, the transaction rolls back and the job
@@ -201,12 +201,16 @@ def apply_status_update(session: Session, update: StatusUpdate) -> StatusApplied
     return StatusApplied(job_id=job.id, status=update.status, applied=applied)
 
 
-def _cancel(session: Session, job: Job) -> None:
+def _cancel(session: Session, job: Job, *, discard_outputs: bool) -> None:
+    """``discard_outputs``: the job is being deleted, so its worker must not upload
+    even the partial logs a canceled job keeps."""
     if not repository.transition(session, job.id, JobStatus.CANCELED, "canceled by the user"):
         return
     # If the worker API never received the job, withdrawing the message is enough.
     if not repository.drop_pending_enqueue(session, job.id):
-        repository.add_outbox(session, job.id, OutboxKind.CANCEL, None)
+        repository.add_outbox(
+            session, job.id, OutboxKind.CANCEL, {"discard_outputs": discard_outputs}
+        )
     logger.info("job %s canceled", job.id)
 
 
