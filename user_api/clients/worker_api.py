@@ -105,7 +105,12 @@ class WorkerApiForwarder:
                 "/_jobs", json=message.payload, headers=self._headers
             )
         else:
-            response = await self._client.delete(f"/_jobs/{message.job_id}", headers=self._headers)
+            discard = bool((message.payload or {}).get("discard_outputs"))
+            response = await self._client.delete(
+                f"/_jobs/{message.job_id}",
+                params={"discard_outputs": str(discard).lower()},
+                headers=self._headers,
+            )
         if response.is_success or response.status_code in (404, 409):
             logger.info("job %s: %s delivered to the worker API", message.job_id, message.kind)
             return
