@@ -122,6 +122,9 @@ class HardwareSpec(_Wire):
     gpu_model: str | None = None
     gpu_archi: str | None = None
     gpu_mem: int | None = Field(default=None, ge=0)
+    # Extension: the number of GPUs a job needs / a worker offers. A job that sets
+    # any other GPU field needs at least one even when this is unset.
+    gpus: int | None = Field(default=None, ge=0)
 
 
 class AppSpec(_Wire):

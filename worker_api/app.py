@@ -12,6 +12,7 @@
   change awaits delivery
 - ``puller`` (``JobPuller``): long-polling pulls
 - ``http_client`` (``httpx.AsyncClient``), ``status_forwarder`` (``StatusForwarder``)
+- ``account_checker`` (``AccountChecker``): is a worker's account still active?
 - ``background_tasks``: the reaper and the status forwarder
 """
 
@@ -35,7 +36,9 @@ from labcloud.db import create_db_engine, make_session_factory, migrate
 from labcloud.settings import AuthMode
 from labcloud.storage import UrlSigner, make_storage
 from labcloud.web import install_error_handlers
+from worker_api.clients.accounts import AccountChecker
 from worker_api.clients.user_api import StatusForwarder
+from worker_api.dependencies import QueueServiceDep
 from worker_api.files.endpoints import router as files_router
 from worker_api.queue.endpoints import internal_router
 from worker_api.queue.endpoints import router as queue_router
@@ -81,6 +84,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool_timeout=settings.db_pool_timeout,
     )
     tasks: list[asyncio.Task[None]] = []
+    app.state.account_checker = account_checker = AccountChecker(
+        user_api_url=settings.userfacing_api_url,
+        api_key=settings.internal_api_key_secret.get_secret_value(),
+        ttl_seconds=settings.account_check_ttl_seconds,
+        timeout_seconds=settings.account_check_timeout_seconds,
+    )
     try:
         await anyio.to_thread.run_sync(migrate, engine, MIGRATIONS)
         factory = make_session_factory(engine)
@@ -89,6 +98,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             lease_seconds=settings.timeout_failure,
             max_retries=settings.max_retries,
             retry_different=settings.retry_different,
+            cancel_log_grace_seconds=settings.cancel_log_grace_seconds,
         )
         signals = QueueSignals(job_enqueued=job_wakeup.notify, status_recorded=status_wakeup.notify)
         state = app.state
@@ -136,6 +146,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await _stop(tasks)
     finally:
         await _stop(tasks)
+        account_checker.close()
         engine.dispose()
 
 
@@ -164,6 +175,13 @@ def create_app(settings: WorkerApiSettings | None = None) -> FastAPI:
     def get_access_info() -> dict[str, Any]:
         """How to obtain a token for this API."""
         return access_info(resolved)
+
+    @app.get("/health", tags=["health"])
+    def get_health(queue: QueueServiceDep) -> dict[str, str]:
+        """``{"status": "ok"}`` while this process serves and reaches its database
+        (503 otherwise). No authentication: for load balancers and benchmarks."""
+        queue.check_database()
+        return {"status": "ok"}
 
     app.include_router(queue_router)
     app.include_router(files_router)

@@ -15,9 +15,10 @@ from sqlalchemy.orm import Session
 from labcloud.auth import Principal, TokenVerifier
 from labcloud.contract import Environment, Group
 from labcloud.db import unit_of_work
-from labcloud.errors import Forbidden
+from labcloud.errors import Forbidden, Unauthorized
 from labcloud.storage import Storage, UrlSigner
 from labcloud.web import bearer_token, check_internal_key
+from worker_api.clients.accounts import AccountChecker
 from worker_api.files.service import FileService
 from worker_api.queue.service import JobPuller, QueueService
 from worker_api.settings import WorkerApiSettings
@@ -35,13 +36,22 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+class AccountDisabled(Unauthorized):
+    """This account is disabled."""
+
+
 def current_worker(request: Request) -> Principal:
-    """The calling worker. A sync dependency: the first verification fetches the
-    signing keys over HTTP, which must not block the event loop."""
+    """The calling worker, whose account must still be active on the user API
+    (``AccountChecker``: cached for ACCOUNT_CHECK_TTL_SECONDS, failing open when the
+    user API is down). A sync dependency: verification fetches signing keys and the
+    account check asks the user API over HTTP, which must not block the event loop."""
     verifier: TokenVerifier = request.app.state.verifier
     principal = verifier.verify(bearer_token(request))
     if not principal.has(Group.WORKERS):
         raise Forbidden("only accounts in group 'workers' may use the worker API")
+    checker: AccountChecker = request.app.state.account_checker
+    if not checker.is_active(principal.subject):
+        raise AccountDisabled()
     return principal
 
 

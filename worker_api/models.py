@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, CheckConstraint, Index, Integer, MetaData, String, Text, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -27,6 +27,11 @@ STATUS_LENGTH = 16
 _STATUS_VALUES = ", ".join(f"'{status.value}'" for status in JobStatus)
 # The same text is written in the initial migration; a new status needs a migration.
 STATUS_CHECK = f"status IN ({_STATUS_VALUES})"
+# Predicates of the partial indexes (also written out in migration 0002). A query
+# can use such an index only when its WHERE clause implies the predicate with
+# literal values, so the pull writes ``status = 'queued'`` as a literal too.
+QUEUED_ONLY = f"status = '{JobStatus.QUEUED.value}'"
+LEASED_ONLY = "lease_expires_at IS NOT NULL"
 
 
 class Base(DeclarativeBase):
@@ -49,7 +54,19 @@ class StatusType(TypeDecorator[JobStatus]):
 
 class QueuedJob(Base):
     """One job in the queue. ``id`` is the queue id workers see; ``job_id`` the user
-    API's id. The hardware columns copy ``spec.hardware`` so pulls can match in SQL."""
+    API's id. The hardware columns copy ``spec.hardware`` so pulls can match in SQL;
+    ``gpus`` is the number of GPUs the job needs
+    (``worker_api.queue.repository.gpus_needed``).
+
+    ``log_upload_until`` is set when a running job is cancelled with its outputs
+    kept: until then its last worker may still upload the job's log.
+
+    Indexes (see ``worker_api.queue.repository`` for the plans they give):
+    ``ix_queued_jobs_pull`` holds only queued rows, in pull order per environment,
+    so a pull reads the head of the line however many finished jobs accumulate;
+    ``ix_queued_jobs_lease_expires_at`` holds only leased rows (the reaper);
+    ``ix_queued_jobs_worker_status`` finds the jobs a worker holds (file access).
+    """
 
     __tablename__ = "queued_jobs"
 
@@ -65,25 +82,35 @@ class QueuedJob(Base):
     gpu_mem: Mapped[int | None] = mapped_column(Integer)
     gpu_model: Mapped[str | None] = mapped_column(String(255))
     gpu_archi: Mapped[str | None] = mapped_column(String(255))
+    gpus: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     status: Mapped[JobStatus] = mapped_column(StatusType(), default=JobStatus.QUEUED)
     worker: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     failed_workers: Mapped[list[str]] = mapped_column(JSON, default=list)
     runtime_details: Mapped[str | None] = mapped_column(Text)
+    log_upload_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
     __table_args__ = (
         CheckConstraint(STATUS_CHECK, name="status"),
-        # The pull filters on status and environment and orders by priority, then age.
         Index(
             "ix_queued_jobs_pull",
-            "status",
             "environment",
             priority.desc(),
             "created_at",
+            "id",
+            postgresql_where=text(QUEUED_ONLY),
+            sqlite_where=text(QUEUED_ONLY),
         ),
+        Index(
+            "ix_queued_jobs_lease_expires_at",
+            "lease_expires_at",
+            postgresql_where=text(LEASED_ONLY),
+            sqlite_where=text(LEASED_ONLY),
+        ),
+        Index("ix_queued_jobs_worker_status", "worker", "status"),
     )
 
 

@@ -38,6 +38,14 @@ class WorkerApiSettings(ServiceSettings):
         default=False,
         description="Never hand a re-queued job back to a worker that already failed it.",
     )
+    cancel_log_grace_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        description=(
+            "Seconds after a cancellation that keeps outputs during which the job's last "
+            "worker may still upload its log."
+        ),
+    )
 
     userfacing_api_url: str = Field(description="Base URL of the user API (status callbacks).")
     local_auth_jwks_url: str | None = Field(
@@ -60,6 +68,13 @@ class WorkerApiSettings(ServiceSettings):
     status_forward_poll_seconds: float = Field(default=1.0, gt=0)
     status_forward_retry_max_seconds: float = Field(default=10.0, gt=0)
     status_forward_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Whether a worker's account is still active (not disabled by an admin).
+    account_check_ttl_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds an answer of the user API about an account is reused (0: never).",
+    )
+    account_check_timeout_seconds: float = Field(default=3.0, gt=0)
 
     @model_validator(mode="after")
     def _normalise_urls(self) -> Self:

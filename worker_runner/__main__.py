@@ -43,7 +43,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def configure_logging(level: str) -> None:
-    """Log to stderr with timestamps and thread names (one thread per slot)."""
+    """Log to stderr with timestamps and thread names (one thread per running job)."""
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s",

@@ -5,7 +5,7 @@ extension), reports statuses (which double as keep-alives), and moves files thro
 the signed requests the API hands out. Signed requests are sent without the bearer
 token, and file bodies are streamed in chunks in both directions.
 
-The client is safe to share between the runner's slot threads.
+The client is safe to share between the runner's threads.
 """
 
 from __future__ import annotations

@@ -1,9 +1,22 @@
-"""What this host offers: CPU cores, memory and NVIDIA GPUs.
+"""What this host offers (CPU cores, memory, NVIDIA GPUs) and what of it is free.
 
-The runner advertises these in every pull (``memory``, ``cpu_cores``, ``gpu_mem``,
-``gpu_model``, ``gpu_archi``) so the worker API only leases jobs the host can run. A
-host without a GPU advertises ``gpu_mem=0`` and therefore never receives a GPU job.
-With several slots the host is split evenly between them.
+``ResourcePool`` keeps the account while jobs run. Every pull advertises what is
+free at that moment (``memory``, ``cpu_cores``, and ``gpus`` with ``gpu_mem``,
+``gpu_model``, ``gpu_archi`` of one kind of free GPU), so the worker API only
+leases a job that fits now; a host with no free GPU sends ``gpus=0`` and
+``gpu_mem=0`` and is never given a GPU job. A leased job then reserves what it
+needs until it ends:
+
+- memory: what the job asks for; a job that names none gets an even share of the
+  host (memory / SLOTS), or what is left when less is free. Memory is reserved
+  because a container over its limit is killed;
+- CPU cores: what the job asks for. A job that names none reserves no core and is
+  limited to an even share of the host's cores (at least one): CPU time is shared,
+  not exhausted, so SLOTS light jobs may run on fewer cores than SLOTS;
+- GPUs: as many as the job needs (``gpus``, at least one when it names any GPU
+  property), each matching its model, architecture and memory; the container sees
+  only those (``device_ids``);
+- and one of the SLOTS jobs that may run at once.
 """
 
 from __future__ import annotations
@@ -12,8 +25,11 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from labcloud.contract import HardwareSpec
 
 logger = logging.getLogger(__name__)
 
@@ -36,29 +52,6 @@ class GpuInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class SlotResources:
-    """The share of the host one slot offers, and the GPUs it may hand to a job."""
-
-    cpu_cores: int
-    memory: int
-    gpus: tuple[GpuInfo, ...] = ()
-
-    def pull_params(self) -> dict[str, str | int]:
-        """Query parameters describing this slot in ``GET /jobs``."""
-        params: dict[str, str | int] = {
-            "memory": self.memory,
-            "cpu_cores": self.cpu_cores,
-            "gpu_mem": max((gpu.memory for gpu in self.gpus), default=0),
-        }
-        if self.gpus:
-            # The pull matches one model and architecture; the slot's first GPU
-            # speaks for it (slots are usually given GPUs of one kind).
-            params["gpu_model"] = self.gpus[0].model
-            params["gpu_archi"] = self.gpus[0].archi
-        return params
-
-
-@dataclass(frozen=True, slots=True)
 class HostHardware:
     """CPU cores, memory (MiB) and GPUs of this host."""
 
@@ -66,19 +59,136 @@ class HostHardware:
     memory: int
     gpus: tuple[GpuInfo, ...] = ()
 
-    def split(self, slots: int) -> list[SlotResources]:
-        """Divide the host between ``slots`` slots: an even share of cores and
-        memory each, and the GPUs dealt out round-robin."""
+
+def gpus_needed(hardware: HardwareSpec) -> int:
+    """GPUs a job needs: its ``gpus``, and at least one when it asks for any GPU
+    memory, model or architecture (the worker API matches by the same rule)."""
+    wants_gpu = bool(hardware.gpu_mem) or bool(hardware.gpu_model) or bool(hardware.gpu_archi)
+    return max(hardware.gpus or 0, 1 if wants_gpu else 0)
+
+
+def _gpu_suits(gpu: GpuInfo, needs: HardwareSpec) -> bool:
+    return (
+        (needs.gpu_model is None or gpu.model == needs.gpu_model)
+        and (needs.gpu_archi is None or gpu.archi == needs.gpu_archi)
+        and (needs.gpu_mem is None or gpu.memory >= needs.gpu_mem)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What one running job holds: ``cpu_cores`` and ``memory`` (MiB) reserved,
+    ``gpus`` assigned to it alone, and the CPU limit of its container (``cpus``)."""
+
+    cpu_cores: int
+    cpus: float
+    memory: int
+    gpus: tuple[GpuInfo, ...] = ()
+
+
+class ResourcePool:
+    """The host's resources minus what running jobs hold (see the module
+    docstring for what a job reserves). Thread-safe."""
+
+    def __init__(self, hardware: HostHardware, slots: int) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
-        return [
-            SlotResources(
-                cpu_cores=max(1, self.cpu_cores // slots),
-                memory=max(1, self.memory // slots),
-                gpus=self.gpus[slot::slots],
+        self.hardware = hardware
+        self.slots = slots
+        # A job that names no CPU or memory need gets an even share of the host.
+        self.cpu_share = max(1, hardware.cpu_cores // slots)
+        self.memory_share = max(1, hardware.memory // slots)
+        self._lock = threading.Lock()
+        self._free_cores = hardware.cpu_cores
+        self._free_memory = hardware.memory
+        self._free_gpus: list[GpuInfo] = list(hardware.gpus)
+        self._running = 0
+        self._turn = 0
+
+    @property
+    def running(self) -> int:
+        """Jobs holding a reservation."""
+        with self._lock:
+            return self._running
+
+    def offer(self) -> dict[str, str | int] | None:
+        """Query parameters of ``GET /jobs`` describing what is free now, or None
+        when nothing could be taken (every slot, core or MiB is held).
+
+        The free GPUs are offered one kind (model, architecture, memory) at a time,
+        a different kind on each call, since a pull names one model and one
+        architecture."""
+        with self._lock:
+            if self._running >= self.slots or self._free_cores < 1 or self._free_memory < 1:
+                return None
+            params: dict[str, str | int] = {
+                "memory": self._free_memory,
+                "cpu_cores": self._free_cores,
+                "gpus": 0,
+                "gpu_mem": 0,
+            }
+            kinds = sorted({(gpu.model, gpu.archi, gpu.memory) for gpu in self._free_gpus})
+            if kinds:
+                model, archi, memory = kinds[self._turn % len(kinds)]
+                self._turn += 1
+                params["gpus"] = sum(
+                    1
+                    for gpu in self._free_gpus
+                    if (gpu.model, gpu.archi, gpu.memory) == (model, archi, memory)
+                )
+                params["gpu_mem"] = memory
+                params["gpu_model"] = model
+                params["gpu_archi"] = archi
+            return params
+
+    def unfit_reason(self, needs: HardwareSpec) -> str | None:
+        """Why this host could never run a job with ``needs`` (even idle); None
+        when it could."""
+        host = self.hardware
+        if needs.cpu_cores is not None and needs.cpu_cores > host.cpu_cores:
+            return f"the job needs {needs.cpu_cores} CPU cores but this worker has {host.cpu_cores}"
+        if needs.memory is not None and needs.memory > host.memory:
+            return f"the job needs {needs.memory} MiB of memory but this worker has {host.memory}"
+        wanted = gpus_needed(needs)
+        suitable = sum(1 for gpu in host.gpus if _gpu_suits(gpu, needs))
+        if wanted > suitable:
+            if not host.gpus:
+                return "the job needs a GPU but this worker has none"
+            return f"the job needs {wanted} suitable GPU(s) but this worker has {suitable}"
+        return None
+
+    def reserve(self, needs: HardwareSpec) -> Reservation | None:
+        """Reserve what a job with ``needs`` holds while it runs; None when that
+        is not free now."""
+        with self._lock:
+            if self._running >= self.slots:
+                return None
+            cores = needs.cpu_cores or 0
+            memory = needs.memory or min(self.memory_share, self._free_memory)
+            suitable = [gpu for gpu in self._free_gpus if _gpu_suits(gpu, needs)]
+            wanted = gpus_needed(needs)
+            if cores > self._free_cores or memory > self._free_memory or memory < 1:
+                return None
+            if wanted > len(suitable):
+                return None
+            gpus = tuple(suitable[:wanted])
+            self._free_cores -= cores
+            self._free_memory -= memory
+            self._free_gpus = [gpu for gpu in self._free_gpus if gpu not in gpus]
+            self._running += 1
+            return Reservation(
+                cpu_cores=cores, cpus=float(cores or self.cpu_share), memory=memory, gpus=gpus
             )
-            for slot in range(slots)
-        ]
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back what a job held, once it ended."""
+        with self._lock:
+            self._free_cores += reservation.cpu_cores
+            self._free_memory += reservation.memory
+            self._free_gpus = sorted(
+                [*self._free_gpus, *reservation.gpus], key=lambda gpu: self.hardware.gpus.index(gpu)
+            )
+            self._running -= 1
 
 
 def parse_nvidia_smi(text: str) -> list[GpuInfo]:

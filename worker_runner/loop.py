@@ -1,7 +1,10 @@
 """The runner loop: lease -> stage in -> run -> stage out -> report.
 
-``Runner.run(stop)`` runs ``SLOTS`` slot threads. A free slot long-polls the worker
-API for one job and handles it (contract section 3):
+``Runner.run(stop)`` runs a dispatcher thread that long-polls the worker API for
+one job at a time, offering what is free on the host (``ResourcePool``: cores,
+memory, GPUs, and at most ``SLOTS`` jobs at once). Each leased job reserves what it
+needs and is handled in a thread of its own (contract section 3), which gives the
+reservation back when the job ends:
 
 1. ``preprocessing``: create ``{PATH_BASE}/{queue_id}/files``, download every
    ``files_down`` input into it (every destination checked against the folder
@@ -17,8 +20,11 @@ API for one job and handles it (contract section 3):
 While a job is handled, its current status is re-sent every ``TIMEOUT_STATUS``
 seconds by a keep-alive thread that lives exactly as long as the handling (a
 context manager), so a handler that died never keeps its job alive. A 404 on any
-status update means the job is no longer ours: its container is stopped at once
-and nothing more is reported. Containers and job folders are always removed.
+status update means the job is no longer ours (cancelled, deleted, or re-assigned):
+its container is stopped at once, its ``log.txt`` is offered to the worker API
+(which takes it only from the last worker of a job cancelled with its outputs
+kept; any other answer is a quiet 404) and nothing more is reported. Containers and
+job folders are always removed.
 
 Shutdown: setting the stop event stops pulling; running jobs get
 ``SHUTDOWN_GRACE`` seconds to finish, then their containers are stopped and the
@@ -37,7 +43,7 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
-from labcloud.contract import JobSpecs, JobStatus, OutputKind
+from labcloud.contract import HardwareSpec, JobSpecs, JobStatus, OutputKind
 from worker_runner import RunnerError
 from worker_runner.backends.base import (
     BackendError,
@@ -47,7 +53,7 @@ from worker_runner.backends.base import (
     RunResult,
 )
 from worker_runner.client import JobGone, WorkerApiClient, WorkerApiError
-from worker_runner.hardware import HostHardware, SlotResources
+from worker_runner.hardware import HostHardware, Reservation, ResourcePool, gpus_needed
 from worker_runner.settings import WorkerSettings
 from worker_runner.staging import (
     LOG_NAME,
@@ -69,6 +75,9 @@ LABEL_WORKER = "labcloud.worker"
 # How often the wait for a container wakes up to look at time-outs, abandonment and
 # shutdown: the delay before a 404'd job's container is stopped.
 WAIT_POLL_S = 0.25
+# Long-poll wait while jobs run: a job that ends frees resources that a pull already
+# waiting on the server does not offer, so such pulls are kept short.
+BUSY_WAIT_S = 2.0
 # Time the log follower gets to write the last output after the container ended.
 LOG_DRAIN_S = 5.0
 # 128 + SIGKILL: what a run killed by the kernel (or a stop's deadline) exits with.
@@ -216,7 +225,7 @@ class StatusReporter:
 class _Job:
     queue_id: str
     raw: dict[str, object]
-    resources: SlotResources
+    reservation: Reservation
     reporter: StatusReporter
     folder: JobFolder
     started: float = field(default_factory=time.monotonic)
@@ -261,11 +270,13 @@ class Runner:
         self._settings = settings
         self._client = client
         self._backend = backend
-        self._slots = hardware.split(settings.slots)
+        self._pool = ResourcePool(hardware, settings.slots)
         self._hand_back = threading.Event()
         self._hurry = threading.Event()
         self._state_lock = threading.Lock()
-        self._busy: set[int] = set()
+        self._jobs: dict[str, threading.Thread] = {}
+        # Set whenever a job ends (resources came free) and on shutdown.
+        self._released = threading.Event()
 
     @property
     def worker_labels(self) -> dict[str, str]:
@@ -294,36 +305,36 @@ class Runner:
                 logger.info("removed %d leftover job folder(s)", len(folders))
 
     def run(self, stop: threading.Event) -> None:
-        """Run the slots until ``stop`` is set, then shut down (see the module
+        """Pull and run jobs until ``stop`` is set, then shut down (see the module
         docstring). Returns when every job is finished or handed back."""
         self._hand_back.clear()
         self.clean_leftovers()
         self._settings.path_base.mkdir(parents=True, exist_ok=True)
-        threads = [
-            threading.Thread(
-                target=self._slot_loop,
-                args=(index, resources, stop),
-                name=f"slot-{index}",
-                daemon=True,
-            )
-            for index, resources in enumerate(self._slots)
-        ]
-        for thread in threads:
-            thread.start()
+        dispatcher = threading.Thread(
+            target=self._dispatch, args=(stop,), name="dispatcher", daemon=True
+        )
+        dispatcher.start()
+        host = self._pool.hardware
         logger.info(
-            "worker %s started with %d slot(s): %s",
+            "worker %s started: up to %d job(s) at once on %d core(s), %d MiB, %d GPU(s)",
             self._settings.worker_name,
-            len(self._slots),
-            ", ".join(str(slot.pull_params()) for slot in self._slots),
+            self._pool.slots,
+            host.cpu_cores,
+            host.memory,
+            len(host.gpus),
         )
         while not stop.wait(0.5):
             pass
-        self._shut_down(threads)
+        self._shut_down(dispatcher)
 
-    def _shut_down(self, threads: list[threading.Thread]) -> None:
-        deadline = time.monotonic() + self._settings.shutdown_grace
+    def _running_jobs(self) -> list[threading.Thread]:
         with self._state_lock:
-            busy = len(self._busy)
+            return list(self._jobs.values())
+
+    def _shut_down(self, dispatcher: threading.Thread) -> None:
+        self._released.set()
+        deadline = time.monotonic() + self._settings.shutdown_grace
+        busy = len(self._running_jobs())
         if busy:
             logger.info(
                 "stopping: %d job(s) get up to %.0f s to finish",
@@ -332,44 +343,48 @@ class Runner:
             )
         while not self._hurry.is_set():
             remaining = deadline - time.monotonic()
-            with self._state_lock:
-                busy = len(self._busy)
-            if remaining <= 0 or not busy:
+            if remaining <= 0 or not self._running_jobs():
                 break
             self._hurry.wait(min(0.1, remaining))
         self._hand_back.set()
         hand_back_deadline = time.monotonic() + HAND_BACK_JOIN_S
-        for index, thread in enumerate(threads):
-            with self._state_lock:
-                busy_slot = index in self._busy
-            if busy_slot:
-                thread.join(timeout=max(0.0, hand_back_deadline - time.monotonic()))
-        # Slots still in a long-poll get the rest of the grace to come back, so a job
-        # leased by that last pull is handed back rather than left to the reaper.
+        for thread in self._running_jobs():
+            thread.join(timeout=max(0.0, hand_back_deadline - time.monotonic()))
+        # A pull still waiting on the server gets the rest of the grace to come
+        # back, so that a job it leases is handed back rather than left to the reaper.
         poll_deadline = 0.0 if self._hurry.is_set() else deadline
-        for thread in threads:
-            thread.join(timeout=max(0.0, poll_deadline - time.monotonic()))
+        dispatcher.join(timeout=max(0.0, poll_deadline - time.monotonic()))
+        for thread in self._running_jobs():
+            thread.join(timeout=max(0.0, hand_back_deadline - time.monotonic()))
         try:
             self._backend.remove_leftovers(self.worker_labels)
         except BackendError as exc:
             logger.warning("could not remove containers on shutdown: %s", exc.message)
         logger.info("worker %s stopped", self._settings.worker_name)
 
-    # -- slots -----------------------------------------------------------------
+    # -- pulling -----------------------------------------------------------------
 
-    def _slot_loop(self, index: int, resources: SlotResources, stop: threading.Event) -> None:
-        params = resources.pull_params()
-        wait = self._settings.wait
+    def _dispatch(self, stop: threading.Event) -> None:
+        """Pull one job at a time while something is free, and start it."""
         while not stop.is_set():
+            self._released.clear()
+            offer = self._pool.offer()
+            if offer is None:
+                # Every slot, core or MiB is held: wait for a job to end.
+                self._released.wait(0.5)
+                continue
+            wait = self._settings.wait
+            if self._pool.running:
+                wait = min(wait, BUSY_WAIT_S)
             polled_at = time.monotonic()
             try:
-                jobs = self._client.pull_jobs(params, limit=1, wait=wait)
+                jobs = self._client.pull_jobs(offer, limit=1, wait=wait)
             except WorkerApiError as exc:
-                logger.warning("slot %d: pull failed: %s", index, exc.message)
+                logger.warning("pull failed: %s", exc.message)
                 stop.wait(self._settings.timeout_job)
                 continue
             except Exception:
-                logger.exception("slot %d: pull failed", index)
+                logger.exception("pull failed")
                 stop.wait(self._settings.timeout_job)
                 continue
             if not jobs:
@@ -378,24 +393,65 @@ class Runner:
                 if time.monotonic() - polled_at < wait * 0.8 or wait <= 0:
                     stop.wait(self._settings.timeout_job)
                 continue
-            with self._state_lock:
-                self._busy.add(index)
-                stopping = stop.is_set()
+            items = list(jobs.items())
+            if stop.is_set():
+                for queue_id, _ in items:
+                    self._hand_back_unstarted(queue_id, "the worker is shutting down")
+                break
+            for queue_id, _ in items[1:]:
+                self._hand_back_unstarted(queue_id, "the pull returned more than asked")
             try:
-                items = list(jobs.items())
-                if stopping:
-                    for queue_id, _ in items:
-                        self._hand_back_unstarted(queue_id, "the worker is shutting down")
-                    break
-                for queue_id, _ in items[1:]:
-                    self._hand_back_unstarted(queue_id, "the pull returned more than asked")
-                queue_id, raw = items[0]
-                self.handle_job(queue_id, raw, resources)
+                self._start(*items[0])
             except Exception:
-                logger.exception("slot %d: unexpected failure", index)
-            finally:
-                with self._state_lock:
-                    self._busy.discard(index)
+                logger.exception("queue %s: could not start handling it", items[0][0])
+
+    def _start(self, queue_id: str, raw: dict[str, object]) -> None:
+        """Reserve what the job needs and handle it in a thread of its own."""
+        needs = _needs(raw)
+        reservation = self._pool.reserve(needs)
+        if reservation is None:
+            reason = self._pool.unfit_reason(needs)
+            if reason is None:
+                self._hand_back_unstarted(queue_id, "it does not fit in what is free now")
+            else:
+                # The worker API leases a job only to a worker that offers enough.
+                logger.warning("queue %s: refused: %s", queue_id, reason)
+                try:
+                    self._client.put_status(queue_id, JobStatus.ERROR, reason)
+                except WorkerApiError as exc:
+                    logger.warning(
+                        "queue %s: reporting the refusal failed: %s", queue_id, exc.message
+                    )
+            return
+        thread = threading.Thread(
+            target=self._handle_and_release,
+            args=(queue_id, raw, reservation),
+            name=f"job-{queue_id}",
+            daemon=True,
+        )
+        with self._state_lock:
+            self._jobs[queue_id] = thread
+        try:
+            thread.start()
+        except BaseException:
+            self._release(queue_id, reservation)
+            raise
+
+    def _handle_and_release(
+        self, queue_id: str, raw: dict[str, object], reservation: Reservation
+    ) -> None:
+        try:
+            self.handle_job(queue_id, raw, reservation)
+        except Exception:
+            logger.exception("queue %s: unexpected failure", queue_id)
+        finally:
+            self._release(queue_id, reservation)
+
+    def _release(self, queue_id: str, reservation: Reservation) -> None:
+        self._pool.release(reservation)
+        with self._state_lock:
+            self._jobs.pop(queue_id, None)
+        self._released.set()
 
     def _hand_back_unstarted(self, queue_id: str, why: str) -> None:
         logger.info("queue %s: handing back unstarted job: %s", queue_id, why)
@@ -407,7 +463,7 @@ class Runner:
     # -- one job ---------------------------------------------------------------
 
     def handle_job(
-        self, queue_id: str, raw: dict[str, object], resources: SlotResources
+        self, queue_id: str, raw: dict[str, object], reservation: Reservation
     ) -> Outcome | None:
         """Handle one leased job from start to final report; never raises. Returns
         what was reported, or ``None`` when the job was abandoned."""
@@ -418,7 +474,7 @@ class Runner:
             self._report(queue_id, reporter, Outcome(JobStatus.ERROR, exc.message))
             return Outcome(JobStatus.ERROR, exc.message)
         job = _Job(
-            queue_id=queue_id, raw=raw, resources=resources, reporter=reporter, folder=folder
+            queue_id=queue_id, raw=raw, reservation=reservation, reporter=reporter, folder=folder
         )
         try:
             outcome = self._process(job)
@@ -446,6 +502,7 @@ class Runner:
                 return self._phases(job)
         except JobGone:
             logger.warning("%s: abandoned, the worker API no longer leases it to us", job.label)
+            self._offer_log(job)
             return None
         except _HandBack:
             logger.info("%s: handed back (shutdown)", job.label)
@@ -457,6 +514,23 @@ class Runner:
             return Outcome(
                 JobStatus.ERROR, self._details(job, f"worker error: {type(exc).__name__}: {exc}")
             )
+
+    def _offer_log(self, job: _Job) -> None:
+        """Upload what the stopped run wrote: the worker API keeps it when the job
+        was cancelled with its outputs kept, and answers 404 when they are being
+        discarded or the job went to another worker."""
+        if not job.folder.log.is_file():
+            return
+        try:
+            self._client.upload(job.queue_id, OutputKind.LOG, LOG_NAME, job.folder.log)
+        except JobGone:
+            logger.info("%s: its log is not wanted (discarded or re-assigned)", job.label)
+        except WorkerApiError as exc:
+            logger.warning("%s: could not upload the partial log: %s", job.label, exc.message)
+        except OSError as exc:
+            logger.warning("%s: could not read the partial log: %s", job.label, exc)
+        else:
+            logger.info("%s: partial log uploaded", job.label)
 
     def _details(self, job: _Job, reason: str) -> str:
         return runtime_details(reason, read_log_tail(job.folder.log))
@@ -485,7 +559,7 @@ class Runner:
         except ValidationError as exc:
             raise JobFailed(f"invalid job spec: {exc.errors()[0]['msg']}") from exc
         logger.info("%s: pulled", job.label)
-        job.gpus = self._gpus_for(job.specs, job.resources)
+        job.gpus = self._gpus_for(job.specs, job.reservation)
         job.folder.create(self._settings.worker_name)
 
         self._enter(job, JobStatus.PREPROCESSING)
@@ -512,19 +586,18 @@ class Runner:
             raise JobFailed(failure)
         return Outcome(JobStatus.FINISHED)
 
-    def _gpus_for(self, specs: JobSpecs, resources: SlotResources) -> tuple[str, ...]:
-        hardware = specs.hardware
-        if not (hardware.gpu_mem or hardware.gpu_model or hardware.gpu_archi):
-            return ()
-        if not resources.gpus:
-            raise JobFailed("the job needs a GPU but this worker has none")
-        return tuple(gpu.index for gpu in resources.gpus)
+    def _gpus_for(self, specs: JobSpecs, reservation: Reservation) -> tuple[str, ...]:
+        """The device ids of the GPUs reserved for the job (only those are exposed
+        to its container)."""
+        if len(reservation.gpus) < gpus_needed(specs.hardware):
+            raise JobFailed("the job needs more GPUs than were reserved for it")
+        return tuple(gpu.index for gpu in reservation.gpus)
 
     def _run_container(self, job: _Job) -> str | None:
         """Run the job's command; returns why it failed, or ``None``."""
         assert job.specs is not None
         specs = job.specs
-        job.memory = specs.hardware.memory or job.resources.memory
+        job.memory = job.reservation.memory
         request = RunRequest(
             image=specs.handler.image_url,
             command=("/bin/sh", "-c", " ".join(specs.app.cmd)),
@@ -536,7 +609,7 @@ class Runner:
                 LABEL_JOB_ID: str(specs.meta.job_id),
             },
             memory=job.memory,
-            cpus=float(specs.hardware.cpu_cores or job.resources.cpu_cores),
+            cpus=job.reservation.cpus,
             gpus=job.gpus,
             network=self._settings.container_network,
         )
@@ -551,7 +624,15 @@ class Runner:
             daemon=True,
         )
         pump.start()
-        result, timed_out = self._wait_for_exit(job, job.handle, specs.timeout)
+        try:
+            result, timed_out = self._wait_for_exit(job, job.handle, specs.timeout)
+        except BaseException:
+            # Whatever went wrong, the run is over for this job: make sure it ended,
+            # so that its log ends too and is complete up to the stop (an abandoned
+            # job's log may still be uploaded).
+            self._kill(job)
+            pump.join(timeout=LOG_DRAIN_S)
+            raise
         pump.join(timeout=LOG_DRAIN_S)
         if timed_out:
             return f"timed out after {specs.timeout} s"
@@ -601,6 +682,15 @@ class Runner:
         except OSError as exc:
             raise JobFailed(f"upload failed: {kind.value}/{base_path}: {exc}") from exc
 
+    def _kill(self, job: _Job) -> None:
+        if job.handle is None:
+            return
+        try:
+            self._backend.stop(job.handle, grace=0)
+        except Exception as exc:
+            # Removal follows and kills it anyway.
+            logger.warning("%s: could not stop its container: %s", job.label, exc)
+
     def _remove_container(self, job: _Job) -> None:
         if job.handle is None:
             return
@@ -610,6 +700,15 @@ class Runner:
             logger.warning("%s: could not remove its container: %s", job.label, exc.message)
         else:
             job.handle = None
+
+
+def _needs(raw: dict[str, object]) -> HardwareSpec:
+    """The hardware a raw job spec asks for; nothing when it is malformed (the job
+    then fails on its spec, with the reason)."""
+    try:
+        return HardwareSpec.model_validate(raw.get("hardware") or {})
+    except ValidationError:
+        return HardwareSpec()
 
 
 def _failure(result: RunResult | None, memory: int | None) -> str | None:

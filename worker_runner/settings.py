@@ -53,7 +53,12 @@ class WorkerSettings(BaseSettings):
     timeout_job: float = Field(default=10.0, gt=0, description="Seconds between empty polls.")
     timeout_status: float = Field(default=5.0, gt=0, description="Seconds between keep-alives.")
     wait: float = Field(default=20.0, ge=0, le=300, description="Long-poll seconds per pull.")
-    slots: int = Field(default=1, ge=1, le=64, description="Jobs run at the same time.")
+    slots: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Most jobs run at the same time (as many as fit in the free resources).",
+    )
     cpu_cores: int | None = Field(default=None, ge=1, description="Overrides the detected cores.")
     memory: int | None = Field(default=None, ge=6, description="Overrides detected memory (MiB).")
     container_network: str = Field(

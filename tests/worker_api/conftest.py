@@ -190,3 +190,16 @@ def fake_user_api() -> Iterator[FakeUserApi]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def postgres_factory(queue_postgres_url: str) -> Iterator[sessionmaker[Session]]:
+    """The session's PostgreSQL queue database, emptied: for behaviour that only
+    PostgreSQL has (row locks held by concurrent transactions, query plans)."""
+    engine = create_db_engine(queue_postgres_url, pool_size=8)
+    with engine.begin() as connection:
+        connection.execute(text("TRUNCATE queued_jobs, status_outbox RESTART IDENTITY"))
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()

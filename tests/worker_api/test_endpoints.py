@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from labcloud.contract import Environment, JobStatus
+from labcloud.contract import Environment, HardwareSpec, JobStatus
 from labcloud.db import create_db_engine, make_session_factory, unit_of_work
 from tests.worker_api.conftest import FakeUserApi, queue_job
 from worker_api.app import create_app
@@ -207,6 +207,29 @@ def test_pull_leases_by_environment_and_hardware(
     assert sorted(spec["meta"]["job_id"] for spec in cloud_jobs.values()) == [1, 2]
 
 
+def test_pull_gives_gpu_jobs_only_to_free_gpus(
+    client: TestClient, fake_user_api: FakeUserApi
+) -> None:
+    worker = fake_user_api.headers()
+    enqueue(client, 1, hardware=HardwareSpec(gpu_mem=4096))
+    enqueue(client, 2, hardware=HardwareSpec(gpus=2, gpu_model="NVIDIA A10"))
+    enqueue(client, 3, hardware=HardwareSpec(memory=1000))
+
+    def job_ids(jobs: dict[str, Any]) -> list[int]:
+        return sorted(spec["meta"]["job_id"] for spec in jobs.values())
+
+    # GPU memory but no free GPU: only the CPU job.
+    assert job_ids(pull(client, worker, gpu_mem=24000, gpus=0, limit=5)) == [3]
+    # The upstream worker's alias, without a count: one GPU is inferred.
+    assert job_ids(pull(client, worker, gpu_memory=24000, limit=5)) == [1]
+    assert job_ids(pull(client, worker, gpus=2, gpu_mem=24000, gpu_model="NVIDIA T4")) == []
+    both = pull(client, worker, gpus=2, gpu_mem=24000, gpu_model="NVIDIA A10")
+    assert job_ids(both) == [2]
+    assert next(iter(both.values()))["hardware"]["gpus"] == 2
+    bad = client.get("/jobs", params={"memory": 1, "gpus": -1}, headers=worker)
+    assert bad.status_code == 422
+
+
 def test_long_poll_returns_as_soon_as_a_job_arrives(
     client: TestClient, fake_user_api: FakeUserApi
 ) -> None:
@@ -257,6 +280,83 @@ def test_cancel(client: TestClient, fake_user_api: FakeUserApi) -> None:
     assert pull(client, worker) == {}
 
 
+def _log_upload(client: TestClient, queue_id: str, headers: dict[str, str]) -> Any:
+    return client.post(
+        f"/jobs/{queue_id}/files/url",
+        params={"type": "log", "base_path": "log.txt"},
+        headers=headers,
+    )
+
+
+def test_cancel_keeps_the_partial_log_for_a_grace(
+    make_client: ClientFactory, fake_user_api: FakeUserApi, tmp_path: Path
+) -> None:
+    client = make_client(cancel_log_grace_seconds=1)
+    worker = fake_user_api.headers()
+    queue_id = str(enqueue(client, 1)["id"])
+    pull(client, worker)
+    assert put_status(client, queue_id, "running", worker) == 204
+    cancel = client.delete("/_jobs/1", params={"discard_outputs": "false"}, headers=INTERNAL)
+    assert cancel.status_code == 204
+    # The run must stop: keep-alives are refused at once ...
+    assert put_status(client, queue_id, "running", worker) == 404
+    # ... but its last worker may still upload the log, and only the log.
+    signed = _log_upload(client, queue_id, worker)
+    assert signed.status_code == 201, signed.text
+    stored = client.request(**signed.json(), files={"file": ("log.txt", b"partial\n")})
+    assert stored.status_code == 201, stored.text
+    assert (tmp_path / "data/u1/log/job1/log.txt").read_bytes() == b"partial\n"
+    direct = client.post(
+        f"/jobs/{queue_id}/files/upload",
+        params={"type": "log", "base_path": "tool.log"},
+        files={"file": ("tool.log", b"more\n")},
+        headers=worker,
+    )
+    assert direct.status_code == 201, direct.text
+    output = client.post(
+        f"/jobs/{queue_id}/files/url",
+        params={"type": "output", "base_path": "x"},
+        headers=worker,
+    )
+    assert output.status_code == 404
+    assert (
+        _log_upload(client, queue_id, fake_user_api.headers("worker2@example.org")).status_code
+        == 404
+    )
+    # The grace ends, and so do the upload URLs handed out during it.
+    late = _log_upload(client, queue_id, worker).json()
+    time.sleep(2.1)
+    assert _log_upload(client, queue_id, worker).status_code == 404
+    assert client.request(**late, files={"file": ("log.txt", b"late")}).status_code == 403
+    assert (tmp_path / "data/u1/log/job1/log.txt").read_bytes() == b"partial\n"
+    assert client.get(f"/jobs/{queue_id}/status", headers=worker).json() == "canceled"
+
+
+def test_deleting_a_job_allows_no_upload(client: TestClient, fake_user_api: FakeUserApi) -> None:
+    worker = fake_user_api.headers()
+    first = str(enqueue(client, 1)["id"])
+    second = str(enqueue(client, 2)["id"])
+    pull(client, worker, limit=2)
+    assert (
+        client.delete("/_jobs/1", params={"discard_outputs": "true"}, headers=INTERNAL).status_code
+        == 204
+    )
+    assert _log_upload(client, first, worker).status_code == 404
+    # Cancelled first (log kept), then deleted: the deletion wins.
+    assert client.delete("/_jobs/2", headers=INTERNAL).status_code == 204
+    assert _log_upload(client, second, worker).status_code == 201
+    assert (
+        client.delete("/_jobs/2", params={"discard_outputs": "true"}, headers=INTERNAL).status_code
+        == 204
+    )
+    assert _log_upload(client, second, worker).status_code == 404
+
+
+def test_health_needs_no_token(client: TestClient) -> None:
+    response = client.get("/health")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+
+
 def test_reaper_fails_a_job_whose_worker_went_silent(
     make_client: ClientFactory, fake_user_api: FakeUserApi
 ) -> None:
@@ -270,6 +370,35 @@ def test_reaper_fails_a_job_whose_worker_went_silent(
     assert error["runtime_details"] == (
         "worker worker1@example.org sent no keep-alive for 0.2 s; giving up (silent attempts: 1)"
     )
+
+
+def test_a_silent_workers_job_is_retried_on_another_worker_then_failed(
+    make_client: ClientFactory, fake_user_api: FakeUserApi
+) -> None:
+    client = make_client(timeout_failure=0.3, max_retries=1, retry_different=True)
+    first, second = fake_user_api.headers(), fake_user_api.headers("worker2@example.org")
+    queue_id = str(enqueue(client, 1)["id"])
+    assert list(pull(client, first)) == [queue_id]
+    wait_for(lambda: (1, "queued") in fake_user_api.acknowledged())
+    # RETRY_DIFFERENT: the worker that went silent does not get the job back.
+    assert pull(client, first) == {}
+    assert list(pull(client, second)) == [queue_id]
+    assert put_status(client, queue_id, "running", first) == 404
+    wait_for(lambda: (1, "error") in fake_user_api.acknowledged())
+    assert fake_user_api.acknowledged() == [
+        (1, "pulled"),
+        (1, "queued"),
+        (1, "pulled"),
+        (1, "error"),
+    ]
+    details = [body["runtime_details"] for _code, body, _key in fake_user_api.received]
+    assert details[1] == (
+        "worker worker1@example.org sent no keep-alive for 0.3 s; re-queued (attempt 1 of 2)"
+    )
+    assert details[-1] == (
+        "worker worker2@example.org sent no keep-alive for 0.3 s; giving up (silent attempts: 2)"
+    )
+    assert put_status(client, queue_id, "running", second) == 404
 
 
 def test_keep_alive_holds_the_lease(make_client: ClientFactory, fake_user_api: FakeUserApi) -> None:

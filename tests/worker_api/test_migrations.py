@@ -12,9 +12,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
-from sqlalchemy.schema import CreateIndex
 
 from labcloud.db import create_db_engine, migrate
+from tests.databases import temporary_postgres_database
 from worker_api.app import MIGRATIONS
 from worker_api.models import Base
 
@@ -57,21 +57,50 @@ def test_check_constraints_match_the_models(fresh_engine: Engine) -> None:
             assert f"'{status}'" in constraint["sqltext"]
 
 
-def test_sqlite_pull_index_is_the_models(tmp_path: Path) -> None:
-    # SQLite's reflection drops an index's sort order, which autogenerate then cannot
-    # compare: compare the DDL stored by SQLite itself.
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'index.db'}")
-    migrate(engine, MIGRATIONS)
-    table = Base.metadata.tables["queued_jobs"]
-    [index] = [i for i in table.indexes if i.name == "ix_queued_jobs_pull"]
-    expected = str(CreateIndex(index).compile(dialect=engine.dialect))
+def _index_definitions(engine: Engine) -> dict[str, str]:
+    """Each index's definition as the database itself stores it (sort order and
+    partial-index predicate included, which autogenerate does not compare)."""
     with engine.connect() as connection:
-        stored = connection.execute(
-            text("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = :name"),
-            {"name": index.name},
-        ).scalar_one()
-    engine.dispose()
-    assert " ".join(stored.split()) == " ".join(expected.split())
+        if engine.dialect.name == "sqlite":
+            rows = connection.execute(
+                text("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+            ).all()
+        else:
+            rows = connection.execute(
+                text(
+                    "SELECT indexname, indexdef FROM pg_indexes "
+                    "WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+                )
+            ).all()
+    return {name: " ".join(definition.split()) for name, definition in rows}
+
+
+@pytest.fixture
+def models_engine(
+    fresh_engine: Engine, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Engine]:
+    """A database of the same kind as ``fresh_engine``, built from the models."""
+    if fresh_engine.dialect.name == "postgresql":
+        admin_url = request.getfixturevalue("postgres_admin_url")
+        with temporary_postgres_database(admin_url) as url:
+            engine = create_db_engine(url)
+            Base.metadata.create_all(engine)
+            yield engine
+            engine.dispose()
+    else:
+        engine = create_db_engine(f"sqlite:///{tmp_path / 'models.db'}")
+        Base.metadata.create_all(engine)
+        yield engine
+        engine.dispose()
+
+
+def test_indexes_are_the_models(fresh_engine: Engine, models_engine: Engine) -> None:
+    migrate(fresh_engine, MIGRATIONS)
+    migrated = _index_definitions(fresh_engine)
+    assert migrated == _index_definitions(models_engine)
+    assert {"ix_queued_jobs_pull", "ix_queued_jobs_lease_expires_at"} <= set(migrated)
+    assert "priority DESC" in migrated["ix_queued_jobs_pull"]
+    assert "'queued'" in migrated["ix_queued_jobs_pull"]
 
 
 def test_migrations_are_idempotent_and_reversible(fresh_engine: Engine) -> None:

@@ -3,18 +3,20 @@ concurrency, guarded transitions, cancellation, reaping, the outbox."""
 
 from __future__ import annotations
 
+import random
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, event, func, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.contract import Environment, HardwareSpec, JobStatus
 from labcloud.db import unit_of_work, utcnow
 from tests.worker_api.conftest import queue_job
 from worker_api.models import QueuedJob, StatusOutbox
-from worker_api.queue.repository import QueueRepository, StatusChange
+from worker_api.queue.repository import QueueRepository, StatusChange, gpus_needed
 from worker_api.queue.schemas import WorkerOffer
 
 WORKER = WorkerOffer(name="w1", environment=Environment.LOCAL, memory=8000, cpu_cores=4)
@@ -109,30 +111,111 @@ def test_any_environment_job_goes_to_any_worker_without_older_than(
         (HardwareSpec(cpu_cores=4), {"cpu_cores": 4}, True),
         (HardwareSpec(memory=9000), {"memory": 8000}, False),
         (HardwareSpec(memory=8000), {"memory": 8000}, True),
+        # Any GPU property makes a job need a GPU: never leased without a free one,
+        # whatever GPU memory, model or architecture the worker reports.
         (HardwareSpec(gpu_mem=1), {"gpu_mem": 0}, False),
-        (HardwareSpec(gpu_mem=4096), {"gpu_mem": 8192}, True),
+        (HardwareSpec(gpu_mem=1), {"gpu_mem": 8192, "gpus": 0}, False),
+        (HardwareSpec(gpu_mem=4096), {"gpu_mem": 8192, "gpus": 1}, True),
+        (HardwareSpec(gpu_mem=9000), {"gpu_mem": 8192, "gpus": 1}, False),
         (HardwareSpec(gpu_model="A100"), {}, False),
-        (HardwareSpec(gpu_model="A100"), {"gpu_model": "V100"}, False),
-        (HardwareSpec(gpu_model="A100"), {"gpu_model": "A100"}, True),
-        (HardwareSpec(gpu_archi="ampere"), {"gpu_archi": "turing"}, False),
-        (HardwareSpec(gpu_archi="ampere"), {"gpu_archi": "ampere"}, True),
-        (HardwareSpec(), {"gpu_model": "A100", "gpu_archi": "ampere", "gpu_mem": 8}, True),
+        (HardwareSpec(gpu_model="A100"), {"gpu_model": "A100", "gpus": 0}, False),
+        (HardwareSpec(gpu_model="A100"), {"gpu_model": "V100", "gpus": 1}, False),
+        (HardwareSpec(gpu_model="A100"), {"gpu_model": "A100", "gpus": 1}, True),
+        (HardwareSpec(gpu_archi="8.0"), {"gpu_archi": "7.5", "gpus": 1}, False),
+        (HardwareSpec(gpu_archi="8.0"), {"gpu_archi": "8.0", "gpus": 1}, True),
+        (HardwareSpec(gpu_archi="8.0"), {"gpu_model": "A100", "gpus": 1}, False),
+        # The GPU count itself.
+        (HardwareSpec(gpus=1), {}, False),
+        (HardwareSpec(gpus=1), {"gpus": 1}, True),
+        (HardwareSpec(gpus=2), {"gpus": 1, "gpu_mem": 8192}, False),
+        (HardwareSpec(gpus=2, gpu_mem=4096), {"gpus": 2, "gpu_mem": 8192}, True),
+        (HardwareSpec(gpus=0), {}, True),
+        # A job without GPU needs runs on GPU workers too.
+        (HardwareSpec(), {"gpu_model": "A100", "gpu_archi": "8.0", "gpu_mem": 8, "gpus": 4}, True),
+        (
+            HardwareSpec(cpu_cores=4, memory=8000, gpus=1, gpu_mem=8192, gpu_model="A100"),
+            {"cpu_cores": 4, "memory": 8000, "gpus": 1, "gpu_mem": 8192, "gpu_model": "A100"},
+            True,
+        ),
     ],
 )
 def test_hardware_matching(
-    factory: sessionmaker[Session], needs: HardwareSpec, offer: dict[str, object], matches: bool
+    factory: sessionmaker[Session], needs: HardwareSpec, offer: dict[str, Any], matches: bool
 ) -> None:
     enqueue(factory, 1, hardware=needs)
     worker = WorkerOffer(
         name="w1",
         environment=Environment.LOCAL,
-        memory=int(offer.get("memory", 8000)),  # type: ignore[call-overload]
-        cpu_cores=int(offer.get("cpu_cores", 4)),  # type: ignore[call-overload]
-        gpu_mem=int(offer.get("gpu_mem", 0)),  # type: ignore[call-overload]
-        gpu_model=offer.get("gpu_model"),  # type: ignore[arg-type]
-        gpu_archi=offer.get("gpu_archi"),  # type: ignore[arg-type]
+        memory=int(offer.get("memory", 8000)),
+        cpu_cores=int(offer.get("cpu_cores", 4)),
+        gpu_mem=int(offer.get("gpu_mem", 0)),
+        gpu_model=offer.get("gpu_model"),
+        gpu_archi=offer.get("gpu_archi"),
+        gpus=int(offer.get("gpus", 0)),
     )
     assert lease(factory, worker) == ([1] if matches else [])
+
+
+@pytest.mark.parametrize(
+    ("hardware", "gpus"),
+    [
+        (HardwareSpec(), 0),
+        (HardwareSpec(gpus=0), 0),
+        (HardwareSpec(gpu_mem=0), 0),
+        (HardwareSpec(gpu_mem=1), 1),
+        (HardwareSpec(gpu_model="A10"), 1),
+        (HardwareSpec(gpu_archi="8.6"), 1),
+        (HardwareSpec(gpus=0, gpu_model="A10"), 1),
+        (HardwareSpec(gpus=3), 3),
+        (HardwareSpec(gpus=2, gpu_mem=100), 2),
+    ],
+)
+def test_gpus_needed(hardware: HardwareSpec, gpus: int) -> None:
+    assert gpus_needed(hardware) == gpus
+
+
+def test_a_gpu_job_waits_for_a_gpu_worker_behind_cpu_jobs(
+    factory: sessionmaker[Session],
+) -> None:
+    enqueue(factory, 1, hardware=HardwareSpec(gpus=1), priority=5)
+    enqueue(factory, 2, 3)
+    # The CPU worker skips the GPU job at the head of the line ...
+    assert lease(factory, limit=1) == [2]
+    gpu_worker = WorkerOffer(
+        name="g1", environment=Environment.LOCAL, memory=8000, gpus=1, gpu_mem=16000
+    )
+    # ... which goes to the first worker with a free GPU.
+    assert lease(factory, gpu_worker, limit=1) == [1]
+    assert lease(factory, gpu_worker, limit=1) == [3]
+
+
+def test_environment_and_anywhere_jobs_share_one_line(factory: sessionmaker[Session]) -> None:
+    # Jobs for "anywhere" and for this environment are ordered together: priority,
+    # then age, whichever branch of the environment rule they come from.
+    enqueue(factory, 1, environment=None)
+    enqueue(factory, 2, environment=Environment.LOCAL)
+    enqueue(factory, 3, environment=None, priority=2)
+    enqueue(factory, 4, environment=Environment.CLOUD, priority=5)
+    enqueue(factory, 5, environment=Environment.LOCAL, priority=2)
+    assert lease(factory, limit=1) == [3]
+    assert lease(factory, limit=10) == [5, 1, 2]
+    cloud = WorkerOffer(name="c1", environment=Environment.CLOUD, memory=8000)
+    assert lease(factory, cloud) == [4]
+
+
+def test_older_than_only_holds_back_anywhere_jobs(factory: sessionmaker[Session]) -> None:
+    enqueue(factory, 1, environment=None, priority=5)
+    enqueue(factory, 2, environment=Environment.LOCAL)
+    enqueue(factory, 3, environment=None)
+    with unit_of_work(factory) as session:
+        session.execute(
+            update(QueuedJob)
+            .where(QueuedJob.job_id == 3)
+            .values(created_at=utcnow() - timedelta(seconds=120))
+        )
+    # Job 1 is too young for this worker, job 3 old enough (and older than 2).
+    assert lease(factory, older_than=60) == [3, 2]
+    assert lease(factory, older_than=0) == [1]
 
 
 def test_priority_first_then_oldest(factory: sessionmaker[Session]) -> None:
@@ -177,29 +260,55 @@ def test_without_retry_different_a_failed_worker_may_retry(
 
 
 def test_concurrent_pulls_lease_each_job_exactly_once(factory: sessionmaker[Session]) -> None:
-    total, threads = 200, 4
-    enqueue(factory, *range(1, total + 1))
-    leased: dict[str, list[int]] = {f"w{n}": [] for n in range(threads)}
+    total, pullers = 2000, 8
+    # Pullers race, each with its own sessions, taking 1 to 5 jobs a time until the
+    # queue is empty: every job is leased once, to one of them, and none is lost.
+    with unit_of_work(factory) as session:
+        now = utcnow()
+        session.execute(
+            insert(QueuedJob),
+            [
+                {
+                    "job_id": job_id,
+                    "spec": {},
+                    "paths_upload": {},
+                    "environment": Environment.LOCAL.value if job_id % 3 else None,
+                    "priority": job_id % 6,
+                    "gpus": 0,
+                    "status": JobStatus.QUEUED,
+                    "attempts": 0,
+                    "failed_workers": [],
+                    "created_at": now - timedelta(seconds=job_id % 97),
+                    "updated_at": now,
+                }
+                for job_id in range(1, total + 1)
+            ],
+        )
+    leased: dict[str, list[int]] = {f"w{n}": [] for n in range(pullers)}
     errors: list[BaseException] = []
-    start = threading.Barrier(threads)
+    start = threading.Barrier(pullers)
 
-    def pull(name: str) -> None:
+    def pull(name: str, seed: int) -> None:
+        limits = random.Random(seed)
         offer = WorkerOffer(name=name, environment=Environment.LOCAL, memory=8000)
         try:
             start.wait(timeout=10)
-            while batch := lease(factory, offer, limit=3):
+            while batch := lease(factory, offer, limit=limits.randint(1, 5)):
                 leased[name].extend(batch)
         except BaseException as exc:
             errors.append(exc)
 
-    workers = [threading.Thread(target=pull, args=(name,)) for name in leased]
+    workers = [threading.Thread(target=pull, args=(name, seed)) for seed, name in enumerate(leased)]
     for thread in workers:
         thread.start()
     for thread in workers:
-        thread.join(timeout=60)
+        thread.join(timeout=90)
+    assert not any(thread.is_alive() for thread in workers)
     assert not errors
     everything = [job for jobs in leased.values() for job in jobs]
+    assert len(everything) == total
     assert sorted(everything) == list(range(1, total + 1))
+    assert sum(1 for jobs in leased.values() if jobs) > 1, "the pullers did race"
     with unit_of_work(factory) as session:
         for job in session.scalars(select(QueuedJob)):
             assert job.status is JobStatus.PULLED
@@ -282,11 +391,65 @@ def test_cancel_only_active_jobs(factory: sessionmaker[Session]) -> None:
     enqueue(factory, 1, 2)
     with unit_of_work(factory) as session:
         repository = QueueRepository(session)
-        assert repository.cancel(1, now=utcnow())
-        assert not repository.cancel(1, now=utcnow())
-        assert not repository.cancel(99, now=utcnow())
+        assert repository.cancel(1, now=utcnow(), log_upload_until=None)
+        assert not repository.cancel(1, now=utcnow(), log_upload_until=None)
+        assert not repository.cancel(99, now=utcnow(), log_upload_until=None)
     assert row(factory, 1).status is JobStatus.CANCELED
     assert lease(factory) == [2]
+
+
+def _cancel(factory: sessionmaker[Session], job_id: int, window: timedelta | None) -> bool:
+    now = utcnow()
+    with unit_of_work(factory) as session:
+        return QueueRepository(session).cancel(
+            job_id, now=now, log_upload_until=None if window is None else now + window
+        )
+
+
+def _log_upload_allowed(factory: sessionmaker[Session], job_id: int, worker: str = "w1") -> bool:
+    queue_id = row(factory, job_id).id
+    with unit_of_work(factory) as session:
+        allowed = QueueRepository(session).log_upload_allowed(queue_id, worker, now=utcnow())
+        return allowed is not None
+
+
+def test_cancel_opens_a_log_window_for_the_last_worker_only(
+    factory: sessionmaker[Session],
+) -> None:
+    enqueue(factory, 1, 2, 3)
+    assert lease(factory, limit=2) == [1, 2]
+    assert _cancel(factory, 1, timedelta(seconds=60))
+    assert _cancel(factory, 3, timedelta(seconds=60))  # queued: nobody to upload
+    job = row(factory, 1)
+    assert (job.status, job.worker, job.lease_expires_at) == (JobStatus.CANCELED, "w1", None)
+    assert job.log_upload_until is not None
+    assert _log_upload_allowed(factory, 1)
+    assert not _log_upload_allowed(factory, 1, worker="w2")
+    assert not _log_upload_allowed(factory, 2)  # held, not cancelled: a normal upload
+    assert row(factory, 3).log_upload_until is None
+    assert not _log_upload_allowed(factory, 3)
+
+
+def test_cancel_discarding_outputs_closes_the_window(factory: sessionmaker[Session]) -> None:
+    enqueue(factory, 1, 2)
+    lease(factory, limit=2)
+    assert _cancel(factory, 1, None)
+    assert not _log_upload_allowed(factory, 1)
+    # A deletion after a cancellation that kept the outputs closes the window too.
+    assert _cancel(factory, 2, timedelta(seconds=60))
+    assert _log_upload_allowed(factory, 2)
+    assert not _cancel(factory, 2, None)
+    assert not _log_upload_allowed(factory, 2)
+    assert row(factory, 2).status is JobStatus.CANCELED
+
+
+def test_log_window_ends(factory: sessionmaker[Session]) -> None:
+    enqueue(factory, 1)
+    lease(factory)
+    _cancel(factory, 1, timedelta(seconds=60))
+    with unit_of_work(factory) as session:
+        session.execute(update(QueuedJob).values(log_upload_until=utcnow() - timedelta(seconds=1)))
+    assert not _log_upload_allowed(factory, 1)
 
 
 def _expire_leases(factory: sessionmaker[Session]) -> None:
@@ -364,3 +527,149 @@ def test_outbox_is_read_in_id_order(factory: sessionmaker[Session]) -> None:
     with unit_of_work(factory) as session:
         rows = session.scalars(select(StatusOutbox)).all()
         assert [(r.status, r.runtime_details) for r in rows] == [(JobStatus.RUNNING, "x")]
+
+
+def test_concurrent_reapers_take_each_job_back_once(factory: sessionmaker[Session]) -> None:
+    total, reapers = 300, 4
+    enqueue(factory, *range(1, total + 1))
+    lease(factory, limit=total)
+    _expire_leases(factory)
+    changes: list[StatusChange] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(reapers)
+
+    def reap() -> None:
+        try:
+            start.wait(timeout=10)
+            changes.extend(_reap(factory, max_retries=5))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reap) for _ in range(reapers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert sorted(change.job_id for change in changes) == list(range(1, total + 1))
+    assert {change.status for change in changes} == {JobStatus.QUEUED}
+
+
+@pytest.mark.postgres
+def test_reaper_skips_a_lease_being_renewed(
+    postgres_factory: sessionmaker[Session],
+) -> None:
+    factory = postgres_factory
+    enqueue(factory, 1, 2)
+    lease(factory, limit=2)
+    _expire_leases(factory)
+    queue_id = row(factory, 1).id
+    # A keep-alive for job 1 is in flight (its transaction holds the row) while the
+    # reaper runs: the reaper leaves job 1 alone, and the renewal stands.
+    with unit_of_work(factory) as keep_alive:
+        assert QueueRepository(keep_alive).renew(
+            queue_id,
+            worker="w1",
+            status=JobStatus.PULLED,
+            runtime_details=None,
+            now=utcnow(),
+            lease_until=utcnow() + timedelta(seconds=60),
+        )
+        assert [change.job_id for change in _reap(factory, max_retries=5)] == [2]
+    assert row(factory, 1).status is JobStatus.PULLED
+    assert _reap(factory, max_retries=5) == []
+
+
+def test_extend_leases_gives_every_lease_at_least_until(
+    factory: sessionmaker[Session],
+) -> None:
+    enqueue(factory, 1, 2, 3)
+    lease(factory, limit=1, lease_seconds=600)
+    lease(factory, limit=1, lease_seconds=1)
+    lease(factory, limit=1, lease_seconds=1)
+    _expire_ids = [row(factory, 3).id]
+    with unit_of_work(factory) as session:
+        session.execute(
+            update(QueuedJob)
+            .where(QueuedJob.id.in_(_expire_ids))
+            .values(lease_expires_at=utcnow() - timedelta(seconds=100))
+        )
+    until = utcnow() + timedelta(seconds=60)
+    with unit_of_work(factory) as session:
+        assert QueueRepository(session).extend_leases(until=until) == 2
+    assert row(factory, 1).lease_expires_at > until  # type: ignore[operator]
+    assert row(factory, 2).lease_expires_at == until
+    assert row(factory, 3).lease_expires_at == until
+    assert _reap(factory, max_retries=5) == []
+
+
+@pytest.mark.postgres
+def test_only_the_first_outbox_row_is_claimed(postgres_factory: sessionmaker[Session]) -> None:
+    factory = postgres_factory
+    with unit_of_work(factory) as session:
+        repository = QueueRepository(session)
+        repository.add_to_outbox(StatusChange(1, JobStatus.PULLED, None), now=utcnow())
+        repository.add_to_outbox(StatusChange(1, JobStatus.RUNNING, None), now=utcnow())
+    with unit_of_work(factory) as first:
+        claimed = QueueRepository(first).claim_first_in_outbox()
+        assert claimed is not None and claimed.status is JobStatus.PULLED
+        # Another process finds the head taken, and must not skip ahead to the next
+        # change of the same job.
+        with unit_of_work(factory) as second:
+            assert QueueRepository(second).claim_first_in_outbox() is None
+        QueueRepository(first).remove_from_outbox(claimed.id)
+    with unit_of_work(factory) as second:
+        claimed = QueueRepository(second).claim_first_in_outbox()
+        assert claimed is not None and claimed.status is JobStatus.RUNNING
+
+
+@pytest.mark.postgres
+def test_pull_reads_the_head_of_the_partial_index(
+    postgres_factory: sessionmaker[Session],
+) -> None:
+    # A queue of 20,000 jobs of mixed environments and priorities beside as many
+    # finished ones: the pull's plan walks ix_queued_jobs_pull once per branch of
+    # the environment rule and sorts nothing but the two candidate lists.
+    factory = postgres_factory
+    with unit_of_work(factory) as session:
+        session.execute(
+            text(
+                """
+                INSERT INTO queued_jobs (job_id, spec, paths_upload, environment, priority,
+                    memory, gpus, status, attempts, failed_workers, created_at, updated_at)
+                SELECT g, '{}', '{}',
+                    CASE g % 3 WHEN 0 THEN 'cloud' WHEN 1 THEN 'local' END, g % 6,
+                    CASE WHEN g % 5 = 0 THEN 16000 END, 0,
+                    CASE WHEN g <= 20000 THEN 'queued' ELSE 'finished' END,
+                    0, '[]', now() - g * interval '1 second', now()
+                FROM generate_series(1, 40000) AS g
+                """
+            )
+        )
+    with factory() as session:
+        session.execute(text("ANALYZE queued_jobs"))
+        session.commit()
+    plans: list[str] = []
+
+    def explain(
+        connection: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        if statement.lstrip().startswith("WITH"):
+            cursor.execute("EXPLAIN " + statement, parameters)
+            plans.append("\n".join(line for (line,) in cursor.fetchall()))
+
+    engine = factory.kw["bind"]
+    event.listen(engine, "before_cursor_execute", explain)
+    try:
+        leased = lease(factory, limit=3)
+    finally:
+        event.remove(engine, "before_cursor_execute", explain)
+    assert len(leased) == 3
+    [plan] = plans
+    assert plan.count("Index Scan using ix_queued_jobs_pull") == 2, plan
+    assert "Seq Scan" not in plan and "Bitmap" not in plan, plan

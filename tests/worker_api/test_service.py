@@ -4,6 +4,7 @@ the long-polling pull and the delivery of the outbox to the user API."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -189,6 +190,30 @@ def test_cancelled_job_tells_its_worker_to_stop(factory: sessionmaker[Session]) 
     assert queued(factory).status is JobStatus.CANCELED
 
 
+def test_cancel_keeps_a_log_window_unless_outputs_are_discarded(
+    factory: sessionmaker[Session],
+) -> None:
+    policy = QueuePolicy(lease_seconds=60, cancel_log_grace_seconds=120)
+    queue_id = leased_queue_id(factory)
+    before = utcnow()
+    assert run(factory, lambda q: q.cancel(1), policy=policy) is True
+    window = queued(factory).log_upload_until
+    assert window is not None
+    assert before + timedelta(seconds=119) < window < utcnow() + timedelta(seconds=121)
+    with pytest.raises(JobNotFound):  # keep-alives are refused at once
+        report(factory, queue_id, JobStatus.RUNNING)
+    # Deleting the job afterwards discards what the cancellation kept.
+    assert run(factory, lambda q: q.cancel(1, discard_outputs=True), policy=policy) is False
+    assert queued(factory).log_upload_until is None
+    # No grace configured: no window.
+    run(factory, lambda q: q.enqueue(queue_job(2)))
+    run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0))
+    no_grace = QueuePolicy(cancel_log_grace_seconds=0)
+    assert run(factory, lambda q: q.cancel(2), policy=no_grace) is True
+    assert queued(factory, 2).log_upload_until is None
+    assert [status for _job, status, _ in outbox(factory)] == ["pulled", "pulled"]
+
+
 def test_hand_back_requeues_for_anyone(factory: sessionmaker[Session]) -> None:
     queue_id = leased_queue_id(factory)
     report(factory, queue_id, JobStatus.QUEUED)
@@ -253,10 +278,31 @@ def test_retry_different_policy(factory: sessionmaker[Session]) -> None:
 async def test_reaper_loop_runs_until_cancelled(factory: sessionmaker[Session]) -> None:
     leased_queue_id(factory)
     _expire(factory)
+    # The start gives the expired lease 0.2 s more; then the loop takes it back.
+    short = QueuePolicy(lease_seconds=0.2, max_retries=1)
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(lambda: run_reaper(factory, POLICY, QueueSignals(), interval_seconds=0.01))
+        tasks.start_soon(lambda: run_reaper(factory, short, QueueSignals(), interval_seconds=0.01))
         await eventually(lambda: queued(factory).status is JobStatus.QUEUED)
         tasks.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_reaper_start_forgives_leases_that_ran_out_during_an_outage(
+    factory: sessionmaker[Session],
+) -> None:
+    # The lease ran out while no worker API was running, so its worker's keep-alives
+    # had nowhere to go: a starting reaper gives it a full lease instead of failing it.
+    leased_queue_id(factory)
+    _expire(factory)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: run_reaper(factory, POLICY, QueueSignals(), interval_seconds=0.01))
+        await eventually(
+            lambda: queued(factory).lease_expires_at > utcnow() + timedelta(seconds=50)  # type: ignore[operator]
+        )
+        await anyio.sleep(0.1)
+        tasks.cancel_scope.cancel()
+    assert queued(factory).status is JobStatus.PULLED
+    assert outbox(factory) == [(1, "pulled", None)]
 
 
 @pytest.mark.anyio
@@ -384,3 +430,55 @@ async def test_forwarder_keeps_rows_until_acknowledged(factory: sessionmaker[Ses
     async with client:
         assert await forwarder.deliver_pending() == 1
     assert outbox(factory) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.postgres
+async def test_forwarders_of_several_processes_deliver_each_row_once_in_order(
+    postgres_factory: sessionmaker[Session],
+) -> None:
+    # Three worker API processes share the database; the user API is slow, so
+    # their deliveries overlap. Every change arrives once, each job's in order.
+    factory = postgres_factory
+    for job_id in range(1, 6):
+        queue_id = leased_queue_id(factory, job_id)
+        report(factory, queue_id, JobStatus.PREPROCESSING)
+        report(factory, queue_id, JobStatus.RUNNING)
+        report(factory, queue_id, JobStatus.FINISHED)
+    received: list[tuple[int, str]] = []
+
+    async def slow_user_api(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(0.01)
+        body = json.loads(request.content)
+        received.append((body["job_id"], body["status"]))
+        return httpx.Response(204)
+
+    clients = [httpx.AsyncClient(transport=httpx.MockTransport(slow_user_api)) for _ in range(3)]
+    forwarders = [
+        StatusForwarder(
+            factory=factory,
+            client=client,
+            user_api_url="http://user-api",
+            api_key="k" * 20,
+            wakeup=Wakeup(),
+            poll_seconds=0.01,
+            retry_max_seconds=0.05,
+        )
+        for client in clients
+    ]
+    async with anyio.create_task_group() as tasks:
+        for forwarder in forwarders:
+            tasks.start_soon(forwarder.run)
+        await eventually(lambda: not outbox(factory))
+        await anyio.sleep(0.1)
+        tasks.cancel_scope.cancel()
+    for client in clients:
+        await client.aclose()
+    assert len(received) == 20
+    for job_id in range(1, 6):
+        assert [status for job, status in received if job == job_id] == [
+            "pulled",
+            "preprocessing",
+            "running",
+            "finished",
+        ]

@@ -3,11 +3,15 @@ locally (no registry needed). Skipped (by tests/conftest.py) when no engine answ
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ import docker
 import httpx
 import pytest
 from docker.errors import ImageNotFound
+from docker.types import DeviceRequest
 
 from worker_runner.backends.base import BackendError, ImageUnavailable, RunRequest
 from worker_runner.backends.docker import DockerBackend
@@ -131,6 +136,16 @@ def test_container_is_locked_down(
     assert host_config["Binds"] == [f"{tmp_path}:/files:rw"]
 
 
+def test_only_the_assigned_gpus_are_requested(tmp_path: Path) -> None:
+    # What the engine is asked for (the container itself needs the NVIDIA runtime).
+    backend = DockerBackend(client=None)
+    options = backend._create_options(request("img", "true", tmp_path, gpus=("1", "3")))
+    assert options["device_requests"] == [
+        DeviceRequest(device_ids=["1", "3"], capabilities=[["gpu"]])
+    ]
+    assert "device_requests" not in backend._create_options(request("img", "true", tmp_path))
+
+
 def test_stop_is_prompt(
     backend: DockerBackend, image: str, tmp_path: Path, labels: dict[str, str]
 ) -> None:
@@ -189,31 +204,19 @@ def test_failed_gpu_request_leaves_no_container(
         pytest.skip("this host can run GPU containers")
 
 
-def test_runner_runs_a_job_in_docker(
-    backend: DockerBackend, image: str, tmp_path: Path, labels: dict[str, str]
-) -> None:
-    statuses: list[str] = []
-    uploads: dict[str, bytes] = {}
-    spec = {
-        "app": {
-            "cmd": [
-                "mkdir -p /files/output/sub &&",
-                "cat /files/data/in.txt",
-                "| tee /files/output/sub/copy.txt",
-            ],
-            "env": {},
-        },
-        "handler": {
-            "image_url": image,
-            "files_down": {"data/in.txt": "u/data/in.txt"},
-            "files_up": {"output": "output"},
-        },
-        "meta": {"job_id": 5, "date_created": "2024-01-01T00:00:00Z"},
-        "hardware": {"memory": 64, "cpu_cores": 1},
-    }
-    queue = [{"q-docker": spec}]
+class StubApi:
+    """The worker API and storage for a runner on the real engine: serves one input,
+    records statuses and uploads; ``gone`` makes status reports answer 404 and
+    ``log_grace`` still takes the log of a gone job (a cancellation that keeps it)."""
 
-    def handler(req: httpx.Request) -> httpx.Response:
+    def __init__(self, jobs: dict[str, dict[str, Any]]) -> None:
+        self.queue = [jobs]
+        self.statuses: list[str] = []
+        self.uploads: dict[str, bytes] = {}
+        self.gone = False
+        self.log_grace = False
+
+    def handler(self, req: httpx.Request) -> httpx.Response:
         path, params = req.url.path, req.url.params
         if req.url.host == "auth":
             return httpx.Response(201, json={"id_token": "t", "expires_in": 3600})
@@ -222,14 +225,18 @@ def test_runner_runs_a_job_in_docker(
                 return httpx.Response(200, content=b"payload\n")
             body = req.read()
             name = req.url.params["name"]
-            uploads[name] = body[body.index(b"\r\n\r\n") + 4 : body.rindex(b"\r\n--")]
+            self.uploads[name] = body[body.index(b"\r\n\r\n") + 4 : body.rindex(b"\r\n--")]
             return httpx.Response(204)
         if path == "/jobs":
-            return httpx.Response(200, json=queue.pop() if queue else {})
+            return httpx.Response(200, json=self.queue.pop() if self.queue else {})
         if path.endswith("/status"):
-            statuses.append(params["status"])
+            if self.gone:
+                return httpx.Response(404, json={"detail": "not found"})
+            self.statuses.append(params["status"])
             return httpx.Response(204)
         if path.endswith("/files/url") and req.method == "POST":
+            if self.gone and not (self.log_grace and params["type"] == "log"):
+                return httpx.Response(404, json={"detail": "not found"})
             name = f"{params['type']}/{params['base_path']}"
             url = f"http://storage/put?name={name}"
             return httpx.Response(
@@ -238,15 +245,22 @@ def test_runner_runs_a_job_in_docker(
         url = "http://storage/get"
         return httpx.Response(200, json={"method": "GET", "url": url, "headers": {}, "data": {}})
 
+
+@contextmanager
+def docker_runner(
+    backend: DockerBackend, api: StubApi, worker: str, path_base: Path
+) -> Iterator[Runner]:
+    """A runner on the real engine, stopped (and its jobs handed back) on exit."""
     settings = WorkerSettings(
         api_url="http://api",
         auth_url="http://auth",
-        username=labels[LABEL_WORKER],
+        username=worker,
         password="pw",
-        path_base=tmp_path / "jobs",
+        path_base=path_base,
         timeout_job=0.05,
         timeout_status=0.2,
         wait=0,
+        shutdown_grace=0,
         _env_file=None,
     )
     client = WorkerApiClient(
@@ -254,20 +268,147 @@ def test_runner_runs_a_job_in_docker(
         auth_url=settings.auth_url,
         username=settings.username,
         password=settings.password,
-        transport=httpx.MockTransport(handler),
+        transport=httpx.MockTransport(api.handler),
     )
     runner = Runner(settings, client, backend, HostHardware(cpu_cores=1, memory=1024))
     stop = threading.Event()
     thread = threading.Thread(target=runner.run, args=(stop,), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while "finished" not in statuses and "error" not in statuses:
-        assert time.monotonic() < deadline, statuses
+    try:
+        yield runner
+    finally:
+        stop.set()
+        runner.hurry()
+        thread.join(timeout=20)
+        client.close()
+    assert not thread.is_alive()
+
+
+def until(condition: Callable[[], object], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
-    stop.set()
-    thread.join(timeout=10)
-    client.close()
-    assert statuses[-1] == "finished"
-    assert uploads == {"output/sub/copy.txt": b"payload\n", "log/log.txt": b"payload\n"}
+
+
+def docker_job(image: str, cmd: list[str], **extra: Any) -> dict[str, Any]:
+    return {
+        "app": {"cmd": cmd, "env": {}},
+        "handler": {
+            "image_url": image,
+            "files_down": {"data/in.txt": "u/data/in.txt"},
+            "files_up": {"output": "output"},
+        },
+        "meta": {"job_id": 5, "date_created": "2024-01-01T00:00:00Z"},
+        "hardware": {"memory": 64, "cpu_cores": 1},
+        **extra,
+    }
+
+
+def test_runner_runs_a_job_in_docker(
+    backend: DockerBackend, image: str, tmp_path: Path, labels: dict[str, str]
+) -> None:
+    cmd = [
+        "mkdir -p /files/output/sub &&",
+        "cat /files/data/in.txt",
+        "| tee /files/output/sub/copy.txt",
+    ]
+    api = StubApi({"q-docker": docker_job(image, cmd)})
+    with docker_runner(backend, api, labels[LABEL_WORKER], tmp_path / "jobs"):
+        until(lambda: "finished" in api.statuses or "error" in api.statuses)
+    assert api.statuses[-1] == "finished"
+    assert api.uploads == {"output/sub/copy.txt": b"payload\n", "log/log.txt": b"payload\n"}
     assert backend.find_leftovers(labels) == []
     assert not (tmp_path / "jobs" / "q-docker").exists()
+
+
+def test_time_limit_stops_the_container(
+    backend: DockerBackend, image: str, tmp_path: Path, labels: dict[str, str]
+) -> None:
+    api = StubApi({"q-slow": docker_job(image, ["echo started;", "sleep 60"], timeout=1)})
+    started = time.monotonic()
+    with docker_runner(backend, api, labels[LABEL_WORKER], tmp_path / "jobs"):
+        until(lambda: "error" in api.statuses or "finished" in api.statuses)
+    assert time.monotonic() - started < 15
+    assert api.statuses[-1] == "error"
+    assert api.uploads["log/log.txt"] == b"started\n"
+    assert backend.find_leftovers(labels) == []
+
+
+def test_cancelled_container_stops_at_once_and_keeps_its_log(
+    backend: DockerBackend, image: str, tmp_path: Path, labels: dict[str, str]
+) -> None:
+    api = StubApi({"q-cancel": docker_job(image, ["echo partial;", "sleep 60"])})
+    with docker_runner(backend, api, labels[LABEL_WORKER], tmp_path / "jobs"):
+        until(lambda: "running" in api.statuses and backend.find_leftovers(labels))
+        until(lambda: b"partial" in (tmp_path / "jobs" / "q-cancel" / "log.txt").read_bytes())
+        api.log_grace = True
+        api.gone = True
+        cancelled = time.monotonic()
+        until(lambda: not backend.find_leftovers(labels), timeout=10)
+        gone_after = time.monotonic() - cancelled
+        until(lambda: "log/log.txt" in api.uploads)
+    # Keep-alives every 0.2 s, a container stopped with SIGKILL through init.
+    assert gone_after < 3
+    assert api.uploads == {"log/log.txt": b"partial\n"}
+    assert api.statuses[-1] == "running"
+
+
+LEFTOVER_SCRIPT = """
+import sys, time
+from pathlib import Path
+from worker_runner.backends.base import RunRequest
+from worker_runner.backends.docker import DockerBackend
+from worker_runner.loop import LABEL_QUEUE_ID, LABEL_WORKER
+from worker_runner.staging import JobFolder
+
+worker, image, base = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+folder = JobFolder.for_job(base, base, "q-crash")
+folder.create(worker)
+handle = DockerBackend.from_env().start(
+    RunRequest(
+        image=image,
+        command=("/bin/sh", "-c", "sleep 300"),
+        host_folder=folder.host_files,
+        labels={LABEL_WORKER: worker, LABEL_QUEUE_ID: "q-crash"},
+    )
+)
+print(handle.id, flush=True)
+time.sleep(300)
+"""
+
+
+def test_start_removes_what_a_killed_runner_left(
+    backend: DockerBackend, image: str, tmp_path: Path, labels: dict[str, str]
+) -> None:
+    # A runner process starts a job's container and is killed with SIGKILL: the
+    # container keeps running and the job folder stays, until the next start of a
+    # runner of that worker removes both (another worker's container stays).
+    worker = labels[LABEL_WORKER]
+    base = tmp_path / "jobs"
+    process = subprocess.Popen(
+        [sys.executable, "-c", LEFTOVER_SCRIPT, worker, image, str(base)],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert process.stdout is not None
+        container_id = process.stdout.readline().decode().strip()
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    assert container_id, "the runner process did not start its container"
+    [leftover] = backend.find_leftovers(labels)
+    assert leftover.id == container_id
+    assert backend.wait(leftover, timeout=0.1) is None, "still running after the kill"
+    assert (base / "q-crash").is_dir()
+    bystander = {LABEL_WORKER: f"{worker}-other"}
+    other = backend.start(request(image, "sleep 300", tmp_path, labels=bystander))
+    try:
+        api = StubApi({})
+        with docker_runner(backend, api, worker, base):
+            until(lambda: not backend.find_leftovers(labels))
+        assert not (base / "q-crash").exists()
+        assert [handle.id for handle in backend.find_leftovers(bystander)] == [other.id]
+    finally:
+        backend.remove_leftovers(bystander)

@@ -16,10 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
+from labcloud.contract import HardwareSpec
 from worker_runner.__main__ import main
+from worker_runner.backends.base import RunHandle, RunResult
 from worker_runner.backends.fake import FakeBackend, FakeProgram
 from worker_runner.client import WorkerApiClient
-from worker_runner.hardware import GpuInfo, HostHardware
+from worker_runner.hardware import GpuInfo, HostHardware, gpus_needed
 from worker_runner.loop import LABEL_JOB_ID, LABEL_QUEUE_ID, LABEL_WORKER, Runner, runtime_details
 from worker_runner.settings import WorkerSettings
 from worker_runner.staging import MARKER_NAME
@@ -54,8 +56,15 @@ class FakeWorkerApi:
         self.gone: set[str] = set()
         self.uploads: list[Upload] = []
         self.pull_params: list[dict[str, str]] = []
+        self.leased: list[str] = []
         self.downloads: list[str] = []
         self.hold_empty_pull = 0.0
+        # Lease only what the pull's hardware offer can run, as the worker API does
+        # (off: lease blindly, as a server that ignores the offer would).
+        self.match_hardware = False
+        # Jobs whose last worker may still upload the log after a 404 (a
+        # cancellation that keeps the outputs).
+        self.log_grace: set[str] = set()
 
     def enqueue(self, queue_id: str, spec: dict[str, Any]) -> None:
         with self.lock:
@@ -115,7 +124,11 @@ class FakeWorkerApi:
             )
         if request.method == "POST" and parts[0] == "jobs" and parts[2:] == ["files", "url"]:
             queue_id = parts[1]
-            if queue_id in self.gone:
+            with self.lock:
+                refused = queue_id in self.gone and not (
+                    queue_id in self.log_grace and url.params["type"] == "log"
+                )
+            if refused:
                 return httpx.Response(404, json={"detail": "not found"})
             key = f"{queue_id}|{url.params['type']}|{url.params['base_path']}"
             return httpx.Response(
@@ -134,8 +147,12 @@ class FakeWorkerApi:
         limit = int(params["limit"])
         with self.lock:
             self.pull_params.append(params)
-            leased = self.queue[:limit]
-            del self.queue[:limit]
+            fitting = [
+                item for item in self.queue if not self.match_hardware or _fits(item[1], params)
+            ]
+            leased = fitting[:limit]
+            self.queue = [item for item in self.queue if item not in leased]
+            self.leased.extend(queue_id for queue_id, _ in leased)
         if not leased and self.hold_empty_pull:
             time.sleep(self.hold_empty_pull)
         return httpx.Response(200, json=dict(leased))
@@ -155,6 +172,23 @@ class FakeWorkerApi:
                 self.uploads.append(Upload(queue_id, kind, base_path, content, form))
             return httpx.Response(204)
         return httpx.Response(404)
+
+
+def _fits(spec: dict[str, Any], offer: dict[str, str]) -> bool:
+    """The worker API's matching rule, for the fake."""
+    needs = HardwareSpec.model_validate(spec.get("hardware") or {})
+
+    def at_most(needed: int | None, name: str) -> bool:
+        return needed is None or needed <= int(offer.get(name, 0))
+
+    return (
+        at_most(needs.cpu_cores, "cpu_cores")
+        and at_most(needs.memory, "memory")
+        and at_most(needs.gpu_mem, "gpu_mem")
+        and gpus_needed(needs) <= int(offer.get("gpus", 0))
+        and needs.gpu_model in (None, offer.get("gpu_model"))
+        and needs.gpu_archi in (None, offer.get("gpu_archi"))
+    )
 
 
 def _parse_multipart(request: httpx.Request) -> tuple[dict[str, str], bytes]:
@@ -324,6 +358,7 @@ def test_happy_path(
     assert api.pull_params[0] == {
         "memory": "8192",
         "cpu_cores": "4",
+        "gpus": "0",
         "gpu_mem": "0",
         "limit": "1",
     }
@@ -389,6 +424,56 @@ def test_404_on_keep_alive_abandons_and_stops(
     assert api.final("q1") is None
     assert handle.id in backend.removed
     assert api.uploads_of("q1") == {}
+
+
+def test_cancelled_run_is_stopped_and_its_partial_log_kept(
+    api: FakeWorkerApi, settings: WorkerSettings, client: WorkerApiClient, tmp_path: Path
+) -> None:
+    backend = FakeBackend(
+        default=FakeProgram(duration=30, log_lines=("step 1", "step 2"), files={"output/x": b"x"})
+    )
+    api.enqueue("q1", job_spec())
+    runner = Runner(settings, client, backend, HOST)
+    with running(runner):
+        wait_for(lambda: backend.running() and api.statuses_of("q1")[-1:] == ["running"])
+        [handle] = backend.running()
+        # Cancelled with its outputs kept: keep-alives get 404, the log is wanted.
+        with api.lock:
+            api.gone.add("q1")
+            api.log_grace.add("q1")
+        cancelled_at = time.monotonic()
+        wait_for(lambda: handle.id in backend.stopped, timeout=2)
+        stopped_after = time.monotonic() - cancelled_at
+        wait_for(lambda: ("log", "log.txt") in api.uploads_of("q1"))
+        wait_for(lambda: not (tmp_path / "jobs" / "q1").exists())
+    assert stopped_after < 1
+    # Only the log: the outputs of a cancelled run are not delivered.
+    assert api.uploads_of("q1") == {("log", "log.txt"): b"step 1\nstep 2\n"}
+    assert api.final("q1") is None
+    assert handle.id in backend.removed
+
+
+def test_a_failing_handler_stops_its_keep_alive_at_once(
+    api: FakeWorkerApi, settings: WorkerSettings, client: WorkerApiClient
+) -> None:
+    class ExplodingBackend(FakeBackend):
+        def wait(self, handle: RunHandle, timeout: float | None) -> RunResult | None:
+            time.sleep(0.2)  # a few keep-alives go out first
+            raise RuntimeError("the engine exploded")
+
+    backend = ExplodingBackend(default=FakeProgram(duration=30))
+    status, details = run_one(api, settings, client, backend, job_spec())
+    assert status == "error"
+    assert details is not None and details.startswith("worker error: RuntimeError: the engine")
+    # The keep-alive thread ended with the handling: nothing follows the final status.
+    assert not [t for t in threading.enumerate() if t.name == "keep-alive-q1"]
+    with api.lock:
+        count = len(api.statuses)
+    time.sleep(0.3)
+    with api.lock:
+        assert len(api.statuses) == count
+        assert api.statuses[-1][1] == "error"
+    assert backend.removed
 
 
 def test_timeout_stops_the_run(
@@ -473,17 +558,24 @@ def test_missing_image_fails_the_job(
 def test_gpu_job_on_host_without_gpu(
     api: FakeWorkerApi, settings: WorkerSettings, client: WorkerApiClient
 ) -> None:
+    # Only a server that ignores the offer (gpus=0) sends such a job: it is refused
+    # at once, before anything is staged or started.
     backend = FakeBackend()
     status, details = run_one(api, settings, client, backend, job_spec(hardware={"gpu_mem": 4000}))
     assert status == "error"
     assert details == "the job needs a GPU but this worker has none"
     assert backend.requests == []
+    assert api.statuses_of("q1") == ["error"]
+    assert {p["gpus"] for p in api.pull_params} == {"0"}
+    assert {p["gpu_mem"] for p in api.pull_params} == {"0"}
 
 
-def test_gpu_job_gets_the_slot_gpus(
+A10 = tuple(GpuInfo(index=str(i), model="NVIDIA A10", memory=23028, archi="8.6") for i in range(2))
+
+
+def test_gpu_job_gets_its_gpu(
     api: FakeWorkerApi, settings: WorkerSettings, client: WorkerApiClient
 ) -> None:
-    gpus = (GpuInfo(index="0", model="NVIDIA A10", memory=23028, archi="8.6"),)
     backend = FakeBackend()
     status, _ = run_one(
         api,
@@ -491,13 +583,50 @@ def test_gpu_job_gets_the_slot_gpus(
         client,
         backend,
         job_spec(hardware={"gpu_model": "NVIDIA A10"}),
-        hardware=HostHardware(cpu_cores=4, memory=8192, gpus=gpus),
+        hardware=HostHardware(cpu_cores=4, memory=8192, gpus=A10),
     )
     assert status == "finished"
     assert backend.requests[0].gpus == ("0",)
-    assert api.pull_params[0]["gpu_mem"] == "23028"
-    assert api.pull_params[0]["gpu_model"] == "NVIDIA A10"
-    assert api.pull_params[0]["gpu_archi"] == "8.6"
+    assert api.pull_params[0] == {
+        "memory": "8192",
+        "cpu_cores": "4",
+        "gpus": "2",
+        "gpu_mem": "23028",
+        "gpu_model": "NVIDIA A10",
+        "gpu_archi": "8.6",
+        "limit": "1",
+    }
+
+
+def test_gpu_jobs_share_the_gpus_and_wait_for_free_ones(
+    api: FakeWorkerApi, settings: WorkerSettings, client: WorkerApiClient
+) -> None:
+    settings.slots = 4
+    api.match_hardware = True
+    backend = FakeBackend(
+        {"one": FakeProgram(duration=0.6), "two": FakeProgram(duration=0.1)},
+        default=FakeProgram(duration=0.6),
+    )
+    api.enqueue("g1", job_spec(job_id=1, image="one", hardware={"gpus": 1}))
+    api.enqueue("g2", job_spec(job_id=2, image="one", hardware={"gpu_mem": 20000}))
+    api.enqueue("g3", job_spec(job_id=3, image="two", hardware={"gpus": 2}))
+    api.enqueue("c1", job_spec(job_id=4, image="cpu"))
+    runner = Runner(settings, client, backend, HostHardware(cpu_cores=4, memory=8192, gpus=A10))
+    with running(runner):
+        wait_for(lambda: all(api.final(q) for q in ("g1", "g2", "g3", "c1")))
+    assert {q: api.final(q) for q in ("g1", "g2", "g3", "c1")} == dict.fromkeys(
+        ("g1", "g2", "g3", "c1"), ("finished", None)
+    )
+    gpus = {request.labels[LABEL_QUEUE_ID]: request.gpus for request in backend.requests}
+    # The first two jobs got a GPU each, the CPU job none; the two-GPU job waited
+    # until both were free again.
+    assert {gpus["g1"], gpus["g2"]} == {("0",), ("1",)}
+    assert gpus["c1"] == ()
+    assert gpus["g3"] == ("0", "1")
+    assert [r.labels[LABEL_QUEUE_ID] for r in backend.requests][-1] == "g3"
+    # While both GPUs were taken, pulls offered none.
+    assert any(p["gpus"] == "0" and p["gpu_mem"] == "0" for p in api.pull_params)
+    assert all("gpu_model" not in p for p in api.pull_params if p["gpus"] == "0")
 
 
 def test_invalid_spec_fails_only_that_job(
@@ -603,9 +732,34 @@ def test_slots_run_jobs_in_parallel(
     with running(runner):
         wait_for(lambda: api.final("q1") and api.final("q2"))
     assert time.monotonic() - started < 1.8
-    # Each slot offers half of the host.
-    assert {p["memory"] for p in api.pull_params} == {"4096"}
-    assert {p["cpu_cores"] for p in api.pull_params} == {"2"}
+    # A job that names no need gets half of the host; the second pull offered what
+    # the first job left.
+    assert [(r.memory, r.cpus) for r in backend.requests] == [(4096, 2.0), (4096, 2.0)]
+    assert (api.pull_params[0]["memory"], api.pull_params[1]["memory"]) == ("8192", "4096")
+
+
+def test_jobs_run_together_only_when_they_fit(
+    api: FakeWorkerApi, settings: WorkerSettings, client: WorkerApiClient
+) -> None:
+    settings.slots = 4
+    api.match_hardware = True
+    backend = FakeBackend(default=FakeProgram(duration=0.5))
+    api.enqueue("big", job_spec(job_id=1, hardware={"memory": 6000, "cpu_cores": 3}))
+    api.enqueue("also-big", job_spec(job_id=2, hardware={"memory": 4000}))
+    api.enqueue("light", job_spec(job_id=3))
+    runner = Runner(settings, client, backend, HOST)
+    with running(runner):
+        wait_for(lambda: all(api.final(q) for q in ("big", "also-big", "light")))
+    # The light job fits beside the big one, in what memory is left; the second
+    # big job waits until the first one ended and gave its memory back.
+    assert api.leased == ["big", "light", "also-big"]
+    [light] = [r for r in backend.requests if r.labels[LABEL_QUEUE_ID] == "light"]
+    assert (light.memory, light.cpus) == (8192 // 4, 1.0)  # an even share, less than was left
+    assert api.pull_params[1]["memory"] == str(8192 - 6000)
+    assert api.pull_params[1]["cpu_cores"] == "1"
+    with api.lock:
+        sequence = [(q, status) for q, status, _ in api.statuses]
+    assert sequence.index(("big", "finished")) < sequence.index(("also-big", "running"))
 
 
 def test_long_poll_repolls_at_once_and_sleeps_when_ignored(

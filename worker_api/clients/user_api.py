@@ -5,6 +5,18 @@ each job's changes in the order they happened, and a row is deleted only once th
 user API acknowledged it (2xx, or 404 for a job deleted there). Until then it stays:
 the user API may be down for minutes, and this process may restart, without a
 status being lost.
+
+Several worker API processes on one PostgreSQL database: a process sends the first
+row only while it holds that row's lock (``FOR UPDATE SKIP LOCKED``, kept through
+the send until the row is deleted and committed); the others find the head locked
+and wait. Delivery thus stays strictly sequential across processes, each row sent
+by one process. A process that dies after the user API acknowledged a row but
+before its deletion committed leaves the row to be sent again; the user API applies
+statuses as guarded transitions, so that repeat is a no-op there.
+
+SQLite serves one process: there a row is read, sent and deleted in separate
+transactions, since a transaction held through the send would hold SQLite's write
+lock (every pull and status report) for as long as the user API takes to answer.
 """
 
 from __future__ import annotations
@@ -16,7 +28,6 @@ import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.contract import INTERNAL_API_KEY_HEADER, StatusUpdate
-from labcloud.db import unit_of_work
 from worker_api.queue.repository import QueueRepository
 from worker_api.queue.service import Wakeup
 
@@ -69,16 +80,22 @@ class StatusForwarder:
             await self._wakeup.wait(signal, self._poll_seconds)
 
     async def deliver_pending(self) -> int:
-        """Send rows until the outbox is empty; the number sent. Raises on the first
-        row the user API does not acknowledge (it stays first in line)."""
+        """Send rows until the outbox is empty (or another process is sending its
+        first row); the number sent. Raises on the first row the user API does not
+        acknowledge (it stays first in line)."""
         sent = 0
         while True:
-            row = await anyio.to_thread.run_sync(self._first_row)
-            if row is None:
+            claim = await anyio.to_thread.run_sync(self._claim_first)
+            if claim is None:
                 return sent
-            outbox_id, update = row
-            await self._send(update)
-            await anyio.to_thread.run_sync(self._remove_row, outbox_id)
+            try:
+                await self._send(claim.update)
+            except BaseException:
+                # Also when cancelled: the row's lock must not outlive the send.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(claim.release)
+                raise
+            await anyio.to_thread.run_sync(claim.complete)
             sent += 1
 
     async def _send(self, update: StatusUpdate) -> None:
@@ -97,15 +114,47 @@ class StatusForwarder:
             f"the user API answered {response.status_code} to the status of job {update.job_id}"
         )
 
-    def _first_row(self) -> tuple[int, StatusUpdate] | None:
-        with unit_of_work(self._factory) as session:
-            row = QueueRepository(session).first_in_outbox()
+    def _claim_first(self) -> _Claim | None:
+        session = self._factory()
+        try:
+            session.begin()
+            repository = QueueRepository(session)
+            locking = session.get_bind().dialect.name == "postgresql"
+            row = repository.claim_first_in_outbox() if locking else repository.first_in_outbox()
             if row is None:
+                session.close()
                 return None
-            return row.id, StatusUpdate(
+            update = StatusUpdate(
                 job_id=row.job_id, status=row.status, runtime_details=row.runtime_details
             )
+            if not locking:
+                session.commit()
+            return _Claim(session, row.id, update, locked=locking)
+        except BaseException:
+            session.close()
+            raise
 
-    def _remove_row(self, outbox_id: int) -> None:
-        with unit_of_work(self._factory) as session:
-            QueueRepository(session).remove_from_outbox(outbox_id)
+
+class _Claim:
+    """The outbox row being sent. On PostgreSQL its transaction stays open, holding
+    the row's lock, until ``complete`` deletes the row or ``release`` lets it go."""
+
+    def __init__(self, session: Session, outbox_id: int, update: StatusUpdate, *, locked: bool):
+        self.update = update
+        self._session = session
+        self._outbox_id = outbox_id
+        self._locked = locked
+
+    def complete(self) -> None:
+        """Delete the acknowledged row and end the claim."""
+        try:
+            if not self._locked:
+                self._session.begin()
+            QueueRepository(self._session).remove_from_outbox(self._outbox_id)
+            self._session.commit()
+        finally:
+            self._session.close()
+
+    def release(self) -> None:
+        """Leave the row in the outbox, first in line, and end the claim."""
+        self._session.close()

@@ -16,7 +16,7 @@ from worker_api.dependencies import (
     SettingsDep,
     worker_environment,
 )
-from worker_api.queue.schemas import EnqueuedJob, WorkerOffer
+from worker_api.queue.schemas import EnqueuedJob, WorkerOffer, offered_gpus
 
 router = APIRouter(tags=["queue"])
 internal_router = APIRouter(tags=["internal"], dependencies=[InternalCaller])
@@ -36,6 +36,16 @@ async def pull_jobs(
     ] = None,
     gpu_model: str | None = None,
     gpu_archi: str | None = None,
+    gpus: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            description=(
+                "Extension: free GPUs offered (default: 1 when gpu_mem > 0, else 0). "
+                "Jobs that need a GPU only go to a pull offering enough of them."
+            ),
+        ),
+    ] = None,
     groups: Annotated[list[str] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 1,
     older_than: Annotated[
@@ -47,14 +57,16 @@ async def pull_jobs(
 ) -> dict[str, JobSpecs]:
     """Lease up to ``limit`` matching jobs to the calling worker: ``{queue id: spec}``,
     ``{}`` when none matched within ``wait`` seconds."""
+    offered_gpu_mem = gpu_mem if gpu_mem is not None else gpu_memory or 0
     offer = WorkerOffer(
         name=worker.name,
         environment=worker_environment(worker),
         memory=memory,
         cpu_cores=cpu_cores,
-        gpu_mem=gpu_mem if gpu_mem is not None else gpu_memory or 0,
+        gpu_mem=offered_gpu_mem,
         gpu_model=gpu_model,
         gpu_archi=gpu_archi,
+        gpus=offered_gpus(gpus, offered_gpu_mem),
     )
     leased = await puller.pull(
         offer,
@@ -96,7 +108,19 @@ def enqueue(job: QueueJob, queue: QueueServiceDep) -> EnqueuedJob:
 
 
 @internal_router.delete("/_jobs/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
-def cancel(job_id: int, queue: QueueServiceDep) -> Response:
+def cancel(
+    job_id: int,
+    queue: QueueServiceDep,
+    discard_outputs: Annotated[
+        bool,
+        Query(
+            description=(
+                "True when the job is being deleted: its worker may upload nothing more. "
+                "False keeps the log the worker uploads after stopping the run."
+            )
+        ),
+    ] = False,
+) -> Response:
     """Cancel the job with this user API id if it is still active (idempotent)."""
-    queue.cancel(job_id)
+    queue.cancel(job_id, discard_outputs=discard_outputs)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

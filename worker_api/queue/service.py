@@ -18,11 +18,12 @@ from datetime import timedelta
 
 import anyio
 from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.contract import ALLOWED_TRANSITIONS, JobSpecs, JobStatus, QueueJob
 from labcloud.db import unit_of_work, utcnow
-from labcloud.errors import Conflict, NotFound
+from labcloud.errors import Conflict, NotFound, Unavailable
 from worker_api.models import QueuedJob
 from worker_api.queue.repository import QueueRepository, StatusChange
 from worker_api.queue.schemas import WorkerOffer
@@ -40,14 +41,20 @@ class InvalidTransition(Conflict):
     """This status change is not allowed from the job's current status."""
 
 
+class DatabaseUnavailable(Unavailable):
+    """The queue database does not answer."""
+
+
 @dataclass(frozen=True, slots=True)
 class QueuePolicy:
     """Lease length and retry rules (settings ``TIMEOUT_FAILURE``, ``MAX_RETRIES``,
-    ``RETRY_DIFFERENT``)."""
+    ``RETRY_DIFFERENT``), and how long the last worker of a job cancelled with its
+    outputs kept may upload the job's log (``CANCEL_LOG_GRACE_SECONDS``)."""
 
     lease_seconds: float = 300.0
     max_retries: int = 2
     retry_different: bool = False
+    cancel_log_grace_seconds: float = 120.0
 
 
 def _nothing() -> None:
@@ -146,6 +153,15 @@ class QueueService:
             self._record(StatusChange(row.job_id, row.status, row.runtime_details))
         return [LeasedJob(row.id, JobSpecs.model_validate(row.spec)) for row in rows]
 
+    def check_database(self) -> None:
+        """Raise ``DatabaseUnavailable`` unless the queue database answers."""
+        try:
+            self._repository.ping()
+        except SQLAlchemyError as exc:
+            raise DatabaseUnavailable(
+                f"the queue database does not answer: {type(exc).__name__}"
+            ) from exc
+
     def status_of(self, queue_id: int) -> JobStatus:
         job = self._repository.get(queue_id)
         if job is None:
@@ -197,10 +213,26 @@ class QueueService:
                 raise InvalidTransition(f"job {queue_id} cannot go from {job.status} to {status}")
         raise InvalidTransition(f"job {queue_id} keeps changing concurrently; report again")
 
-    def cancel(self, job_id: int) -> bool:
+    def cancel(self, job_id: int, *, discard_outputs: bool = False) -> bool:
         """Cancel the job with user API id ``job_id`` if it is active; its worker's
-        next report gets ``JobNotFound``. True when something was cancelled."""
-        return self._repository.cancel(job_id, now=utcnow())
+        next report gets ``JobNotFound``. True when something was cancelled.
+
+        Unless ``discard_outputs`` (the job is being deleted), the worker that held
+        the job may upload its log for ``cancel_log_grace_seconds``: the partial
+        log of a stopped run is what a user wants to see after cancelling."""
+        now = utcnow()
+        window = None
+        if not discard_outputs and self._policy.cancel_log_grace_seconds > 0:
+            window = now + timedelta(seconds=self._policy.cancel_log_grace_seconds)
+        return self._repository.cancel(job_id, now=now, log_upload_until=window)
+
+    def grant_full_leases(self) -> int:
+        """Give every leased job at least ``lease_seconds`` from now; run once when
+        the service starts, since no keep-alive could arrive while it was down. A
+        worker that really went silent is taken back one lease later."""
+        return self._repository.extend_leases(
+            until=utcnow() + timedelta(seconds=self._policy.lease_seconds)
+        )
 
     def reap(self) -> list[StatusChange]:
         """Re-queue or fail every job whose lease expired."""
@@ -278,6 +310,12 @@ def reap_once(factory: sessionmaker[Session], policy: QueuePolicy, signals: Queu
         return len(QueueService(session, policy, signals).reap())
 
 
+def grant_full_leases_once(factory: sessionmaker[Session], policy: QueuePolicy) -> int:
+    """``QueueService.grant_full_leases`` in its own transaction."""
+    with unit_of_work(factory) as session:
+        return QueueService(session, policy).grant_full_leases()
+
+
 async def run_reaper(
     factory: sessionmaker[Session],
     policy: QueuePolicy,
@@ -285,8 +323,15 @@ async def run_reaper(
     *,
     interval_seconds: float,
 ) -> None:
-    """Reap expired leases every ``interval_seconds`` until cancelled. Safe with
-    several processes: each pass is one guarded UPDATE."""
+    """Reap expired leases every ``interval_seconds`` until cancelled, after giving
+    the leases that ran out while this service was down a full lease again. Safe
+    with several processes: each pass is one guarded UPDATE."""
+    try:
+        extended = await anyio.to_thread.run_sync(grant_full_leases_once, factory, policy)
+        if extended:
+            logger.info("extended %d lease(s) that ran out while the service was down", extended)
+    except Exception:
+        logger.exception("could not extend the leases at start; reaping them as they are")
     while True:
         try:
             reaped = await anyio.to_thread.run_sync(reap_once, factory, policy, signals)
