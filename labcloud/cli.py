@@ -1,5 +1,6 @@
 """The ``labcloud`` command: ``up`` starts a complete local stack, ``runner`` adds a
-worker runner, ``demo-image`` builds the demo tool's image."""
+worker runner, ``demo-image`` builds the demo tool's image, ``admin`` administers a
+running user API (``labcloud.admin_cli``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from labcloud import admin_cli
 from labcloud.auth.local import generate_private_key_pem
 
 logger = logging.getLogger("labcloud")
@@ -32,6 +34,10 @@ class _Service:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["admin"]:
+        # Its own parser, options and exit codes: hand over everything after "admin".
+        return admin_cli.main(arguments[1:])
     parser = argparse.ArgumentParser(prog="labcloud", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -55,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     image = commands.add_parser("demo-image", help="build the demo tool's Docker image")
     image.add_argument("--rebuild", action="store_true")
 
-    args = parser.parse_args(argv)
+    commands.add_parser(
+        "admin", help="administer a running user API (see: labcloud admin --help)", add_help=False
+    )
+
+    args = parser.parse_args(arguments)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.command == "up":
         return _up(args)

@@ -19,6 +19,8 @@ from labcloud.settings import AuthMode
 from labcloud.storage.factory import make_storage
 from labcloud.storage.signing import UrlSigner
 from labcloud.web import install_error_handlers
+from user_api.admin.endpoints import internal_router as admin_internal_router
+from user_api.admin.endpoints import router as admin_router
 from user_api.auth import service as auth_service
 from user_api.auth.endpoints import router as auth_router
 from user_api.catalog.endpoints import router as catalog_router
@@ -26,6 +28,8 @@ from user_api.catalog.store import CatalogStore
 from user_api.clients.worker_api import WorkerApiForwarder
 from user_api.files.endpoints import router as files_router
 from user_api.jobs.endpoints import router as jobs_router
+from user_api.notifications.endpoints import router as notifications_router
+from user_api.notifications.sender import build_email_sender
 from user_api.settings import UserApiSettings
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,9 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
         )
         migrate(engine, MIGRATIONS)
         sessions = make_session_factory(engine)
+        email_sender = build_email_sender(settings, sessions)
+        if email_sender is None:
+            logger.info("email notifications off (EMAIL_SENDER_SERVICE is empty)")
         issuer: LocalTokenIssuer | None = None
         verifier: TokenVerifier
         if settings.auth is AuthMode.LOCAL:
@@ -91,6 +98,8 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
             asyncio.create_task(forwarder.run(), name="worker-outbox"),
             asyncio.create_task(catalog_store.watch(), name="catalog-watcher"),
         ]
+        if email_sender is not None:
+            tasks.append(asyncio.create_task(email_sender.run(), name="email-outbox"))
         logger.info("user API ready (auth=%s, storage=%s)", settings.auth, settings.filesystem)
         try:
             yield
@@ -120,4 +129,7 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
     app.include_router(catalog_router)
     app.include_router(jobs_router)
     app.include_router(files_router)
+    app.include_router(admin_router)
+    app.include_router(admin_internal_router)
+    app.include_router(notifications_router)
     return app

@@ -20,6 +20,7 @@ from labcloud.web import TOKEN_COOKIE, bearer_token, check_internal_key
 from user_api.auth.service import AuthenticatedUser, resolve_caller
 from user_api.catalog.store import CatalogStore
 from user_api.clients.worker_api import WorkerApiForwarder
+from user_api.limits import default_limits
 from user_api.settings import UserApiSettings
 
 _AFTER_COMMIT = "after_commit"
@@ -108,20 +109,44 @@ def get_optional_caller(request: Request, session: SessionDep) -> AuthenticatedU
 def get_caller(request: Request, session: SessionDep) -> AuthenticatedUser:
     """Any authenticated account, whatever its groups."""
     settings: UserApiSettings = request.app.state.settings
-    return resolve_caller(session, _verify(request), local=settings.auth is AuthMode.LOCAL)
+    return resolve_caller(
+        session,
+        _verify(request),
+        local=settings.auth is AuthMode.LOCAL,
+        default_limits=default_limits(settings),
+    )
 
 
 Caller = Annotated[AuthenticatedUser, Depends(get_caller)]
 OptionalCaller = Annotated[AuthenticatedUser | None, Depends(get_optional_caller)]
 
 
-def get_current_user(caller: Caller) -> AuthenticatedUser:
-    if not caller.has(Group.USERS):
-        raise Forbidden("this route needs an account in group 'users'")
+class AwaitingApproval(Forbidden):
+    """Your account is waiting for an administrator's approval."""
+
+
+def _approved(caller: AuthenticatedUser) -> AuthenticatedUser:
+    if not caller.is_approved:
+        raise AwaitingApproval("your account is waiting for an administrator's approval")
     return caller
 
 
+def get_current_user(caller: Caller) -> AuthenticatedUser:
+    if not caller.has(Group.USERS):
+        raise Forbidden("this route needs an account in group 'users'")
+    return _approved(caller)
+
+
 CurrentUser = Annotated[AuthenticatedUser, Depends(get_current_user)]
+
+
+def get_current_admin(caller: Caller) -> AuthenticatedUser:
+    if not caller.has(Group.ADMINS):
+        raise Forbidden("this route needs an account in group 'admins'")
+    return _approved(caller)
+
+
+CurrentAdmin = Annotated[AuthenticatedUser, Depends(get_current_admin)]
 
 
 def require_internal_key(request: Request) -> None:
@@ -133,6 +158,7 @@ InternalCaller = Depends(require_internal_key)
 
 __all__ = [
     "CatalogStoreDep",
+    "CurrentAdmin",
     "CurrentUser",
     "ForwarderDep",
     "InternalCaller",

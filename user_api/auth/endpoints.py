@@ -60,6 +60,7 @@ def create_user(
         groups=groups or [],
         creator=caller,
         self_signup_allowed=settings.allow_self_signup,
+        signup_requires_approval=settings.signup_requires_approval,
     )
     return UserInfo(email=user.email, groups=list(user.groups))
 

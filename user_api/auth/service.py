@@ -16,6 +16,7 @@ from labcloud.auth.passwords import hash_password, password_problem, verify_pass
 from labcloud.contract import Group
 from labcloud.errors import BadRequest, Conflict, Forbidden, Unauthorized
 from user_api.auth import repository
+from user_api.limits import NO_LIMITS, UsageLimits, limits_of
 from user_api.models import User
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class AuthenticatedUser:
     subject: str
     email: str
     groups: frozenset[str]
+    # False while a self-signed-up account waits for an admin's approval.
+    is_approved: bool = True
+    # The limits in force for this account (its own, else the settings' defaults).
+    limits: UsageLimits = NO_LIMITS
 
     def has(self, group: Group) -> bool:
         return group.value in self.groups
@@ -69,9 +74,11 @@ def create_account(
     groups: list[Group],
     creator: AuthenticatedUser | None,
     self_signup_allowed: bool,
+    signup_requires_approval: bool = False,
 ) -> User:
     """Create a local account. Anonymous callers may only create a plain ``users``
-    account, and only when self-signup is on; admins may create any groups."""
+    account, and only when self-signup is on; it then waits for an admin's approval
+    when ``signup_requires_approval``. Admins may create any groups."""
     requested = set(groups) or {Group.USERS}
     if creator is None or not creator.has(Group.ADMINS):
         if creator is not None:
@@ -91,13 +98,19 @@ def create_account(
         email=email,
         password_hash=hash_password(password),
         groups=sorted(g.value for g in requested),
+        is_approved=creator is not None or not signup_requires_approval,
     )
     try:
         with session.begin_nested():
             repository.add(session, user)
     except IntegrityError as exc:  # a concurrent signup with the same email
         raise AccountExists() from exc
-    logger.info("account created: %s groups=%s", email, user.groups)
+    logger.info(
+        "account created: %s groups=%s%s",
+        email,
+        user.groups,
+        "" if user.is_approved else " (waits for approval)",
+    )
     return user
 
 
@@ -118,10 +131,17 @@ def issue_token(issuer: LocalTokenIssuer, user: User) -> tuple[str, int]:
     return token, issuer.lifetime_seconds
 
 
-def resolve_caller(session: Session, principal: Principal, *, local: bool) -> AuthenticatedUser:
+def resolve_caller(
+    session: Session,
+    principal: Principal,
+    *,
+    local: bool,
+    default_limits: UsageLimits | None = None,
+) -> AuthenticatedUser:
     """The account behind a verified token. Local accounts must exist and be active,
     and their groups come from the database (so changes apply at once); Cognito
-    accounts are created on first sight with the token's groups."""
+    accounts are created on first sight with the token's groups. The account's
+    limits are resolved against ``default_limits`` (unlimited when None)."""
     user = repository.get_by_subject(session, principal.subject)
     if user is None:
         if local:
@@ -140,7 +160,12 @@ def resolve_caller(session: Session, principal: Principal, *, local: bool) -> Au
     if not user.is_active:
         raise AccountDisabled()
     return AuthenticatedUser(
-        id=user.id, subject=user.subject, email=user.email, groups=frozenset(user.groups)
+        id=user.id,
+        subject=user.subject,
+        email=user.email,
+        groups=frozenset(user.groups),
+        is_approved=user.is_approved,
+        limits=limits_of(user, default_limits or NO_LIMITS),
     )
 
 

@@ -22,6 +22,7 @@ from labcloud.contract import INTERNAL_API_KEY_HEADER, JobStatus
 from labcloud.db import unit_of_work
 from user_api.jobs import repository
 from user_api.models import OutboxKind
+from user_api.notifications.service import enqueue_completion_email
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,9 @@ class WorkerApiForwarder:
         )
         with unit_of_work(self._sessions) as session:
             repository.acknowledge_outbox(session, message.id)
-            if message.kind is OutboxKind.ENQUEUE:
-                repository.transition(
-                    session, message.job_id, JobStatus.ERROR, f"could not be queued: {reason}"
-                )
+            if message.kind is OutboxKind.ENQUEUE and repository.transition(
+                session, message.job_id, JobStatus.ERROR, f"could not be queued: {reason}"
+            ):
+                job = repository.get(session, message.job_id)
+                if job is not None:
+                    enqueue_completion_email(session, job)

@@ -13,9 +13,10 @@ from fastapi import APIRouter, Response, UploadFile, status
 
 from labcloud.contract import SignedRequest
 from labcloud.storage.http import download_response
-from user_api.dependencies import CurrentUser, SettingsDep, SignerDep, StorageDep
+from user_api.dependencies import CurrentUser, SessionDep, SettingsDep, SignerDep, StorageDep
 from user_api.files import service
 from user_api.files.schemas import FileInfo, RenamePayload
+from user_api.limits import default_limits, storage_limit_lookup
 
 router = APIRouter(tags=["files"])
 
@@ -70,7 +71,13 @@ def upload_file(
     """Upload a file into the folder ``<type>/<path>/`` under its own name;
     ``type`` is config, data or artifact."""
     return service.upload_file(
-        storage, user.subject, type, path, filename=file.filename, stream=file.file
+        storage,
+        user.subject,
+        type,
+        path,
+        filename=file.filename,
+        stream=file.file,
+        max_bytes=user.limits.max_storage_bytes,
     )
 
 
@@ -125,6 +132,20 @@ def signed_download(token: str, storage: StorageDep, signer: SignerDep) -> Respo
 
 
 @router.post("/_signed/{token}", status_code=status.HTTP_201_CREATED)
-def signed_upload(token: str, file: UploadFile, storage: StorageDep, signer: SignerDep) -> FileInfo:
+def signed_upload(
+    token: str,
+    file: UploadFile,
+    storage: StorageDep,
+    signer: SignerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> FileInfo:
     """Upload through a signed URL (multipart field ``file``)."""
-    return service.signed_upload(storage, signer, token, filename=file.filename, stream=file.file)
+    return service.signed_upload(
+        storage,
+        signer,
+        token,
+        filename=file.filename,
+        stream=file.file,
+        storage_limit_of=storage_limit_lookup(session, default_limits(settings)),
+    )

@@ -11,6 +11,7 @@ renamed or deleted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import BinaryIO
@@ -28,6 +29,7 @@ from labcloud.storage.paths import (
 )
 from labcloud.storage.signing import TransferPurpose, UrlSigner
 from user_api.files.schemas import FileInfo
+from user_api.limits import write_within_storage_limit
 
 _SIZE_SUFFIXES = ("kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB", "RB", "QB")
 # The name offered for a zip of the user's whole root.
@@ -200,11 +202,14 @@ def upload_file(
     *,
     filename: str | None,
     stream: BinaryIO,
+    max_bytes: int | None = None,
 ) -> FileInfo:
     """Store ``stream`` as ``<area>/<folder>/<filename>``, replacing a file of that
-    name. ``area`` must be one that takes uploads (config, data, artifact)."""
+    name. ``area`` must be one that takes uploads (config, data, artifact). Refused
+    with ``StorageLimitReached`` when the user's files would exceed ``max_bytes``
+    (None: no limit)."""
     key = _named_target(storage, _upload_key(subject, area, folder), filename)
-    return file_info(storage.write(key, stream))
+    return file_info(write_within_storage_limit(storage, subject, key, stream, max_bytes))
 
 
 def upload_url(
@@ -304,14 +309,18 @@ def signed_upload(
     *,
     filename: str | None,
     stream: BinaryIO,
+    storage_limit_of: Callable[[str], int | None] | None = None,
 ) -> FileInfo:
     """Store an upload sent to a signed URL: at the signed key, or inside the
-    signed folder under the upload's name. Raises ``SignedUrlInvalid``."""
+    signed folder under the upload's name. Raises ``SignedUrlInvalid``, or
+    ``StorageLimitReached`` when the owner's files would exceed the limit that
+    ``storage_limit_of(subject)`` gives (no limit without it)."""
     transfer = signer.verify_transfer(token, (TransferPurpose.UPLOAD, TransferPurpose.UPLOAD_INTO))
     # Only keys in a user's areas can be reported back as file info.
-    split_user_key(transfer.key)
+    subject = split_user_key(transfer.key).subject
     if transfer.purpose is TransferPurpose.UPLOAD_INTO:
         key = _named_target(storage, transfer.key, filename)
     else:
         key = _file_target(storage, transfer.key)
-    return file_info(storage.write(key, stream))
+    limit = storage_limit_of(subject) if storage_limit_of is not None else None
+    return file_info(write_within_storage_limit(storage, subject, key, stream, limit))

@@ -39,7 +39,9 @@ from user_api.jobs.schemas import (
     PathsOut,
     StatusApplied,
 )
+from user_api.limits import check_active_jobs
 from user_api.models import Job, OutboxKind
+from user_api.notifications.service import enqueue_completion_email
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +83,10 @@ def create_job(
     storage: Storage,
 ) -> JobRead:
     """Validate a job against the catalog and the user's files, store it as
-    ``queued`` and write the enqueue message to the outbox (same transaction)."""
+    ``queued`` and write the enqueue message to the outbox (same transaction).
+    Refused with ``ActiveJobLimitReached`` when the user's active jobs are at their
+    limit."""
+    check_active_jobs(session, user.id, user.limits.max_active_jobs)
     ref = payload.application
     entrypoint = catalog.get_entrypoint(ref.application, ref.version, ref.entrypoint)
     env = payload.attributes.env_vars or {}
@@ -95,7 +100,7 @@ def create_job(
     if repository.name_taken(session, user.id, payload.job_name):
         raise DuplicateJobName(f"you already have a job named {payload.job_name!r}")
     files_down = _place_inputs(storage, user.subject, payload.attributes.files_down, entrypoint)
-    hardware = _merge_hardware(payload.hardware, entrypoint.required_hardware)
+    hardware = _merge_hardware(payload.hardware, entrypoint)
     paths = {kind.value: f"{kind.value}/{payload.job_name}" for kind in OutputKind}
 
     job = Job(
@@ -171,6 +176,17 @@ def cancel_job(session: Session, *, user: AuthenticatedUser, job_id: int) -> Job
     return _read(job, user)
 
 
+def cancel_any_job(session: Session, *, job_id: int) -> Job:
+    """Cancel any user's job (for admins): ``cancel_job`` without the ownership
+    check. Returns the job as it is afterwards."""
+    job = repository.get(session, job_id)
+    if job is None:
+        raise JobNotFound(f"job {job_id} not found")
+    _cancel(session, job, discard_outputs=False)
+    session.refresh(job)
+    return job
+
+
 def delete_job(session: Session, *, user: AuthenticatedUser, job_id: int, storage: Storage) -> None:
     """Cancel the job if it is active, then remove its row and its result folders."""
     job = _owned(session, user, job_id)
@@ -194,6 +210,8 @@ def apply_status_update(session: Session, update: StatusUpdate) -> StatusApplied
     applied = repository.transition(session, job.id, update.status, update.runtime_details)
     if applied:
         logger.info("job %s is now %s", job.id, update.status.value)
+        if update.status.is_terminal:
+            enqueue_completion_email(session, job)
     else:
         logger.info(
             "job %s: ignored %s (current status %s)", job.id, update.status.value, job.status
@@ -211,6 +229,8 @@ def _cancel(session: Session, job: Job, *, discard_outputs: bool) -> None:
         repository.add_outbox(
             session, job.id, OutboxKind.CANCEL, {"discard_outputs": discard_outputs}
         )
+    if not discard_outputs:  # a job being deleted has no page left to announce
+        enqueue_completion_email(session, job)
     logger.info("job %s canceled", job.id)
 
 
@@ -289,9 +309,12 @@ def _user_path(key: str) -> str:
     return key.split("/", 1)[1]
 
 
-def _merge_hardware(requested: HardwareSpec | None, required: HardwareSpec) -> HardwareSpec:
-    """What the job asks of a worker: the catalog's needs, raised (never lowered) by
-    the user's request."""
+def _merge_hardware(requested: HardwareSpec | None, entrypoint: CatalogEntrypoint) -> HardwareSpec:
+    """What the job asks of a worker: the catalog's needs (its GPU count included),
+    raised (never lowered) by the user's request."""
+    required = entrypoint.required_hardware.model_copy(
+        update={"gpus": entrypoint.gpu_count or None}
+    )
     if requested is None:
         return required
 
@@ -304,4 +327,5 @@ def _merge_hardware(requested: HardwareSpec | None, required: HardwareSpec) -> H
         gpu_mem=larger(requested.gpu_mem, required.gpu_mem),
         gpu_model=requested.gpu_model or required.gpu_model,
         gpu_archi=requested.gpu_archi or required.gpu_archi,
+        gpus=larger(requested.gpus, required.gpus),
     )

@@ -1,0 +1,138 @@
+"""Request and response bodies of the admin routes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from labcloud.contract import Environment, Group, JobStatus
+
+
+class AccountStatus(StrEnum):
+    """Where an account stands: waiting for approval, usable, or disabled."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    DISABLED = "disabled"
+
+
+class AuditAction(StrEnum):
+    """The changes recorded in the audit log."""
+
+    APPROVE_USER = "approve_user"
+    DISABLE_USER = "disable_user"
+    ENABLE_USER = "enable_user"
+    SET_GROUPS = "set_groups"
+    SET_LIMITS = "set_limits"
+    CREATE_WORKER = "create_worker"
+    CANCEL_JOB = "cancel_job"
+
+
+class Limits(BaseModel):
+    max_active_jobs: int | None = Field(description="Queued or running jobs at once.")
+    max_storage_bytes: int | None = Field(description="Total size of the account's files.")
+
+
+class AdminUser(BaseModel):
+    email: str
+    subject: str
+    groups: list[str]
+    status: AccountStatus
+    is_active: bool
+    is_approved: bool
+    own_limits: Limits = Field(description="The account's own limits; null: the default.")
+    limits: Limits = Field(description="The limits in force; null: unlimited.")
+    created_at: datetime
+    active_jobs: int
+    bytes_stored: int
+
+
+class GroupsUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    groups: list[Group] = Field(min_length=1)
+
+
+class LimitsUpdate(BaseModel):
+    """New limits; a field left out stays as it is, ``null`` returns to the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_active_jobs: int | None = Field(default=None, ge=0)
+    max_storage_bytes: int | None = Field(default=None, ge=0)
+
+
+class WorkerCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+        description="The worker's name (letters, digits, '_' and '-'), e.g. gpu-box-1.",
+    )
+    cloud: bool = Field(default=False, description="Also in group 'cloud': pulls cloud jobs.")
+
+
+class WorkerCreated(BaseModel):
+    """A new worker account and the settings of a runner using it. The password is
+    in here and nowhere else: it is not stored in readable form."""
+
+    email: str
+    groups: list[str]
+    settings: dict[str, str]
+    env_file: str
+
+
+class ActiveCounts(BaseModel):
+    queued: int = 0
+    running: int = Field(default=0, description="Held by a worker (pulled ... postprocessing).")
+
+
+class OldestQueued(BaseModel):
+    id: int
+    owner: str
+    job_name: str
+    date_created: datetime
+    age_seconds: float
+
+
+class QueueOverview(BaseModel):
+    by_status: dict[JobStatus, int] = Field(description="All jobs, by status.")
+    by_environment: dict[str, ActiveCounts] = Field(
+        description="Active jobs by requested environment ('any' when none was asked for)."
+    )
+    by_application: dict[str, ActiveCounts] = Field(
+        description="Active jobs by application/version/entrypoint."
+    )
+    oldest_queued: OldestQueued | None
+
+
+class AdminJob(BaseModel):
+    id: int
+    job_name: str
+    owner: str
+    status: JobStatus
+    application: str
+    environment: Environment | None
+    priority: int
+    date_created: datetime
+    date_started: datetime | None
+    date_finished: datetime | None
+    runtime_details: str | None
+
+
+class AuditEntryRead(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    details: dict[str, Any]
+
+
+class AccountState(BaseModel):
+    """For the worker API: may this account's tokens still be used?"""
+
+    active: bool

@@ -1,0 +1,418 @@
+"""What admins do, without HTTP.
+
+Every function that changes something writes exactly one audit entry in the same
+transaction as the change, so the log holds a change if and only if it happened;
+a request that changes nothing (approving an approved account) writes none, and
+reads never write. Audit entries are never updated or deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shlex
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from labcloud.auth.passwords import password_problem
+from labcloud.contract import Environment, Group, JobStatus
+from labcloud.db import utcnow
+from labcloud.errors import BadRequest, Conflict, NotFound
+from labcloud.storage.base import Storage
+from user_api.admin import repository
+from user_api.admin.schemas import (
+    AccountState,
+    AccountStatus,
+    ActiveCounts,
+    AdminJob,
+    AdminUser,
+    AuditAction,
+    AuditEntryRead,
+    Limits,
+    LimitsUpdate,
+    OldestQueued,
+    QueueOverview,
+    WorkerCreate,
+    WorkerCreated,
+)
+from user_api.auth import repository as accounts
+from user_api.auth import service as auth_service
+from user_api.auth.service import AuthenticatedUser
+from user_api.jobs import repository as jobs_repository
+from user_api.jobs import service as jobs_service
+from user_api.limits import UsageLimits, bytes_stored, limits_of
+from user_api.models import Job, User
+from user_api.settings import UserApiSettings
+
+logger = logging.getLogger(__name__)
+
+# Worker accounts are named <name>@ this domain: a real-looking domain that email
+# validation accepts and that no person's address uses.
+WORKER_EMAIL_DOMAIN = "workers.labcloud.example.org"
+# Runner settings written for a new worker account besides URLs and credentials:
+# the runner's own defaults, spelled out so the file shows what can be tuned.
+_RUNNER_DEFAULTS = {"TIMEOUT_STATUS": "5", "TIMEOUT_JOB": "10", "WAIT": "20"}
+
+
+class UserNotFound(NotFound):
+    """No account with this email."""
+
+
+class LastAdmin(Conflict):
+    """This would leave no active account in group 'admins'."""
+
+
+class ManagedByCognito(BadRequest):
+    """With AUTH=cognito, accounts and groups are managed in the Cognito user pool."""
+
+
+# -- accounts -------------------------------------------------------------------------
+
+
+def account_status(user: User) -> AccountStatus:
+    if not user.is_active:
+        return AccountStatus.DISABLED
+    return AccountStatus.ACTIVE if user.is_approved else AccountStatus.PENDING
+
+
+def _admin_user(
+    user: User, *, storage: Storage, defaults: UsageLimits, active_jobs: int
+) -> AdminUser:
+    in_force = limits_of(user, defaults)
+    return AdminUser(
+        email=user.email,
+        subject=user.subject,
+        groups=list(user.groups),
+        status=account_status(user),
+        is_active=user.is_active,
+        is_approved=user.is_approved,
+        own_limits=Limits(
+            max_active_jobs=user.max_active_jobs, max_storage_bytes=user.max_storage_bytes
+        ),
+        limits=Limits(
+            max_active_jobs=in_force.max_active_jobs,
+            max_storage_bytes=in_force.max_storage_bytes,
+        ),
+        created_at=user.created_at,
+        active_jobs=active_jobs,
+        bytes_stored=bytes_stored(storage, user.subject),
+    )
+
+
+def _read_user(session: Session, storage: Storage, defaults: UsageLimits, user: User) -> AdminUser:
+    counts = repository.active_job_counts(session, [user.id])
+    return _admin_user(user, storage=storage, defaults=defaults, active_jobs=counts.get(user.id, 0))
+
+
+def _user(session: Session, email: str) -> User:
+    user = accounts.get_by_email(session, email.strip())
+    if user is None:
+        raise UserNotFound(f"no account with email {email!r}")
+    return user
+
+
+def _audit(
+    session: Session,
+    actor: AuthenticatedUser,
+    action: AuditAction,
+    target: str | None,
+    details: dict[str, Any] | None = None,
+) -> None:
+    repository.add_audit_entry(
+        session, actor=actor.email, action=action.value, target=target, details=details or {}
+    )
+    logger.info("admin %s: %s %s %s", actor.email, action.value, target or "", details or "")
+
+
+def _keep_an_admin(session: Session, user: User) -> None:
+    """Refuse a change that takes admin rights from ``user`` when no other active
+    admin would be left."""
+    if Group.ADMINS.value not in user.groups or not user.is_active:
+        return
+    if all(admin.id == user.id for admin in repository.lock_admins(session)):
+        raise LastAdmin(
+            f"{user.email} is the last active admin: make another account an admin first"
+        )
+
+
+def list_users(
+    session: Session,
+    storage: Storage,
+    *,
+    defaults: UsageLimits,
+    search: str | None,
+    status: AccountStatus | None,
+    offset: int,
+    limit: int,
+) -> list[AdminUser]:
+    """Accounts with their state, limits and current use. Bytes stored are summed
+    from storage, so a page of many accounts with many files takes a while."""
+    users = repository.list_users(session, search=search, status=status, offset=offset, limit=limit)
+    counts = repository.active_job_counts(session, [user.id for user in users])
+    return [
+        _admin_user(user, storage=storage, defaults=defaults, active_jobs=counts.get(user.id, 0))
+        for user in users
+    ]
+
+
+def approve_user(
+    session: Session,
+    storage: Storage,
+    *,
+    actor: AuthenticatedUser,
+    email: str,
+    defaults: UsageLimits,
+) -> AdminUser:
+    """Let a self-signed-up account use the service."""
+    user = _user(session, email)
+    if not user.is_approved:
+        user.is_approved = True
+        _audit(session, actor, AuditAction.APPROVE_USER, user.email)
+    return _read_user(session, storage, defaults, user)
+
+
+def set_active(
+    session: Session,
+    storage: Storage,
+    *,
+    actor: AuthenticatedUser,
+    email: str,
+    active: bool,
+    defaults: UsageLimits,
+) -> AdminUser:
+    """Disable an account (its tokens stop working at once, on both APIs) or enable
+    it again. The last active admin cannot be disabled."""
+    user = _user(session, email)
+    if user.is_active != active:
+        if not active:
+            _keep_an_admin(session, user)
+        user.is_active = active
+        action = AuditAction.ENABLE_USER if active else AuditAction.DISABLE_USER
+        _audit(session, actor, action, user.email)
+    return _read_user(session, storage, defaults, user)
+
+
+def set_groups(
+    session: Session,
+    storage: Storage,
+    *,
+    actor: AuthenticatedUser,
+    email: str,
+    groups: list[Group],
+    local_auth: bool,
+    defaults: UsageLimits,
+) -> AdminUser:
+    """Replace an account's groups. Refused when it would remove the last active
+    admin, and with Cognito (whose tokens carry the groups)."""
+    if not local_auth:
+        raise ManagedByCognito(
+            "with AUTH=cognito, groups come from the Cognito user pool: change them there"
+        )
+    user = _user(session, email)
+    after = sorted({group.value for group in groups})
+    before = list(user.groups)
+    if after != before:
+        if Group.ADMINS.value not in after:
+            _keep_an_admin(session, user)
+        user.groups = after
+        _audit(session, actor, AuditAction.SET_GROUPS, user.email, {"from": before, "to": after})
+    return _read_user(session, storage, defaults, user)
+
+
+def set_limits(
+    session: Session,
+    storage: Storage,
+    *,
+    actor: AuthenticatedUser,
+    email: str,
+    update: LimitsUpdate,
+    defaults: UsageLimits,
+) -> AdminUser:
+    """Set an account's own limits; fields not sent stay, ``None`` means the default.
+    A limit below the current use refuses new jobs or uploads, and takes nothing
+    away."""
+    user = _user(session, email)
+    before = {"max_active_jobs": user.max_active_jobs, "max_storage_bytes": user.max_storage_bytes}
+    changes = update.model_dump(include=update.model_fields_set)
+    after = {**before, **changes}
+    if after != before:
+        user.max_active_jobs = after["max_active_jobs"]
+        user.max_storage_bytes = after["max_storage_bytes"]
+        _audit(session, actor, AuditAction.SET_LIMITS, user.email, {"from": before, "to": after})
+    return _read_user(session, storage, defaults, user)
+
+
+def account_state(session: Session, subject: str, *, local_auth: bool) -> AccountState:
+    """Whether tokens of the account ``subject`` may be used. An unknown account is
+    refused with local auth (it was deleted); with Cognito it is one the user API
+    has not seen yet, and Cognito itself vouches for it."""
+    user = accounts.get_by_subject(session, subject)
+    if user is None:
+        return AccountState(active=not local_auth)
+    return AccountState(active=user.is_active)
+
+
+# -- worker accounts ------------------------------------------------------------------
+
+
+def _generate_password() -> str:
+    while True:
+        candidate = secrets.token_urlsafe(24)
+        if password_problem(candidate) is None:
+            return candidate
+
+
+def create_worker(
+    session: Session,
+    *,
+    actor: AuthenticatedUser,
+    request: WorkerCreate,
+    settings: UserApiSettings,
+    local_auth: bool,
+) -> WorkerCreated:
+    """Create a ``workers`` account (also ``cloud`` when asked) with a generated
+    password, and the settings of a runner that uses it. The password is returned
+    here only: the audit entry and the logs never see it."""
+    if not local_auth:
+        raise ManagedByCognito(
+            "with AUTH=cognito, create worker accounts in the Cognito user pool "
+            "(group 'workers') and give the runner its username and password"
+        )
+    groups = [Group.WORKERS, Group.CLOUD] if request.cloud else [Group.WORKERS]
+    password = _generate_password()
+    user = auth_service.create_account(
+        session,
+        email=f"{request.name}@{WORKER_EMAIL_DOMAIN}",
+        password=password,
+        groups=groups,
+        creator=actor,
+        self_signup_allowed=False,
+    )
+    _audit(session, actor, AuditAction.CREATE_WORKER, user.email, {"groups": list(user.groups)})
+    values = {
+        "API_URL": settings.workerfacing_api_url.rstrip("/"),
+        "AUTH_URL": settings.public_url.rstrip("/"),
+        "USERNAME": user.email,
+        "PASSWORD": password,
+        **_RUNNER_DEFAULTS,
+    }
+    env_file = (
+        f"# LabCloud worker runner {user.email} (groups: {', '.join(user.groups)})\n"
+        "# Start it with: labcloud runner --env-file THIS_FILE\n"
+        "# Keep this file private: it holds the account's password, shown only once.\n"
+        "# PATH_BASE=/srv/labcloud/jobs   # job folders on the runner host\n"
+        + "".join(f"{key}={shlex.quote(value)}\n" for key, value in values.items())
+    )
+    return WorkerCreated(
+        email=user.email, groups=list(user.groups), settings=values, env_file=env_file
+    )
+
+
+# -- jobs -----------------------------------------------------------------------------
+
+
+def _application(application: dict[str, Any]) -> str:
+    """``application/version/entrypoint`` of a job's application reference."""
+    parts = (application.get(key) for key in ("application", "version", "entrypoint"))
+    return "/".join(str(part) for part in parts)
+
+
+def _admin_job(job: Job, owner: str) -> AdminJob:
+    return AdminJob(
+        id=job.id,
+        job_name=job.job_name,
+        owner=owner,
+        status=JobStatus(job.status),
+        application=_application(job.application),
+        environment=Environment(job.environment) if job.environment else None,
+        priority=job.priority,
+        date_created=job.date_created,
+        date_started=job.date_started,
+        date_finished=job.date_finished,
+        runtime_details=job.runtime_details,
+    )
+
+
+def queue_overview(session: Session) -> QueueOverview:
+    """Counts of jobs by status, and of active jobs by environment and by
+    application; the job waiting longest for a worker."""
+    counts = repository.job_counts_by_status(session)
+    by_environment: dict[str, ActiveCounts] = {}
+    by_application: dict[str, ActiveCounts] = {}
+    for environment, application, status in repository.active_jobs_summary(session):
+        app_key = _application(application or {})
+        for table, key in ((by_environment, environment or "any"), (by_application, app_key)):
+            row = table.setdefault(key, ActiveCounts())
+            if status == JobStatus.QUEUED.value:
+                row.queued += 1
+            else:
+                row.running += 1
+    oldest: OldestQueued | None = None
+    found = repository.oldest_queued(session)
+    if found is not None:
+        job, owner = found
+        oldest = OldestQueued(
+            id=job.id,
+            owner=owner,
+            job_name=job.job_name,
+            date_created=job.date_created,
+            age_seconds=round((utcnow() - job.date_created).total_seconds(), 3),
+        )
+    return QueueOverview(
+        by_status={status: counts.get(status.value, 0) for status in JobStatus},
+        by_environment=dict(sorted(by_environment.items())),
+        by_application=dict(sorted(by_application.items())),
+        oldest_queued=oldest,
+    )
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: JobStatus | None,
+    user_email: str | None,
+    offset: int,
+    limit: int,
+) -> list[AdminJob]:
+    """Any user's jobs, newest first."""
+    user_id = _user(session, user_email).id if user_email else None
+    rows = repository.list_jobs(session, status=status, user_id=user_id, offset=offset, limit=limit)
+    return [_admin_job(job, owner) for job, owner in rows]
+
+
+def cancel_job(session: Session, *, actor: AuthenticatedUser, job_id: int) -> AdminJob:
+    """Cancel any user's job; a job that already ended is returned unchanged."""
+    job = jobs_repository.get(session, job_id)
+    if job is None:
+        raise jobs_service.JobNotFound(f"job {job_id} not found")
+    before = job.status
+    job = jobs_service.cancel_any_job(session, job_id=job_id)
+    owner = repository.owner_email(session, job)
+    if job.status != before:
+        _audit(
+            session,
+            actor,
+            AuditAction.CANCEL_JOB,
+            f"job {job.id}",
+            {"owner": owner, "job_name": job.job_name, "status_before": before},
+        )
+    return _admin_job(job, owner)
+
+
+# -- audit log ------------------------------------------------------------------------
+
+
+def list_audit(session: Session, *, offset: int, limit: int) -> list[AuditEntryRead]:
+    """Audit entries, newest first."""
+    return [
+        AuditEntryRead(
+            id=entry.id,
+            at=entry.at,
+            actor=entry.actor,
+            action=entry.action,
+            target=entry.target,
+            details=dict(entry.details),
+        )
+        for entry in repository.list_audit_entries(session, offset=offset, limit=limit)
+    ]

@@ -1,0 +1,1 @@
+"""Emails to users when their jobs end, and the users' choice to receive them."""

@@ -1,0 +1,147 @@
+"""SQL for the email outbox and the users' email preference.
+
+Rows move ``pending`` -> ``sent`` | ``failed`` through guarded updates: a process
+claims a due row by moving its ``next_attempt_at`` forward only if nobody else did
+since it was read, so several API processes never send the same email."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from user_api.models import EmailOutbox, EmailStatus, User
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    email: str
+    email_notifications: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedEmail:
+    """A pending row this process now holds until ``lease_until``."""
+
+    id: int
+    job_id: int
+    recipient: str
+    subject: str
+    html: str
+    text: str
+    attempts: int
+    lease_until: datetime
+
+
+def owner(session: Session, user_id: int) -> Owner | None:
+    row = session.execute(
+        select(User.email, User.email_notifications).where(User.id == user_id)
+    ).first()
+    return Owner(row.email, row.email_notifications) if row is not None else None
+
+
+def add_once(session: Session, values: dict[str, Any]) -> bool:
+    """Insert an outbox row unless the job already has one; True if inserted.
+
+    ``ON CONFLICT DO NOTHING`` rather than catching the unique violation: on
+    PostgreSQL a failed statement would otherwise abort the caller's transaction,
+    which is the one recording the job's status."""
+    dialect = session.get_bind().dialect.name
+    statement: postgresql.Insert | sqlite.Insert
+    if dialect == "postgresql":
+        statement = postgresql.insert(EmailOutbox).values(**values)
+        statement = statement.on_conflict_do_nothing(index_elements=["job_id"])
+    elif dialect == "sqlite":
+        statement = sqlite.insert(EmailOutbox).values(**values)
+        statement = statement.on_conflict_do_nothing(index_elements=["job_id"])
+    else:
+        raise NotImplementedError(f"the email outbox does not support {dialect}")
+    result = session.execute(statement)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def email_notifications(session: Session, user_id: int) -> bool:
+    return bool(session.scalars(select(User.email_notifications).where(User.id == user_id)).one())
+
+
+def set_email_notifications(session: Session, user_id: int, enabled: bool) -> None:
+    session.execute(update(User).where(User.id == user_id).values(email_notifications=enabled))
+
+
+def claim_next(
+    session: Session, *, now: datetime, lease_until: datetime, candidates: int
+) -> ClaimedEmail | None:
+    """Take the oldest due pending row, or None when nothing is due.
+
+    A few candidates are read at once so that losing the race for the first (to
+    another process) still yields work in the same transaction."""
+    due = session.execute(
+        select(EmailOutbox.id, EmailOutbox.next_attempt_at)
+        .where(EmailOutbox.status == EmailStatus.PENDING.value, EmailOutbox.next_attempt_at <= now)
+        .order_by(EmailOutbox.id)
+        .limit(candidates)
+    ).all()
+    for row_id, seen_due in due:
+        result = session.execute(
+            update(EmailOutbox)
+            .where(
+                EmailOutbox.id == row_id,
+                EmailOutbox.status == EmailStatus.PENDING.value,
+                EmailOutbox.next_attempt_at == seen_due,
+            )
+            .values(next_attempt_at=lease_until)
+            .execution_options(synchronize_session=False)
+        )
+        if not result.rowcount:  # type: ignore[attr-defined]
+            continue
+        row = session.execute(
+            select(
+                EmailOutbox.job_id,
+                EmailOutbox.recipient,
+                EmailOutbox.subject,
+                EmailOutbox.html,
+                EmailOutbox.text,
+                EmailOutbox.attempts,
+            ).where(EmailOutbox.id == row_id)
+        ).one()
+        return ClaimedEmail(
+            id=row_id,
+            job_id=row.job_id,
+            recipient=row.recipient,
+            subject=row.subject,
+            html=row.html,
+            text=row.text,
+            attempts=row.attempts,
+            lease_until=lease_until,
+        )
+    return None
+
+
+def mark_sent(session: Session, email_id: int, *, at: datetime) -> None:
+    _finish(session, email_id, status=EmailStatus.SENT, sent_at=at, last_error=None)
+
+
+def mark_failed(session: Session, email_id: int, *, error: str) -> None:
+    _finish(session, email_id, status=EmailStatus.FAILED, last_error=error[:2000])
+
+
+def reschedule(session: Session, email_id: int, *, at: datetime, error: str) -> None:
+    session.execute(
+        update(EmailOutbox)
+        .where(EmailOutbox.id == email_id, EmailOutbox.status == EmailStatus.PENDING.value)
+        .values(attempts=EmailOutbox.attempts + 1, next_attempt_at=at, last_error=error[:2000])
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _finish(session: Session, email_id: int, *, status: EmailStatus, **values: Any) -> None:
+    session.execute(
+        update(EmailOutbox)
+        .where(EmailOutbox.id == email_id, EmailOutbox.status == EmailStatus.PENDING.value)
+        .values(status=status.value, attempts=EmailOutbox.attempts + 1, **values)
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,106 @@
+"""Completion emails: queued in the transaction that ends a job, and the users'
+choice to receive them or not.
+
+Whether emails are on, and the frontend the links point to, travel with every
+session of the app (``Session.info``, set once by ``enable_completion_emails``):
+the jobs service calls ``enqueue_completion_email`` wherever a job ends without
+having to carry the email settings through every route."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from labcloud.contract import JobStatus
+from user_api.auth.service import AuthenticatedUser
+from user_api.models import Job
+from user_api.notifications import repository
+from user_api.notifications.schemas import NotificationSettings
+from user_api.notifications.templates import JobFacts, render_completion_email
+
+logger = logging.getLogger(__name__)
+
+_INFO_KEY = "labcloud.completion_emails"
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionEmails:
+    """Settings of the completion emails that the enqueueing side needs."""
+
+    frontend_url: str | None
+
+
+def enable_completion_emails(sessions: sessionmaker[Session], config: CompletionEmails) -> None:
+    """Make every session created by ``sessions`` queue completion emails."""
+    info = dict(sessions.kw.get("info") or {})
+    info[_INFO_KEY] = config
+    sessions.configure(info=info)
+
+
+def enqueue_completion_email(session: Session, job: Job) -> bool:
+    """Queue the email announcing that ``job`` ended, in the caller's transaction.
+
+    Call it right after the job's guarded move to a terminal status succeeded.
+    Nothing is written when emails are off, when the owner turned them off, or when
+    the job was already announced (the outbox holds one row per job). Returns True
+    when a row was written."""
+    config: CompletionEmails | None = session.info.get(_INFO_KEY)
+    if config is None:
+        return False
+    # The status update ran as a bulk UPDATE: reload what it changed.
+    session.refresh(job)
+    status = JobStatus(job.status)
+    if not status.is_terminal:
+        return False
+    owner = repository.owner(session, job.user_id)
+    if owner is None or not owner.email_notifications:
+        return False
+    application = job.application
+    email = render_completion_email(
+        JobFacts(
+            id=job.id,
+            name=job.job_name,
+            application=str(application.get("application", "")),
+            version=str(application.get("version", "")),
+            entrypoint=str(application.get("entrypoint", "")),
+            status=status,
+            date_created=job.date_created,
+            date_started=job.date_started,
+            date_finished=job.date_finished,
+            runtime_details=job.runtime_details,
+        ),
+        frontend_url=config.frontend_url,
+    )
+    added = repository.add_once(
+        session,
+        {
+            "job_id": job.id,
+            "recipient": owner.email,
+            "subject": email.subject,
+            "html": email.html,
+            "text": email.text,
+        },
+    )
+    if added:
+        logger.info("job %s: completion email to %s queued", job.id, owner.email)
+    return added
+
+
+def get_notification_settings(session: Session, *, user: AuthenticatedUser) -> NotificationSettings:
+    return NotificationSettings(
+        email_notifications=repository.email_notifications(session, user.id)
+    )
+
+
+def update_notification_settings(
+    session: Session, *, user: AuthenticatedUser, changes: NotificationSettings
+) -> NotificationSettings:
+    """Turn the caller's completion emails on or off. Emails already queued for
+    jobs that ended before the change are still sent."""
+    repository.set_email_notifications(session, user.id, changes.email_notifications)
+    logger.info(
+        "%s turned completion emails %s", user.email, "on" if changes.email_notifications else "off"
+    )
+    return get_notification_settings(session, user=user)
