@@ -1,0 +1,217 @@
+"""Submission throughput: ``POST /jobs`` per second with 16 concurrent clients.
+
+Starts the user API and the worker API on throwaway PostgreSQL databases (no
+runner: submitted jobs stay queued), signs up one user per client, then serves
+the user API with ``--workers`` uvicorn worker processes (production settings:
+INFO logs, access log on, local auth, local storage) and lets ``--clients``
+asyncio clients (httpx, one keep-alive connection each) submit trivial jobs
+(``testing/1.0/noop``) back to back for ``--seconds`` after a warm-up.
+
+Prints per worker count: accepted submissions per second, the latency of one
+``POST /jobs`` (p50/p95), refusals, how long the user API's outbox then needed to
+hand every job to the worker API, and the CPU seconds each party used (client,
+user API, worker API, PostgreSQL) over the measured window.
+
+    poetry run python bench/submit_throughput.py [--workers 1 2] [--clients 16] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _procstat import cpu_seconds, descendants, named
+from _support import NO_JOB_LIMIT, Stack, job_payload, percentile, running_stack, wait_for
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+TARGET_PER_SECOND = 200.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _log_config(folder: Path) -> Path:
+    """uvicorn's logging as ``python -m user_api`` sets it up: INFO, access log on."""
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {"out": {"class": "logging.StreamHandler", "formatter": "plain"}},
+        "root": {"level": "INFO", "handlers": ["out"]},
+        "loggers": {
+            "uvicorn": {"level": "INFO"},
+            "uvicorn.access": {"level": "INFO"},
+        },
+    }
+    path = folder / "logging.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def _serve_with_workers(stack: Stack, workers: int, folder: Path) -> None:
+    """Restart the user API under uvicorn with ``workers`` processes."""
+    stack.user_api.args = [
+        "uvicorn",
+        "--factory",
+        "user_api.app:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(stack.user_port),
+        "--workers",
+        str(workers),
+        "--log-config",
+        str(_log_config(folder)),
+    ]
+    stack.restart(stack.user_api)
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.refused: dict[int, int] = {}
+        self.measuring = False
+
+
+async def _client(
+    index: int, token: dict[str, str], base_url: str, tally: _Tally, stop_at: float
+) -> None:
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=token, limits=limits, timeout=30
+    ) as client:
+        sequence = 0
+        while time.monotonic() < stop_at:
+            sequence += 1
+            began = time.perf_counter()
+            response = await client.post("/jobs", json=job_payload(f"c{index}-{sequence}"))
+            elapsed = (time.perf_counter() - began) * 1000
+            if not tally.measuring:
+                continue
+            if response.status_code == 201:
+                tally.latencies.append(elapsed)
+            else:
+                tally.refused[response.status_code] = tally.refused.get(response.status_code, 0) + 1
+
+
+Snapshot = tuple[dict[str, dict[int, float]], float]
+
+
+async def _load(
+    tokens: list[dict[str, str]],
+    base_url: str,
+    warmup: float,
+    seconds: float,
+    snapshot: Callable[[], Snapshot],
+) -> tuple[_Tally, float, Snapshot, Snapshot]:
+    """Run the clients; CPU snapshots are taken when the measured window opens
+    and closes."""
+    tally = _Tally()
+    stop_at = time.monotonic() + warmup + seconds
+    tasks = [
+        asyncio.create_task(_client(index, token, base_url, tally, stop_at))
+        for index, token in enumerate(tokens)
+    ]
+    await asyncio.sleep(warmup)
+    tally.measuring = True
+    before = snapshot()
+    began = time.monotonic()
+    await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - began
+    return tally, elapsed, before, snapshot()
+
+
+def _pending_outbox(user_db: str) -> int:
+    engine = create_engine(user_db, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(text("SELECT count(*) FROM worker_outbox")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _cpu_snapshot(stack: Stack) -> Snapshot:
+    """CPU seconds so far of each server process, and of this (client) process."""
+    groups = {
+        "user API": descendants(stack.user_api.pid),
+        "worker API": descendants(stack.worker_api.pid),
+        "PostgreSQL": named("postgres"),
+    }
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    servers = {name: {pid: cpu_seconds(pid) for pid in pids} for name, pids in groups.items()}
+    return servers, usage.ru_utime + usage.ru_stime
+
+
+def _cpu_used(before: Snapshot, after: Snapshot) -> str:
+    parts = [f"client {after[1] - before[1]:.1f} s"]
+    for name, now in after[0].items():
+        used = sum(seconds - before[0][name].get(pid, 0.0) for pid, seconds in now.items())
+        parts.append(f"{name} {used:.1f} s")
+    return ", ".join(parts)
+
+
+def _run(workers: int, clients: int, warmup: float, seconds: float) -> dict[str, Any]:
+    with (
+        tempfile.TemporaryDirectory(prefix="labcloud-bench-") as folder,
+        running_stack("postgresql", user_env=NO_JOB_LIMIT) as stack,
+    ):
+        tokens = []
+        for index in range(clients):
+            stack.user(f"client-{index}@example.org").close()
+            tokens.append(stack.token(f"client-{index}@example.org"))
+        _serve_with_workers(stack, workers, Path(folder))
+        tally, elapsed, before, after = asyncio.run(
+            _load(tokens, stack.user_url, warmup, seconds, lambda: _cpu_snapshot(stack))
+        )
+        drained_at = time.monotonic()
+        backlog = _pending_outbox(stack.user_db)
+        wait_for(lambda: _pending_outbox(stack.user_db) == 0, timeout=600, interval=0.5)
+        drain = time.monotonic() - drained_at
+    return {
+        "workers": workers,
+        "rate": len(tally.latencies) / elapsed,
+        "accepted": len(tally.latencies),
+        "elapsed": elapsed,
+        "p50": percentile(tally.latencies, 50),
+        "p95": percentile(tally.latencies, 95),
+        "refused": tally.refused,
+        "backlog": backlog,
+        "drain": drain,
+        "cpu": _cpu_used(before, after),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    args = parser.parse_args()
+    for workers in args.workers:
+        result = _run(workers, args.clients, args.warmup, args.seconds)
+        verdict = "met" if result["rate"] >= TARGET_PER_SECOND else "MISSED"
+        print(
+            f"user API uvicorn workers={workers}, {args.clients} clients: "
+            f"{result['rate']:.1f} POST /jobs per s ({result['accepted']} in "
+            f"{result['elapsed']:.1f} s; target >= 200/s: {verdict}); "
+            f"latency p50={result['p50']:.1f} ms p95={result['p95']:.1f} ms; "
+            f"refused {result['refused'] or 'none'}",
+            flush=True,
+        )
+        print(
+            f"  outbox after the run: {result['backlog']} job(s) not yet forwarded, "
+            f"drained in {result['drain']:.1f} s; CPU used while measured: {result['cpu']}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
