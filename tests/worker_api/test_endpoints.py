@@ -158,6 +158,33 @@ def test_enqueue_rejects_invalid_jobs(client: TestClient) -> None:
     assert client.post("/_jobs", json=body, headers=INTERNAL).status_code == 422
 
 
+def test_enqueue_batch_is_one_idempotent_transaction(
+    client: TestClient, fake_user_api: FakeUserApi
+) -> None:
+    enqueue(client, 2)
+    body = [queue_job(job_id).model_dump(mode="json") for job_id in (1, 2, 3)]
+    response = client.post("/_jobs/batch", json=body, headers=INTERNAL)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert sorted(item["job_id"] for item in answer) == [1, 2, 3]
+    assert {item["status"] for item in answer} == {"queued"}
+    assert client.post("/_jobs/batch", json=body, headers=INTERNAL).json() == answer
+    # Pulled in the order they were sent (job 2 was queued first).
+    leased = pull(client, fake_user_api.headers(), limit=10)
+    assert [spec["meta"]["job_id"] for spec in leased.values()] == [2, 1, 3]
+
+
+def test_enqueue_batch_refuses_an_invalid_job_as_a_whole(client: TestClient) -> None:
+    body = [queue_job(job_id).model_dump(mode="json") for job_id in (1, 2)]
+    body[1]["priority"] = 9
+    response = client.post("/_jobs/batch", json=body, headers=INTERNAL)
+    assert response.status_code == 422
+    assert client.post("/_jobs/batch", json=body[:1], headers=INTERNAL).json()[0]["job_id"] == 1
+    too_many = [body[0]] * 501
+    assert client.post("/_jobs/batch", json=too_many, headers=INTERNAL).status_code == 422
+    assert client.post("/_jobs/batch", json=body[:1]).status_code == 401
+
+
 def test_pull_validates_its_query(client: TestClient, fake_user_api: FakeUserApi) -> None:
     worker = fake_user_api.headers()
     assert client.get("/jobs", headers=worker).status_code == 422  # memory is required

@@ -81,6 +81,22 @@ def test_insert_is_idempotent_and_copies_hardware(factory: sessionmaker[Session]
     assert job.spec["meta"]["job_id"] == 7
 
 
+def test_insert_many_skips_jobs_already_queued(factory: sessionmaker[Session]) -> None:
+    with unit_of_work(factory) as session:
+        repository = QueueRepository(session)
+        assert repository.insert_many_if_absent([queue_job(2)], now=utcnow()) == 1
+        jobs = [queue_job(job_id, priority=3) for job_id in (1, 2, 3)]
+        assert repository.insert_many_if_absent(jobs, now=utcnow()) == 2
+        assert repository.insert_many_if_absent([], now=utcnow()) == 0
+        summaries = repository.summaries_by_job_id([1, 2, 3, 4])
+    assert [(job_id, status) for _id, job_id, status in summaries] == [
+        (2, JobStatus.QUEUED),
+        (1, JobStatus.QUEUED),
+        (3, JobStatus.QUEUED),
+    ]
+    assert (row(factory, 1).priority, row(factory, 2).priority) == (3, 0)
+
+
 def test_environment_must_match(factory: sessionmaker[Session]) -> None:
     enqueue(factory, 1, environment=Environment.CLOUD)
     assert lease(factory) == []

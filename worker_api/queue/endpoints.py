@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Body, Query, Request, Response, status
 
 from labcloud.contract import JobSpecs, JobStatus, QueueJob
 from worker_api.dependencies import (
@@ -105,6 +105,19 @@ def enqueue(job: QueueJob, queue: QueueServiceDep) -> EnqueuedJob:
     """Enqueue a job (from the user API); a repeat returns the job already queued."""
     queued = queue.enqueue(job)
     return EnqueuedJob(id=queued.id, job_id=queued.job_id, status=queued.status)
+
+
+# The most jobs one batch may carry: bounds the request body and the statement.
+MAX_BATCH = 500
+
+
+@internal_router.post("/_jobs/batch", response_model=list[EnqueuedJob])
+def enqueue_batch(
+    jobs: Annotated[list[QueueJob], Body(max_length=MAX_BATCH)], queue: QueueServiceDep
+) -> list[EnqueuedJob]:
+    """Extension: enqueue several jobs in one transaction (idempotent like ``POST
+    /_jobs``); one invalid job refuses the whole batch with 422."""
+    return queue.enqueue_many(jobs)
 
 
 @internal_router.delete("/_jobs/{job_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -54,6 +54,7 @@ from sqlalchemy import (
     JSON,
     ColumnElement,
     Integer,
+    Row,
     SQLColumnExpression,
     String,
     Update,
@@ -157,38 +158,33 @@ class QueueRepository:
     # -- enqueue -------------------------------------------------------------
 
     def insert_if_absent(self, job: QueueJob, *, now: datetime) -> bool:
-        """Insert ``job`` unless a row with its ``job_id`` exists; True when inserted.
+        """Insert ``job`` unless a row with its ``job_id`` exists; True when inserted."""
+        return self.insert_many_if_absent([job], now=now) == 1
+
+    def insert_many_if_absent(self, jobs: Sequence[QueueJob], *, now: datetime) -> int:
+        """Insert each of ``jobs`` whose ``job_id`` has no row yet, in one statement
+        and in list order; returns how many were inserted.
 
         ``ON CONFLICT DO NOTHING`` keeps concurrent duplicates (a retried forward
         racing the original) from failing on the unique constraint."""
-        hardware = job.job.hardware
-        values: dict[str, Any] = {
-            "job_id": job.job.meta.job_id,
-            "spec": job.job.model_dump(mode="json"),
-            "paths_upload": job.paths_upload.model_dump(mode="json"),
-            "environment": job.environment.value if job.environment else None,
-            "group_name": job.group,
-            "priority": job.priority,
-            "cpu_cores": hardware.cpu_cores,
-            "memory": hardware.memory,
-            "gpu_mem": hardware.gpu_mem,
-            "gpu_model": hardware.gpu_model,
-            "gpu_archi": hardware.gpu_archi,
-            "gpus": gpus_needed(hardware),
-            "status": JobStatus.QUEUED,
-            "attempts": 0,
-            "failed_workers": [],
-            "created_at": now,
-            "updated_at": now,
-        }
+        if not jobs:
+            return 0
         dialect_insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
         statement = (
             dialect_insert(QueuedJob)
-            .values(**values)
+            .values([_row_values(job, now) for job in jobs])
             .on_conflict_do_nothing(index_elements=[QueuedJob.job_id])
             .returning(QueuedJob.id)
         )
-        return self._session.execute(statement).first() is not None
+        return len(self._session.execute(statement).all())
+
+    def summaries_by_job_id(self, job_ids: Sequence[int]) -> Sequence[Row[int, int, JobStatus]]:
+        """``(id, job_id, status)`` of the rows of these user API job ids."""
+        return self._session.execute(
+            select(QueuedJob.id, QueuedJob.job_id, QueuedJob.status)
+            .where(QueuedJob.job_id.in_(job_ids))
+            .order_by(QueuedJob.id)
+        ).all()
 
     # -- lease ---------------------------------------------------------------
 
@@ -537,3 +533,27 @@ def _null_or_equal(
     if not offered:
         return column.is_(None)
     return or_(column.is_(None), column == bindparam(parameter, type_=String()))
+
+
+def _row_values(job: QueueJob, now: datetime) -> dict[str, Any]:
+    """The ``queued_jobs`` row of a newly enqueued job."""
+    hardware = job.job.hardware
+    return {
+        "job_id": job.job.meta.job_id,
+        "spec": job.job.model_dump(mode="json"),
+        "paths_upload": job.paths_upload.model_dump(mode="json"),
+        "environment": job.environment.value if job.environment else None,
+        "group_name": job.group,
+        "priority": job.priority,
+        "cpu_cores": hardware.cpu_cores,
+        "memory": hardware.memory,
+        "gpu_mem": hardware.gpu_mem,
+        "gpu_model": hardware.gpu_model,
+        "gpu_archi": hardware.gpu_archi,
+        "gpus": gpus_needed(hardware),
+        "status": JobStatus.QUEUED,
+        "attempts": 0,
+        "failed_workers": [],
+        "created_at": now,
+        "updated_at": now,
+    }

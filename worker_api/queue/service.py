@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,7 +26,7 @@ from labcloud.db import unit_of_work, utcnow
 from labcloud.errors import Conflict, NotFound, Unavailable
 from worker_api.models import QueuedJob
 from worker_api.queue.repository import QueueRepository, StatusChange
-from worker_api.queue.schemas import WorkerOffer
+from worker_api.queue.schemas import EnqueuedJob, WorkerOffer
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,14 @@ class QueueService:
         queued = self._repository.get_by_job_id(job.job.meta.job_id)
         assert queued is not None, "the row was inserted or already existed"
         return queued
+
+    def enqueue_many(self, jobs: Sequence[QueueJob]) -> list[EnqueuedJob]:
+        """``enqueue`` for a batch, in one statement: the user API hands over its
+        outbox this way when many jobs were submitted at once."""
+        if self._repository.insert_many_if_absent(jobs, now=utcnow()):
+            _after_commit(self._session, self._signals.job_enqueued)
+        rows = self._repository.summaries_by_job_id([job.job.meta.job_id for job in jobs])
+        return [EnqueuedJob(id=id_, job_id=job_id, status=status) for id_, job_id, status in rows]
 
     def lease(self, offer: WorkerOffer, *, limit: int, older_than: float) -> list[LeasedJob]:
         """Lease up to ``limit`` jobs matching ``offer`` to that worker."""
