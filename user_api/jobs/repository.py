@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from labcloud.contract import JobStatus, allowed_sources
@@ -31,11 +31,6 @@ def list_for_user(session: Session, user_id: int, *, offset: int, limit: int) ->
         .limit(limit)
     )
     return session.scalars(query).all()
-
-
-def name_taken(session: Session, user_id: int, job_name: str) -> bool:
-    query = select(Job.id).where(Job.user_id == user_id, Job.job_name == job_name)
-    return session.scalars(query).first() is not None
 
 
 def owner_email(session: Session, job: Job) -> str:
@@ -88,12 +83,38 @@ def drop_pending_enqueue(session: Session, job_id: int) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def next_outbox(session: Session) -> WorkerOutbox | None:
-    return session.scalars(select(WorkerOutbox).order_by(WorkerOutbox.id).limit(1)).first()
+# Key of the advisory lock held by the process delivering the outbox (PostgreSQL).
+_OUTBOX_DELIVERY_LOCK = 0x4C43_5742  # "LCWB"
 
 
-def acknowledge_outbox(session: Session, outbox_id: int) -> None:
-    session.execute(delete(WorkerOutbox).where(WorkerOutbox.id == outbox_id))
+def holds_lock_while_sending(session: Session) -> bool:
+    """Whether a delivery round keeps its transaction (and lock) open while it sends:
+    on PostgreSQL yes; on SQLite that would hold the database's write lock."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def lock_outbox_delivery(session: Session) -> bool:
+    """Take the outbox delivery lock for this transaction; False when another
+    process holds it. Always True on SQLite (one process)."""
+    if not holds_lock_while_sending(session):
+        return True
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(_OUTBOX_DELIVERY_LOCK))))
+
+
+def outbox_batch(session: Session, limit: int) -> Sequence[WorkerOutbox]:
+    """The oldest ``limit`` messages, in the order they were written."""
+    return session.scalars(select(WorkerOutbox).order_by(WorkerOutbox.id).limit(limit)).all()
+
+
+def acknowledge_outbox(session: Session, outbox_ids: Sequence[int]) -> set[int]:
+    """Delete delivered messages; returns the ids that were still there (a message
+    missing was withdrawn meanwhile)."""
+    if not outbox_ids:
+        return set()
+    result = session.execute(
+        delete(WorkerOutbox).where(WorkerOutbox.id.in_(outbox_ids)).returning(WorkerOutbox.id)
+    )
+    return set(result.scalars())
 
 
 def record_outbox_failure(session: Session, outbox_id: int, error: str) -> None:

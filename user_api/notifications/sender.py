@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.db import unit_of_work, utcnow
+from labcloud.threads import run_to_completion
 from user_api.notifications import repository
 from user_api.notifications.mailjet import Delivery, MailjetTransport, Outcome, OutgoingEmail
 from user_api.notifications.repository import ClaimedEmail
@@ -91,12 +92,7 @@ class EmailSender:
         # Sending and recording the result are one step that a cancellation (the
         # API shutting down) waits for: an email handed to Mailjet is then always
         # recorded as sent and not sent again after the restart.
-        delivering = asyncio.ensure_future(anyio.to_thread.run_sync(self._deliver, claimed))
-        try:
-            await asyncio.shield(delivering)
-        except asyncio.CancelledError:
-            await delivering
-            raise
+        await run_to_completion(self._deliver, claimed)
         return True
 
     def _deliver(self, email: ClaimedEmail) -> None:
