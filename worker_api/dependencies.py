@@ -1,5 +1,9 @@
 """Request-scoped dependencies: the unit of work, the caller, the services.
 
+Dependencies that only read ``app.state`` are ``async def``: FastAPI runs sync
+dependencies in the thread pool, and a hop per dependency is a measurable share of
+a pull's CPU time. Those that may block (the database, the account check) stay sync.
+
 Everything long-lived is created by the lifespan (``worker_api.app``) and read here
 from ``app.state``; see ``create_app`` for the attribute names.
 """
@@ -55,7 +59,7 @@ def current_worker(request: Request) -> Principal:
     return principal
 
 
-def require_internal_key(request: Request) -> None:
+async def require_internal_key(request: Request) -> None:
     """Only the user API, holding the internal key, may call the internal routes."""
     check_internal_key(request, get_settings(request).internal_api_key_secret.get_secret_value())
 
@@ -65,13 +69,17 @@ def worker_environment(principal: Principal) -> Environment:
     return Environment.CLOUD if principal.has(Group.CLOUD) else Environment.LOCAL
 
 
-SettingsDep = Annotated[WorkerApiSettings, Depends(get_settings)]
+async def settings_dependency(request: Request) -> WorkerApiSettings:
+    return get_settings(request)
+
+
+SettingsDep = Annotated[WorkerApiSettings, Depends(settings_dependency)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 CurrentWorker = Annotated[Principal, Depends(current_worker)]
 InternalCaller = Depends(require_internal_key)
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
 
@@ -81,12 +89,12 @@ def get_signer(request: Request) -> UrlSigner:
     return signer
 
 
-def get_puller(request: Request) -> JobPuller:
+async def get_puller(request: Request) -> JobPuller:
     puller: JobPuller = request.app.state.puller
     return puller
 
 
-def get_queue_service(request: Request, session: SessionDep) -> QueueService:
+async def get_queue_service(request: Request, session: SessionDep) -> QueueService:
     state = request.app.state
     return QueueService(session, state.queue_policy, state.queue_signals)
 
@@ -107,7 +115,7 @@ def make_file_service(request: Request, session: Session) -> FileService:
     )
 
 
-def get_file_service(request: Request, session: SessionDep) -> FileService:
+async def get_file_service(request: Request, session: SessionDep) -> FileService:
     return make_file_service(request, session)
 
 

@@ -97,8 +97,6 @@ def create_job(
             f"environment variables not accepted by {ref.application}/{ref.version}/"
             f"{ref.entrypoint}: {', '.join(rejected)} (allowed: {allowed})"
         )
-    if repository.name_taken(session, user.id, payload.job_name):
-        raise DuplicateJobName(f"you already have a job named {payload.job_name!r}")
     files_down = _place_inputs(storage, user.subject, payload.attributes.files_down, entrypoint)
     hardware = _merge_hardware(payload.hardware, entrypoint)
     paths = {kind.value: f"{kind.value}/{payload.job_name}" for kind in OutputKind}
@@ -115,11 +113,12 @@ def create_job(
         paths_out=paths,
         status=JobStatus.QUEUED.value,
     )
+    # The unique (user, name) constraint is the check: no SELECT before, and no
+    # savepoint, since a refused job leaves nothing in the transaction worth keeping.
     try:
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
-    except IntegrityError as exc:  # the same name submitted twice at once
+        session.add(job)
+        session.flush()
+    except IntegrityError as exc:
         raise DuplicateJobName(f"you already have a job named {payload.job_name!r}") from exc
 
     queue_job = QueueJob(
@@ -171,7 +170,7 @@ def cancel_job(session: Session, *, user: AuthenticatedUser, job_id: int) -> Job
     """Move an active job to ``canceled`` and tell the worker API; a job that already
     ended is returned unchanged."""
     job = _owned(session, user, job_id)
-    _cancel(session, job, discard_outputs=False)
+    _cancel(session, job, discard_outputs=False, reason="canceled by the user")
     session.refresh(job)
     return _read(job, user)
 
@@ -182,7 +181,7 @@ def cancel_any_job(session: Session, *, job_id: int) -> Job:
     job = repository.get(session, job_id)
     if job is None:
         raise JobNotFound(f"job {job_id} not found")
-    _cancel(session, job, discard_outputs=False)
+    _cancel(session, job, discard_outputs=False, reason="canceled by an administrator")
     session.refresh(job)
     return job
 
@@ -190,7 +189,7 @@ def cancel_any_job(session: Session, *, job_id: int) -> Job:
 def delete_job(session: Session, *, user: AuthenticatedUser, job_id: int, storage: Storage) -> None:
     """Cancel the job if it is active, then remove its row and its result folders."""
     job = _owned(session, user, job_id)
-    _cancel(session, job, discard_outputs=True)
+    _cancel(session, job, discard_outputs=True, reason="deleted by the user")
     repository.delete_job(session, job.id)
     session.flush()
     # Files go last: if removing them fails, the transaction rolls back and the job
@@ -219,10 +218,10 @@ def apply_status_update(session: Session, update: StatusUpdate) -> StatusApplied
     return StatusApplied(job_id=job.id, status=update.status, applied=applied)
 
 
-def _cancel(session: Session, job: Job, *, discard_outputs: bool) -> None:
+def _cancel(session: Session, job: Job, *, discard_outputs: bool, reason: str) -> None:
     """``discard_outputs``: the job is being deleted, so its worker must not upload
     even the partial logs a canceled job keeps."""
-    if not repository.transition(session, job.id, JobStatus.CANCELED, "canceled by the user"):
+    if not repository.transition(session, job.id, JobStatus.CANCELED, reason):
         return
     # If the worker API never received the job, withdrawing the message is enough.
     if not repository.drop_pending_enqueue(session, job.id):
@@ -231,7 +230,7 @@ def _cancel(session: Session, job: Job, *, discard_outputs: bool) -> None:
         )
     if not discard_outputs:  # a job being deleted has no page left to announce
         enqueue_completion_email(session, job)
-    logger.info("job %s canceled", job.id)
+    logger.info("job %s %s", job.id, reason)
 
 
 def _owned(session: Session, user: AuthenticatedUser, job_id: int) -> Job:
