@@ -14,9 +14,6 @@ class WorkerApiSettings(ServiceSettings):
     """Everything the worker API needs; it refuses to start on a missing or malformed
     value and names it."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8001, ge=1, le=65535)
-
     queue_db_url: str = "sqlite:///./.labcloud/worker_api.db"
     queue_db_secret: SecretStr | None = Field(
         default=None,

@@ -164,6 +164,8 @@ def _handler(api: FakeUserApi) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             if self.path == "/.well-known/jwks.json":
                 self._reply(200, json.dumps(api.issuer.jwks()).encode())
+            elif self.path.startswith("/_accounts/"):
+                self._reply(200, b'{"active": true}')
             else:
                 self._reply(404, b"{}")
 
