@@ -6,7 +6,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
-from pydantic import EmailStr, Field, SecretStr, model_validator
+from pydantic import EmailStr, Field, SecretStr, field_validator, model_validator
 
 from labcloud.db import build_database_url
 from labcloud.secrets import resolve_secret
@@ -48,8 +48,16 @@ class UserApiSettings(ServiceSettings):
     )
 
     # Fair use: defaults of the per-user limits (admins may set others per user).
+    # Per-user limits for accounts without their own; "unlimited" (or empty) for none.
     default_max_active_jobs: int | None = Field(default=100, ge=0)
     default_max_storage_bytes: int | None = Field(default=100 * 1024**3, ge=0)
+
+    @field_validator("default_max_active_jobs", "default_max_storage_bytes", mode="before")
+    @classmethod
+    def _unlimited(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "unlimited", "none"):
+            return None
+        return value
 
     # Email when a job ends.
     email_sender_service: EmailSenderService = EmailSenderService.NONE

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from labcloud.storage.local import LocalStorage
@@ -226,3 +227,20 @@ def test_of_two_racing_uploads_the_one_over_the_limit_is_removed(storage: LocalS
         storage, "u1", "u1/data/mine.bin", io.BytesIO(b"r" * 500), None
     )
     assert entry.size == 500
+
+
+@pytest.mark.parametrize("value", ["", "unlimited", "None"])
+def test_default_limits_can_be_switched_off_from_the_environment(
+    value: str, monkeypatch: pytest.MonkeyPatch, user_settings: UserApiSettings
+) -> None:
+    monkeypatch.setenv("DEFAULT_MAX_ACTIVE_JOBS", value)
+    monkeypatch.setenv("DEFAULT_MAX_STORAGE_BYTES", value)
+    base = user_settings.model_dump(
+        exclude={"default_max_active_jobs", "default_max_storage_bytes"}
+    )
+    settings = UserApiSettings(_env_file=None, **base)
+    assert settings.default_max_active_jobs is None
+    assert settings.default_max_storage_bytes is None
+    monkeypatch.setenv("DEFAULT_MAX_ACTIVE_JOBS", "-1")
+    with pytest.raises(ValidationError, match="default_max_active_jobs"):
+        UserApiSettings(_env_file=None, **base)
