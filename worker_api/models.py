@@ -32,6 +32,7 @@ STATUS_CHECK = f"status IN ({_STATUS_VALUES})"
 # literal values, so the pull writes ``status = 'queued'`` as a literal too.
 QUEUED_ONLY = f"status = '{JobStatus.QUEUED.value}'"
 LEASED_ONLY = "lease_expires_at IS NOT NULL"
+QUEUED_NO_GPU = f"{QUEUED_ONLY} AND gpus = 0"
 
 
 class Base(DeclarativeBase):
@@ -64,6 +65,9 @@ class QueuedJob(Base):
     Indexes (see ``worker_api.queue.repository`` for the plans they give):
     ``ix_queued_jobs_pull`` holds only queued rows, in pull order per environment,
     so a pull reads the head of the line however many finished jobs accumulate;
+    ``ix_queued_jobs_pull_no_gpu`` is the same line without the jobs that need a GPU,
+    read by pulls that offer none, so GPU jobs waiting for a GPU worker never slow
+    down CPU workers;
     ``ix_queued_jobs_lease_expires_at`` holds only leased rows (the reaper);
     ``ix_queued_jobs_worker_status`` finds the jobs a worker holds (file access).
     """
@@ -103,6 +107,15 @@ class QueuedJob(Base):
             "id",
             postgresql_where=text(QUEUED_ONLY),
             sqlite_where=text(QUEUED_ONLY),
+        ),
+        Index(
+            "ix_queued_jobs_pull_no_gpu",
+            "environment",
+            priority.desc(),
+            "created_at",
+            "id",
+            postgresql_where=text(QUEUED_NO_GPU),
+            sqlite_where=text(QUEUED_NO_GPU),
         ),
         Index(
             "ix_queued_jobs_lease_expires_at",

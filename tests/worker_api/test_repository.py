@@ -643,9 +643,10 @@ def test_only_the_first_outbox_row_is_claimed(postgres_factory: sessionmaker[Ses
 def test_pull_reads_the_head_of_the_partial_index(
     postgres_factory: sessionmaker[Session],
 ) -> None:
-    # A queue of 20,000 jobs of mixed environments and priorities beside as many
-    # finished ones: the pull's plan walks ix_queued_jobs_pull once per branch of
-    # the environment rule and sorts nothing but the two candidate lists.
+    # A queue of 20,000 jobs of mixed environments, priorities and GPU needs beside
+    # as many finished ones: the pull's plan walks a partial pull index once per
+    # branch of the environment rule and sorts nothing but the two candidate lists.
+    # A pull that offers no GPU walks the index without GPU jobs.
     factory = postgres_factory
     with unit_of_work(factory) as session:
         session.execute(
@@ -655,7 +656,7 @@ def test_pull_reads_the_head_of_the_partial_index(
                     memory, gpus, status, attempts, failed_workers, created_at, updated_at)
                 SELECT g, '{}', '{}',
                     CASE g % 3 WHEN 0 THEN 'cloud' WHEN 1 THEN 'local' END, g % 6,
-                    CASE WHEN g % 5 = 0 THEN 16000 END, 0,
+                    CASE WHEN g % 5 = 0 THEN 16000 END, CASE WHEN g % 2 = 0 THEN 1 ELSE 0 END,
                     CASE WHEN g <= 20000 THEN 'queued' ELSE 'finished' END,
                     0, '[]', now() - g * interval '1 second', now()
                 FROM generate_series(1, 40000) AS g
@@ -680,12 +681,17 @@ def test_pull_reads_the_head_of_the_partial_index(
             plans.append("\n".join(line for (line,) in cursor.fetchall()))
 
     engine = factory.kw["bind"]
+    gpu_worker = WorkerOffer(name="gpu-box", environment=Environment.LOCAL, memory=8000, gpus=1)
     event.listen(engine, "before_cursor_execute", explain)
     try:
         leased = lease(factory, limit=3)
+        leased_with_gpu = lease(factory, gpu_worker, limit=3)
     finally:
         event.remove(engine, "before_cursor_execute", explain)
-    assert len(leased) == 3
-    [plan] = plans
-    assert plan.count("Index Scan using ix_queued_jobs_pull") == 2, plan
-    assert "Seq Scan" not in plan and "Bitmap" not in plan, plan
+    assert len(leased) == 3 and all(job_id % 2 == 1 for job_id in leased)
+    assert len(leased_with_gpu) == 3
+    no_gpu_plan, gpu_plan = plans
+    for plan in plans:
+        assert "Seq Scan" not in plan and "Bitmap" not in plan, plan
+    assert no_gpu_plan.count("Index Scan using ix_queued_jobs_pull_no_gpu ") == 2, no_gpu_plan
+    assert gpu_plan.count("Index Scan using ix_queued_jobs_pull ") == 2, gpu_plan

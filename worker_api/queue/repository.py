@@ -37,10 +37,15 @@ memory and GPU needs):
   (0.05 ms), a worker's held jobs come from ``ix_queued_jobs_worker_status``
   (0.1 ms); finished rows are in neither.
 
+A pull that offers no GPU reads ``ix_queued_jobs_pull_no_gpu`` instead, the same
+line without the jobs that need a GPU: GPU jobs waiting for a GPU worker cost a
+CPU worker nothing.
+
 What a pull still pays for: queued jobs ahead in line that this worker cannot run
-(hardware it lacks, or RETRY_DIFFERENT) are filtered one by one, so a GPU-less
-worker behind 100,000 GPU jobs of its environment reads all of them (tens of ms).
-A cost in the depth of what the worker cannot take, never in the finished history.
+for other reasons (more memory or cores than it offers, a GPU model it lacks, or
+RETRY_DIFFERENT) are filtered one by one, so a worker behind 100,000 jobs that all
+need more memory than it has reads all of them (tens of ms). A cost in the depth of
+what the worker cannot take, never in the finished history.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ from worker_api.queue.schemas import WorkerOffer
 _UPDATE_OPTIONS: dict[str, Any] = {"synchronize_session": False, "populate_existing": True}
 # The partial pull index's predicate, as a literal (see the module docstring).
 _QUEUED: ColumnElement[str] = literal_column(f"'{JobStatus.QUEUED.value}'")
+_NO_GPU: ColumnElement[int] = literal_column("0")
 
 
 def gpus_needed(hardware: HardwareSpec) -> int:
@@ -208,6 +214,7 @@ class QueueRepository:
             retry_different=retry_different,
             gpu_model=offer.gpu_model is not None,
             gpu_archi=offer.gpu_archi is not None,
+            no_gpu=offer.gpus == 0,
         )
         key = (self._dialect, shape)
         statement = self._lease_cache.get(key)
@@ -245,8 +252,10 @@ class QueueRepository:
             or_(job.cpu_cores.is_(None), job.cpu_cores <= bindparam("offer_cpu_cores")),
             or_(job.memory.is_(None), job.memory <= bindparam("offer_memory")),
             # gpus counts every job that needs a GPU, so a worker without a free GPU
-            # (gpus=0) is never given one, whatever gpu_mem it reports.
-            job.gpus <= bindparam("offer_gpus"),
+            # (gpus=0) is never given one, whatever gpu_mem it reports. For such a
+            # pull the condition is written as the literal of the partial index
+            # ix_queued_jobs_pull_no_gpu, which the planner can then use.
+            job.gpus == _NO_GPU if shape.no_gpu else job.gpus <= bindparam("offer_gpus"),
             or_(job.gpu_mem.is_(None), job.gpu_mem <= bindparam("offer_gpu_mem")),
             _null_or_equal(job.gpu_model, "offer_gpu_model", offered=shape.gpu_model),
             _null_or_equal(job.gpu_archi, "offer_gpu_archi", offered=shape.gpu_archi),
@@ -524,6 +533,7 @@ class _LeaseShape:
     retry_different: bool
     gpu_model: bool
     gpu_archi: bool
+    no_gpu: bool
 
 
 def _null_or_equal(

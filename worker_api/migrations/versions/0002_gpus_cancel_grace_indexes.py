@@ -5,7 +5,9 @@
 - ``queued_jobs.log_upload_until``: until when the last worker of a cancelled job
   may upload its log.
 - ``ix_queued_jobs_pull`` becomes a partial index of queued rows only, ordered as a
-  pull reads them; the reaper and the worker's file access get their own indexes.
+  pull reads them, and ``ix_queued_jobs_pull_no_gpu`` the same for jobs that need no
+  GPU (pulls that offer none); the reaper and the worker's file access get their own
+  indexes.
 
 On a large PostgreSQL queue, ``CREATE INDEX`` blocks writes to the table while it
 builds (seconds per million rows); run the upgrade in a quiet moment.
@@ -30,6 +32,7 @@ depends_on: str | Sequence[str] | None = None
 # Written out rather than imported from the models (see 0001).
 QUEUED_ONLY = "status = 'queued'"
 LEASED_ONLY = "lease_expires_at IS NOT NULL"
+QUEUED_NO_GPU = "status = 'queued' AND gpus = 0"
 
 
 def upgrade() -> None:
@@ -53,6 +56,13 @@ def upgrade() -> None:
         sqlite_where=sa.text(QUEUED_ONLY),
     )
     op.create_index(
+        "ix_queued_jobs_pull_no_gpu",
+        "queued_jobs",
+        ["environment", sa.text("priority DESC"), "created_at", "id"],
+        postgresql_where=sa.text(QUEUED_NO_GPU),
+        sqlite_where=sa.text(QUEUED_NO_GPU),
+    )
+    op.create_index(
         "ix_queued_jobs_lease_expires_at",
         "queued_jobs",
         ["lease_expires_at"],
@@ -65,6 +75,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_queued_jobs_worker_status", table_name="queued_jobs")
     op.drop_index("ix_queued_jobs_lease_expires_at", table_name="queued_jobs")
+    op.drop_index("ix_queued_jobs_pull_no_gpu", table_name="queued_jobs")
     op.drop_index("ix_queued_jobs_pull", table_name="queued_jobs")
     # SQLite drops columns by copying the table: done before the old pull index is
     # rebuilt, so that the copy does not have to carry it.
