@@ -115,14 +115,26 @@ class ServiceSettings(BaseSettings):
         return self.cognito_jwks_url or f"{self.resolved_cognito_issuer}/.well-known/jwks.json"
 
 
-def load_settings(cls: type[_S], env_file: str | None = ".env") -> _S:
-    """Load settings, or exit with status 2 and one line per bad setting, named as
-    its environment variable (no traceback: this is a configuration error)."""
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line per bad setting, named as its environment variable; never the value,
+    which may be a secret."""
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]).upper() or "SETTINGS"
+        lines.append(f"  {name}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(cls: type[_S], env_file: str | Path | None = None) -> _S:
+    """Load settings from the environment and ``env_file`` (default: ``.env`` when it
+    exists), or exit with status 2 and one line per bad setting (no traceback: this
+    is a configuration error). A named file must exist: pydantic-settings would
+    silently ignore it."""
+    if env_file is not None and not Path(env_file).is_file():
+        raise SystemExit(f"{cls.__name__}: env file not found: {env_file}")
     try:
-        return cls(_env_file=env_file)
+        return cls(_env_file=env_file if env_file is not None else ".env")
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            name = ".".join(str(part) for part in error["loc"]).upper() or "SETTINGS"
-            lines.append(f"  {name}: {error['msg']}")
-        raise SystemExit(f"{cls.__name__}: invalid settings\n" + "\n".join(lines)) from None
+        raise SystemExit(
+            f"{cls.__name__}: invalid settings\n{describe_settings_error(exc)}"
+        ) from None

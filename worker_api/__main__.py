@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--env-file", help="read settings from this file (default: .env)")
     args = parser.parse_args(argv)
-    settings = load_settings(WorkerApiSettings, args.env_file or ".env")
+    settings = load_settings(WorkerApiSettings, args.env_file)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

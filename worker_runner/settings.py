@@ -17,6 +17,8 @@ import httpx
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from labcloud.settings import describe_settings_error
+
 
 def _base_url(value: str) -> str:
     try:
@@ -127,8 +129,4 @@ def load_settings(env_file: Path | None = None) -> WorkerSettings:
 
 def describe_validation_error(exc: ValidationError) -> str:
     """One line per bad setting, named as its environment variable."""
-    lines = []
-    for error in exc.errors():
-        name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
-        lines.append(f"{name}: {error['msg']}")
-    return "invalid worker settings:\n  " + "\n  ".join(lines)
+    return f"invalid worker settings:\n{describe_settings_error(exc)}"
