@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.parse
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -11,7 +12,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import DateTime, Engine, create_engine, event
+from sqlalchemy import DateTime, Engine, create_engine, event, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -94,6 +95,12 @@ def migrate(engine: Engine, script_location: Path) -> None:
     config = Config()
     config.set_main_option("script_location", str(script_location))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Several processes starting at once (uvicorn --workers, a rolling
+            # deploy) migrate one after the other: the later ones find the database
+            # at head. (SQLite transactions already hold the write lock.)
+            key = zlib.crc32(f"labcloud-migrate:{script_location.parent.name}".encode())
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -1,10 +1,11 @@
 """Small HTTP glue shared by both APIs: error mapping, credentials extraction,
-internal-key checks. No routes live here."""
+internal-key checks, the server's logging. No routes live here."""
 
 from __future__ import annotations
 
 import hmac
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -46,3 +47,19 @@ def check_internal_key(request: Request, expected: str) -> None:
     provided = request.headers.get(INTERNAL_API_KEY_HEADER, "")
     if not hmac.compare_digest(provided.encode(), expected.encode()):
         raise Unauthorized("invalid or missing internal API key")
+
+
+def uvicorn_log_config(level: str) -> dict[str, Any]:
+    """The service's logs and uvicorn's (access log included) on stderr, one format."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+        "loggers": {
+            "uvicorn": {"level": "INFO"},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"level": "INFO"},
+        },
+    }

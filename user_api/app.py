@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from labcloud.auth import TokenVerifier
 from labcloud.auth.local import LocalTokenIssuer, cognito_verifier
 from labcloud.db import create_db_engine, make_session_factory, migrate, unit_of_work
-from labcloud.settings import AuthMode
+from labcloud.settings import AuthMode, load_settings
 from labcloud.storage.factory import make_storage
 from labcloud.storage.signing import UrlSigner
 from labcloud.web import install_error_handlers
@@ -36,8 +37,13 @@ logger = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
+# Names the env file that ``create_app()`` reads its settings from when it is given
+# none: how ``python -m user_api --workers N --env-file F`` passes F to each worker.
+ENV_FILE_VARIABLE = "LABCLOUD_USER_API_ENV_FILE"
+
+
 def create_app(settings: UserApiSettings | None = None) -> FastAPI:
-    settings = settings or UserApiSettings()
+    settings = settings or load_settings(UserApiSettings, os.environ.get(ENV_FILE_VARIABLE))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import uvicorn
 
 from labcloud.settings import load_settings
+from labcloud.web import uvicorn_log_config
 from worker_api.app import create_app
 from worker_api.settings import WorkerApiSettings
 
@@ -21,11 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env-file", help="read settings from this file (default: .env)")
     args = parser.parse_args(argv)
     settings = load_settings(WorkerApiSettings, args.env_file)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_config=uvicorn_log_config(settings.log_level),
     )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0
 
 

@@ -181,13 +181,16 @@ def ensure_bootstrap_admin(session: Session, *, email: str, password: str) -> No
     problem = password_problem(password)
     if problem:
         raise ValueError(f"BOOTSTRAP_ADMIN_PASSWORD: {problem}")
-    repository.add(
-        session,
-        User(
-            subject=secrets.token_hex(16),
-            email=email,
-            password_hash=hash_password(password),
-            groups=sorted([Group.USERS.value, Group.ADMINS.value]),
-        ),
+    admin = User(
+        subject=secrets.token_hex(16),
+        email=email,
+        password_hash=hash_password(password),
+        groups=sorted([Group.USERS.value, Group.ADMINS.value]),
     )
+    try:
+        with session.begin_nested():
+            repository.add(session, admin)
+    except IntegrityError:  # another server process starting at the same time made it
+        logger.info("bootstrap admin %s created by another process", email)
+        return
     logger.info("bootstrap admin %s created", email)
