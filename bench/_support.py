@@ -30,7 +30,7 @@ CATALOG = REPO_ROOT / "tests" / "data" / "application_config.yaml"
 BACKENDS = ("postgresql", "sqlite")
 # What a runner uses when nothing is configured (worker_runner.settings): the
 # benchmarks measure the defaults, not the test suite's short intervals.
-RUNNER_DEFAULTS = {"TIMEOUT_STATUS": "5", "TIMEOUT_JOB": "10", "WAIT": "20"}
+RUNNER_DEFAULTS = {"TIMEOUT_STATUS": "5", "TIMEOUT_JOB": "10", "WAIT": "5"}
 # Per-user limit of active jobs, raised so that a benchmark measures the queue and
 # not the fair-use rule.
 NO_JOB_LIMIT = {"DEFAULT_MAX_ACTIVE_JOBS": "100000000"}

@@ -54,7 +54,9 @@ class WorkerSettings(BaseSettings):
     )
     timeout_job: float = Field(default=10.0, gt=0, description="Seconds between empty polls.")
     timeout_status: float = Field(default=5.0, gt=0, description="Seconds between keep-alives.")
-    wait: float = Field(default=20.0, ge=0, le=300, description="Long-poll seconds per pull.")
+    # Short enough that a stopping runner, which lets its pull end, stops within
+    # seconds; a new job still starts at once (the pull returns when one arrives).
+    wait: float = Field(default=5.0, ge=0, le=300, description="Long-poll seconds per pull.")
     slots: int = Field(
         default=1,
         ge=1,

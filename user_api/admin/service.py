@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 WORKER_EMAIL_DOMAIN = "workers.labcloud.example.org"
 # Runner settings written for a new worker account besides URLs and credentials:
 # the runner's own defaults, spelled out so the file shows what can be tuned.
-_RUNNER_DEFAULTS = {"TIMEOUT_STATUS": "5", "TIMEOUT_JOB": "10", "WAIT": "20"}
+_RUNNER_DEFAULTS = {"TIMEOUT_STATUS": "5", "TIMEOUT_JOB": "10", "WAIT": "5"}
 
 
 class UserNotFound(NotFound):
