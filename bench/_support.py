@@ -23,7 +23,8 @@ import docker  # noqa: E402
 
 from labcloud.images import DEMO_IMAGE, ensure_demo_image  # noqa: E402
 from tests.databases import temporary_postgres_database  # noqa: E402
-from tests.e2e.stack import Stack, wait_for  # noqa: E402
+from tests.e2e.stack import Stack  # noqa: E402
+from tests.waiting import wait_for  # noqa: E402
 
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 CATALOG = REPO_ROOT / "tests" / "data" / "application_config.yaml"

@@ -14,9 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -263,16 +262,3 @@ def wait_ready(url: str, process: Process, timeout: float = 60) -> None:
             pass
         time.sleep(0.05)
     raise RuntimeError(f"{process.name} not ready after {timeout} s:\n{process.log()[-4000:]}")
-
-
-def wait_for(
-    condition: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = ""
-) -> Any:
-    """Poll ``condition`` until it returns a truthy value; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")

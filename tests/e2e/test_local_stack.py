@@ -18,7 +18,8 @@ import pytest
 
 from labcloud.images import ensure_demo_image
 from tests.databases import temporary_postgres_database
-from tests.e2e.stack import Stack, wait_for
+from tests.e2e.stack import Stack
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 CATALOG = Path(__file__).resolve().parents[1] / "data" / "application_config.yaml"

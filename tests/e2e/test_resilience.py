@@ -28,7 +28,8 @@ from sqlalchemy.pool import NullPool
 
 from labcloud.images import ensure_demo_image
 from tests.databases import temporary_postgres_database
-from tests.e2e.stack import Process, Stack, wait_for, wait_ready
+from tests.e2e.stack import Process, Stack, wait_ready
+from tests.waiting import wait_for
 from worker_runner.loop import LABEL_JOB_ID, LABEL_WORKER
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]

@@ -4,7 +4,6 @@ refuses more than one."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from sqlalchemy import func, select
 
 from labcloud.auth.local import generate_private_key_pem
 from labcloud.db import create_db_engine, make_session_factory, migrate, unit_of_work
+from tests.e2e.stack import free_port
 from tests.user_api.conftest import TEST_CATALOG
 from tests.user_api.helpers import PASSWORD
 from user_api.app import MIGRATIONS
@@ -24,13 +24,6 @@ from user_api.auth.service import ensure_bootstrap_admin
 from user_api.models import User
 
 ADMIN = "admin@example.org"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def write_env(path: Path, database_url: str, data: Path) -> Path:

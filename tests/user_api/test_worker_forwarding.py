@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,6 +22,7 @@ from labcloud.contract import INTERNAL_API_KEY_HEADER
 from labcloud.db import create_db_engine, make_session_factory
 from tests.user_api.conftest import TEST_CATALOG
 from tests.user_api.helpers import signup
+from tests.waiting import wait_for
 from user_api.app import create_app
 from user_api.jobs import repository
 from user_api.models import Job, WorkerOutbox
@@ -118,15 +118,6 @@ class FakeWorkerApi:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture

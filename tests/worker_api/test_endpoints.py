@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from labcloud.contract import Environment, HardwareSpec, JobStatus
 from labcloud.db import create_db_engine, make_session_factory, unit_of_work
+from tests.waiting import wait_for
 from tests.worker_api.conftest import FakeUserApi, queue_job
 from worker_api.app import create_app
 from worker_api.models import StatusOutbox
@@ -61,15 +62,6 @@ def make_client(tmp_path: Path, fake_user_api: FakeUserApi) -> Iterator[ClientFa
 @pytest.fixture
 def client(make_client: ClientFactory) -> TestClient:
     return make_client()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def enqueue(client: TestClient, job_id: int, **options: Any) -> dict[str, Any]:

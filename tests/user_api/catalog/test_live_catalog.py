@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,17 +16,9 @@ from fastapi.testclient import TestClient
 from labcloud.contract import INTERNAL_API_KEY_HEADER
 from tests.user_api.conftest import TEST_CATALOG
 from tests.user_api.helpers import login, signup
+from tests.waiting import wait_for
 from user_api.app import create_app
 from user_api.settings import UserApiSettings
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @pytest.fixture
