@@ -8,7 +8,7 @@ database stay sync."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from labcloud.auth import Principal, TokenVerifier
 from labcloud.auth.local import LocalTokenIssuer
 from labcloud.contract import Group
+from labcloud.db import after_commit, request_unit_of_work
 from labcloud.errors import Forbidden, NotFound
 from labcloud.settings import AuthMode
 from labcloud.storage.base import Storage
@@ -28,22 +29,13 @@ from user_api.clients.worker_api import WorkerApiForwarder
 from user_api.limits import default_limits
 from user_api.settings import UserApiSettings
 
-_AFTER_COMMIT = "after_commit"
 
-
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """One unit of work per request: committed when the endpoint returns (before the
-    response is sent, see ``scope="function"`` below), rolled back on error. Callbacks
-    registered with ``after_commit`` run once the commit succeeded."""
-    with request.app.state.session_factory() as session:
-        with session.begin():
-            yield session
-        for callback in session.info.pop(_AFTER_COMMIT, []):
-            callback()
-
-
-def after_commit(session: Session, callback: Callable[[], None]) -> None:
-    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+    response is sent, see ``scope="function"`` below), rolled back on error.
+    Callbacks registered with ``after_commit`` run once the commit succeeded."""
+    async with request_unit_of_work(request.app.state.session_factory) as session:
+        yield session
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

@@ -15,16 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-from sqlalchemy import func, select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from labcloud.contract import ACTIVE_STATUSES
 from labcloud.errors import PayloadTooLarge, TooManyRequests
 from labcloud.storage.base import Entry, EntryType, Storage
 from labcloud.storage.paths import user_root_key
-from user_api.models import Job, User
+from user_api.models import User
 from user_api.settings import UserApiSettings
 
 logger = logging.getLogger(__name__)
@@ -57,7 +56,16 @@ def default_limits(settings: UserApiSettings) -> UsageLimits:
     )
 
 
-def limits_of(user: User, defaults: UsageLimits) -> UsageLimits:
+class HasLimits(Protocol):
+    """An account's own limits: a ``User``, or a row of its columns."""
+
+    @property
+    def max_active_jobs(self) -> int | None: ...
+    @property
+    def max_storage_bytes(self) -> int | None: ...
+
+
+def limits_of(user: HasLimits, defaults: UsageLimits) -> UsageLimits:
     """The limits in force for ``user``: its own values, else the defaults."""
     return UsageLimits(
         max_active_jobs=(
@@ -88,24 +96,19 @@ def storage_limit_lookup(session: Session, defaults: UsageLimits) -> Callable[[s
 # -- active jobs ----------------------------------------------------------------------
 
 
-def count_active_jobs(session: Session, user_id: int) -> int:
-    """Jobs of the user that are queued or running (any non-terminal status)."""
-    query = select(func.count(Job.id)).where(
-        Job.user_id == user_id, Job.status.in_([s.value for s in ACTIVE_STATUSES])
-    )
-    return int(session.scalar(query) or 0)
+def reserve_active_job(session: Session, user_id: int, limit: int | None) -> None:
+    """Count one more active job for the user, refused when ``limit`` are active.
 
-
-def check_active_jobs(session: Session, user_id: int, limit: int | None) -> None:
-    """Refuse one more active job when the user already has ``limit`` of them."""
-    if limit is None:
-        return
-    # Two submissions at once must not both see "one slot left": the account's row
-    # lock serialises them on PostgreSQL (SQLite transactions already hold the
-    # database's write lock from their start).
-    session.execute(select(User.id).where(User.id == user_id).with_for_update())
-    active = count_active_jobs(session, user_id)
-    if active >= limit:
+    One guarded ``UPDATE`` of the account's counter: the row lock it takes until
+    commit serialises two submissions of the same user, so both cannot see "one
+    slot left", and its cost does not grow with the number of jobs queued. The
+    transition that ends a job gives the slot back (``jobs.repository``)."""
+    query = update(User).where(User.id == user_id).values(active_jobs=User.active_jobs + 1)
+    if limit is not None:
+        query = query.where(User.active_jobs < limit)
+    result = session.execute(query.execution_options(synchronize_session=False))
+    if not result.rowcount:  # type: ignore[attr-defined]
+        active = session.scalar(select(User.active_jobs).where(User.id == user_id))
         raise ActiveJobLimitReached(
             f"active job limit reached: {active} of {limit} active jobs (queued or running); "
             "wait for one to end or cancel one"

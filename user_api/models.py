@@ -55,6 +55,9 @@ class User(Base):
     # Per-user limits set by admins; None means the default from the settings.
     max_active_jobs: Mapped[int | None]
     max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Jobs of the account that are not terminal: raised by a submission (guarded by
+    # the limit in the same UPDATE), lowered by the transition that ends a job.
+    active_jobs: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

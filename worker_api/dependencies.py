@@ -10,7 +10,7 @@ from ``app.state``; see ``create_app`` for the attribute names.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from labcloud.auth import Principal, TokenVerifier
 from labcloud.contract import Environment, Group
-from labcloud.db import unit_of_work
+from labcloud.db import request_unit_of_work
 from labcloud.errors import Forbidden, Unauthorized
 from labcloud.storage import Storage, UrlSigner
 from labcloud.web import bearer_token, check_internal_key
@@ -33,10 +33,10 @@ def get_settings(request: Request) -> WorkerApiSettings:
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """One transaction per request, committed before the response is sent (the
     dependency is used with ``scope="function"``) and rolled back on error."""
-    with unit_of_work(request.app.state.session_factory) as session:
+    async with request_unit_of_work(request.app.state.session_factory) as session:
         yield session
 
 

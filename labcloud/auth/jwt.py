@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +13,44 @@ import jwt
 from labcloud.auth.principal import InvalidToken, Principal
 
 KeyResolver = Callable[[str], Any]
+
+
+class VerifiedTokens:
+    """Tokens whose signature and claims were checked, remembered until they expire
+    (at most ``max_age`` seconds, so that a signing key withdrawn from a JWKS stops
+    being trusted soon after), the least recently used dropped beyond ``size``.
+
+    A client sends the same token with every request until it expires; checking an
+    Ed25519 or RSA signature each time costs a share of a short request's CPU.
+    Keyed by the whole token, so any change to it is a miss. Whether the account
+    may still act is checked on every request by the caller, not cached here."""
+
+    def __init__(self, *, size: int = 4096, max_age: float = 300.0) -> None:
+        self._size = size
+        self._max_age = max_age
+        self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> Principal | None:
+        now = time.time()
+        with self._lock:
+            entry = self._entries.get(token)
+            if entry is None:
+                return None
+            until, principal = entry
+            if now >= until:
+                del self._entries[token]
+                return None
+            self._entries.move_to_end(token)
+            return principal
+
+    def put(self, token: str, principal: Principal, expires_at: float) -> None:
+        until = min(expires_at, time.time() + self._max_age)
+        with self._lock:
+            self._entries[token] = (until, principal)
+            self._entries.move_to_end(token)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
 
 
 class JwtVerifier:
@@ -39,8 +80,16 @@ class JwtVerifier:
         self._name_claims = name_claims
         self._token_use = token_use
         self._leeway = leeway_seconds
+        self._verified = VerifiedTokens()
 
     def verify(self, token: str) -> Principal:
+        principal = self._verified.get(token)
+        if principal is None:
+            principal, expires_at = self._check(token)
+            self._verified.put(token, principal, expires_at)
+        return principal
+
+    def _check(self, token: str) -> tuple[Principal, float]:
         try:
             key = self._key_resolver(token)
             claims: dict[str, Any] = jwt.decode(
@@ -62,7 +111,8 @@ class JwtVerifier:
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise InvalidToken(f"invalid token: {self._groups_claim} must be a list of strings")
         name = next((str(claims[c]) for c in self._name_claims if claims.get(c)), claims["sub"])
-        return Principal(subject=str(claims["sub"]), name=name, groups=frozenset(groups))
+        principal = Principal(subject=str(claims["sub"]), name=name, groups=frozenset(groups))
+        return principal, float(claims["exp"])
 
 
 def jwks_key_resolver(jwks_url: str) -> KeyResolver:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from user_api.models import User
@@ -12,6 +12,33 @@ def get_by_email(session: Session, email: str) -> User | None:
 
 def get_by_subject(session: Session, subject: str) -> User | None:
     return session.scalars(select(User).where(User.subject == subject)).first()
+
+
+# Every request resolves its caller: a Core statement on the columns it needs,
+# compiled once, skips building and tracking an ORM object (a tenth of a short
+# request's CPU time).
+_CALLER = select(
+    User.id,
+    User.subject,
+    User.email,
+    User.groups,
+    User.is_active,
+    User.is_approved,
+    User.max_active_jobs,
+    User.max_storage_bytes,
+).where(User.subject == bindparam("subject"))
+
+
+CallerRow = Row[int, str, str, list[str], bool, bool, int | None, int | None]
+
+
+def caller_by_subject(session: Session, subject: str) -> CallerRow | None:
+    """The columns of an account that a request's caller needs, or None."""
+    return session.execute(_CALLER, {"subject": subject}).first()
+
+
+def set_groups(session: Session, user_id: int, groups: list[str]) -> None:
+    session.execute(update(User).where(User.id == user_id).values(groups=groups))
 
 
 def add(session: Session, user: User) -> User:

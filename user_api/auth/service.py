@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import IntegrityError
@@ -142,8 +142,8 @@ def resolve_caller(
     and their groups come from the database (so changes apply at once); Cognito
     accounts are created on first sight with the token's groups. The account's
     limits are resolved against ``default_limits`` (unlimited when None)."""
-    user = repository.get_by_subject(session, principal.subject)
-    if user is None:
+    row = repository.caller_by_subject(session, principal.subject)
+    if row is None:
         if local:
             raise Unauthorized("the account of this token no longer exists")
         user = repository.add(
@@ -153,12 +153,23 @@ def resolve_caller(
                 email=principal.name,
                 password_hash=None,
                 groups=sorted(principal.groups),
+                is_active=True,
+                is_approved=True,
             ),
         )
-    elif not local and sorted(principal.groups) != list(user.groups):
-        user.groups = sorted(principal.groups)
-    if not user.is_active:
+        return _authenticated(user, default_limits)
+    if not row.is_active:
         raise AccountDisabled()
+    if not local and sorted(principal.groups) != list(row.groups):
+        repository.set_groups(session, row.id, sorted(principal.groups))
+        caller = _authenticated(row, default_limits)
+        return replace(caller, groups=principal.groups)
+    return _authenticated(row, default_limits)
+
+
+def _authenticated(
+    user: User | repository.CallerRow, default_limits: UsageLimits | None
+) -> AuthenticatedUser:
     return AuthenticatedUser(
         id=user.id,
         subject=user.subject,

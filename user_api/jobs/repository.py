@@ -4,9 +4,9 @@ updates: the row count says whether the transition happened."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from labcloud.contract import JobStatus, allowed_sources
@@ -45,7 +45,8 @@ def transition(
     session: Session, job_id: int, target: JobStatus, runtime_details: str | None
 ) -> bool:
     """Move a job to ``target`` if its current status allows it; False otherwise
-    (a duplicate or late update is then a no-op)."""
+    (a duplicate or late update is then a no-op). Ending a job gives its owner's
+    active-job slot back in the same transaction."""
     now = utcnow()
     values: dict[str, Any] = {"status": target.value}
     if runtime_details is not None or target in (JobStatus.QUEUED, JobStatus.PULLED):
@@ -54,13 +55,39 @@ def transition(
         values["date_started"] = now
     if target.is_terminal:
         values["date_finished"] = now
-    result = session.execute(
+    owner = session.scalar(
         update(Job)
         .where(Job.id == job_id, Job.status.in_([s.value for s in allowed_sources(target)]))
         .values(**values)
+        .returning(Job.user_id)
         .execution_options(synchronize_session=False)
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    if owner is None:
+        return False
+    if target.is_terminal:  # every source of a terminal status is active: a slot frees
+        session.execute(
+            update(User)
+            .where(User.id == owner)
+            .values(active_jobs=User.active_jobs - 1)
+            .execution_options(synchronize_session=False)
+        )
+    return True
+
+
+# Core statements on the tables (not the ORM entities) with the values passed as
+# parameters: compiled once and cached, where the ORM's unit of work or an
+# ``insert(Entity).values(...)`` would cost as much again on the hottest write path.
+_JOBS = cast(Table, Job.__table__)
+_INSERT_JOB = insert(_JOBS).returning(_JOBS.c.id)
+_INSERT_OUTBOX = insert(cast(Table, WorkerOutbox.__table__))
+_JOB_COLUMNS = tuple(column.key for column in _JOBS.columns if column.key != "id")
+
+
+def insert_job(session: Session, job: Job) -> int:
+    """Insert ``job`` (a transient object, never added to the session); returns its
+    id. Nothing here needs the ORM's tracking of the new row."""
+    values = {key: getattr(job, key) for key in _JOB_COLUMNS}
+    return int(session.execute(_INSERT_JOB, values).scalar_one())
 
 
 def delete_job(session: Session, job_id: int) -> None:
@@ -70,7 +97,7 @@ def delete_job(session: Session, job_id: int) -> None:
 def add_outbox(
     session: Session, job_id: int, kind: OutboxKind, payload: dict[str, Any] | None
 ) -> None:
-    session.add(WorkerOutbox(job_id=job_id, kind=kind.value, payload=payload))
+    session.execute(_INSERT_OUTBOX, {"job_id": job_id, "kind": kind.value, "payload": payload})
 
 
 def drop_pending_enqueue(session: Session, job_id: int) -> bool:

@@ -24,6 +24,7 @@ from labcloud.contract import (
     QueueJob,
     StatusUpdate,
 )
+from labcloud.db import utcnow
 from labcloud.errors import BadRequest, Conflict, NotFound
 from labcloud.storage.base import EntryType, Storage
 from labcloud.storage.paths import user_key
@@ -39,7 +40,7 @@ from user_api.jobs.schemas import (
     PathsOut,
     StatusApplied,
 )
-from user_api.limits import check_active_jobs
+from user_api.limits import reserve_active_job
 from user_api.models import Job, OutboxKind
 from user_api.notifications.service import enqueue_completion_email
 
@@ -86,7 +87,7 @@ def create_job(
     ``queued`` and write the enqueue message to the outbox (same transaction).
     Refused with ``ActiveJobLimitReached`` when the user's active jobs are at their
     limit."""
-    check_active_jobs(session, user.id, user.limits.max_active_jobs)
+    reserve_active_job(session, user.id, user.limits.max_active_jobs)
     ref = payload.application
     entrypoint = catalog.get_entrypoint(ref.application, ref.version, ref.entrypoint)
     env = payload.attributes.env_vars or {}
@@ -112,12 +113,12 @@ def create_job(
         entrypoint_snapshot=entrypoint.model_dump(mode="json"),
         paths_out=paths,
         status=JobStatus.QUEUED.value,
+        date_created=utcnow(),
     )
     # The unique (user, name) constraint is the check: no SELECT before, and no
     # savepoint, since a refused job leaves nothing in the transaction worth keeping.
     try:
-        session.add(job)
-        session.flush()
+        job.id = repository.insert_job(session, job)
     except IntegrityError as exc:
         raise DuplicateJobName(f"you already have a job named {payload.job_name!r}") from exc
 

@@ -5,6 +5,9 @@ limit."""
 from __future__ import annotations
 
 import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +16,18 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
+from labcloud.contract import ACTIVE_STATUSES
+from labcloud.db import unit_of_work
 from labcloud.storage.local import LocalStorage
 from tests.user_api.helpers import login, signup
 from user_api.app import create_app
 from user_api.limits import (
+    ActiveJobLimitReached,
     StorageLimitReached,
     UsageLimits,
     bytes_stored,
     limits_of,
+    reserve_active_job,
     write_within_storage_limit,
 )
 from user_api.models import Job, User, WorkerOutbox
@@ -244,3 +251,76 @@ def test_default_limits_can_be_switched_off_from_the_environment(
     monkeypatch.setenv("DEFAULT_MAX_ACTIVE_JOBS", "-1")
     with pytest.raises(ValidationError, match="default_max_active_jobs"):
         UserApiSettings(_env_file=None, **base)
+
+
+def _counted_and_actual(client: TestClient, email: str) -> tuple[int, int]:
+    with client.app.state.session_factory() as session:  # type: ignore[attr-defined]
+        user = session.scalars(select(User).where(User.email == email)).one()
+        active = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.user_id == user.id, Job.status.in_([s.value for s in ACTIVE_STATUSES]))
+        )
+        return user.active_jobs, int(active or 0)
+
+
+def test_the_active_jobs_counter_follows_every_way_a_job_ends(client: TestClient) -> None:
+    """Submissions raise the counter; each first terminal status lowers it once,
+    however it is reached (worker, user, admin, deletion); repeats change nothing."""
+    ada = signup(client, "ada@example.org")
+    admin = login(client, "admin@example.org")
+    key = {"x-api-key": client.app.state.settings.internal_api_key_secret.get_secret_value()}  # type: ignore[attr-defined]
+    assert _upload(client, ada, "a.txt", 3).status_code == 201
+    ids = [_job(client, ada, f"job-{index}").json()["id"] for index in range(6)]
+    assert _counted_and_actual(client, "ada@example.org") == (6, 6)
+
+    def report(job_id: int, status: str) -> None:
+        body = {"job_id": job_id, "status": status}
+        assert client.put("/_job_status", json=body, headers=key).status_code == 200
+
+    steps: list[tuple[str, Any]] = [
+        ("pulled", lambda: report(ids[0], "pulled")),
+        ("running", lambda: report(ids[0], "running")),
+        ("finished", lambda: report(ids[0], "finished")),
+        ("finished again", lambda: report(ids[0], "finished")),
+        ("error after finished", lambda: report(ids[0], "error")),
+        ("error", lambda: report(ids[1], "error")),
+        ("user cancel", lambda: client.post(f"/jobs/{ids[2]}/cancel", headers=ada)),
+        ("cancel again", lambda: client.post(f"/jobs/{ids[2]}/cancel", headers=ada)),
+        ("admin cancel", lambda: client.post(f"/admin/jobs/{ids[3]}/cancel", headers=admin)),
+        ("delete active", lambda: client.delete(f"/jobs/{ids[4]}", headers=ada)),
+        ("delete ended", lambda: client.delete(f"/jobs/{ids[0]}", headers=ada)),
+        ("duplicate name refused", lambda: _job(client, ada, "job-5")),
+    ]
+    for name, step in steps:
+        step()
+        counted, actual = _counted_and_actual(client, "ada@example.org")
+        assert counted == actual, f"after {name}: counter {counted}, active jobs {actual}"
+    assert _counted_and_actual(client, "ada@example.org") == (1, 1)
+
+
+def test_racing_submissions_never_pass_the_limit(client: TestClient) -> None:
+    """Submissions of one account at the same moment, each in its own transaction
+    that stays open a while: exactly the limit's number get a slot."""
+    signup(client, "ada@example.org")
+    factory = client.app.state.session_factory  # type: ignore[attr-defined]
+    with factory() as session:
+        user_id = session.scalars(select(User.id).where(User.email == "ada@example.org")).one()
+    attempts = 8
+    start = threading.Barrier(attempts)
+
+    def submit() -> bool:
+        start.wait()
+        try:
+            with unit_of_work(factory) as session:
+                reserve_active_job(session, user_id, 3)
+                time.sleep(0.05)  # the transaction stays open while the others try
+        except ActiveJobLimitReached:
+            return False
+        return True
+
+    with ThreadPoolExecutor(attempts) as pool:
+        results = list(pool.map(lambda _: submit(), range(attempts)))
+    assert sum(results) == 3
+    with factory() as session:
+        assert session.scalar(select(User.active_jobs).where(User.id == user_id)) == 3
