@@ -64,7 +64,8 @@ def test_active_jobs_counter_is_filled_from_existing_jobs(database_url: str) -> 
                     )
         migrate(engine, MIGRATIONS)
         with engine.connect() as connection:
-            counted = dict(connection.execute(text("SELECT id, active_jobs FROM users")).all())
+            rows = connection.execute(text("SELECT id, active_jobs FROM users")).all()
+        counted = {int(user_id): int(active) for user_id, active in rows}
         assert counted == {1: 3, 2: 0, 3: 0}
     finally:
         engine.dispose()
