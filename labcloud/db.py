@@ -40,7 +40,7 @@ def is_sqlite(url: str) -> bool:
 
 
 def create_db_engine(
-    url: str, *, pool_size: int = 10, max_overflow: int = 20, pool_timeout: float = 30
+    url: str, *, pool_size: int = 20, max_overflow: int = 10, pool_timeout: float = 30
 ) -> Engine:
     """An engine tuned for the backend: WAL and a busy timeout on SQLite so readers
     never block the writer; a bounded, pre-pinged pool on PostgreSQL."""

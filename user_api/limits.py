@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from labcloud.errors import PayloadTooLarge, TooManyRequests
@@ -96,6 +96,16 @@ def storage_limit_lookup(session: Session, defaults: UsageLimits) -> Callable[[s
 # -- active jobs ----------------------------------------------------------------------
 
 
+_USERS = cast(Table, User.__table__)
+# Core statements on the table, compiled once: this runs on every submission.
+_TAKE_SLOT = (
+    update(_USERS)
+    .where(_USERS.c.id == bindparam("user_id"))
+    .values(active_jobs=_USERS.c.active_jobs + 1)
+)
+_TAKE_SLOT_WITHIN_LIMIT = _TAKE_SLOT.where(_USERS.c.active_jobs < bindparam("limit"))
+
+
 def reserve_active_job(session: Session, user_id: int, limit: int | None) -> None:
     """Count one more active job for the user, refused when ``limit`` are active.
 
@@ -103,10 +113,10 @@ def reserve_active_job(session: Session, user_id: int, limit: int | None) -> Non
     commit serialises two submissions of the same user, so both cannot see "one
     slot left", and its cost does not grow with the number of jobs queued. The
     transition that ends a job gives the slot back (``jobs.repository``)."""
-    query = update(User).where(User.id == user_id).values(active_jobs=User.active_jobs + 1)
-    if limit is not None:
-        query = query.where(User.active_jobs < limit)
-    result = session.execute(query.execution_options(synchronize_session=False))
+    if limit is None:
+        result = session.execute(_TAKE_SLOT, {"user_id": user_id})
+    else:
+        result = session.execute(_TAKE_SLOT_WITHIN_LIMIT, {"user_id": user_id, "limit": limit})
     if not result.rowcount:  # type: ignore[attr-defined]
         active = session.scalar(select(User.active_jobs).where(User.id == user_id))
         raise ActiveJobLimitReached(

@@ -21,8 +21,12 @@ class EmailSenderService(StrEnum):
 class UserApiSettings(ServiceSettings):
     database_url: str = "sqlite:///./.labcloud/user_api.db"
     database_secret: SecretStr | None = None
-    db_pool_size: int = Field(default=10, ge=1)
-    db_max_overflow: int = Field(default=20, ge=0)
+    # Connections are opened as requests need them and up to DB_POOL_SIZE are kept
+    # open; beyond that, up to DB_MAX_OVERFLOW more are opened and closed per use,
+    # which costs a new server process on PostgreSQL each time. 20 covers the
+    # requests one process serves at once under load without that churn.
+    db_pool_size: int = Field(default=20, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
 
     workerfacing_api_url: str = "http://127.0.0.1:8001"
     public_url: str = Field(

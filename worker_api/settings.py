@@ -19,8 +19,12 @@ class WorkerApiSettings(ServiceSettings):
         default=None,
         description="Fills the {} placeholder of QUEUE_DB_URL (a value or a Secrets Manager ARN).",
     )
-    db_pool_size: int = Field(default=10, ge=1)
-    db_max_overflow: int = Field(default=20, ge=0)
+    # Connections are opened as requests need them and up to DB_POOL_SIZE are kept
+    # open; beyond that, up to DB_MAX_OVERFLOW more are opened and closed per use,
+    # which costs a new server process on PostgreSQL each time. 20 covers the
+    # requests one process serves at once under load without that churn.
+    db_pool_size: int = Field(default=20, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
     db_pool_timeout: float = Field(default=30.0, gt=0)
 
     max_retries: int = Field(

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from sqlalchemy import Row, bindparam, func, select, update
+from typing import cast
+
+from sqlalchemy import Row, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from user_api.models import User
@@ -14,19 +16,20 @@ def get_by_subject(session: Session, subject: str) -> User | None:
     return session.scalars(select(User).where(User.subject == subject)).first()
 
 
-# Every request resolves its caller: a Core statement on the columns it needs,
-# compiled once, skips building and tracking an ORM object (a tenth of a short
+# Every request resolves its caller: a Core statement on the table's columns,
+# compiled once, skips the ORM's loading and tracking (a tenth of a short
 # request's CPU time).
+_USERS = cast(Table, User.__table__)
 _CALLER = select(
-    User.id,
-    User.subject,
-    User.email,
-    User.groups,
-    User.is_active,
-    User.is_approved,
-    User.max_active_jobs,
-    User.max_storage_bytes,
-).where(User.subject == bindparam("subject"))
+    _USERS.c.id,
+    _USERS.c.subject,
+    _USERS.c.email,
+    _USERS.c.groups,
+    _USERS.c.is_active,
+    _USERS.c.is_approved,
+    _USERS.c.max_active_jobs,
+    _USERS.c.max_storage_bytes,
+).where(_USERS.c.subject == bindparam("subject"))
 
 
 CallerRow = Row[int, str, str, list[str], bool, bool, int | None, int | None]
