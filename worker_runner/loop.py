@@ -123,6 +123,11 @@ def runtime_details(reason: str, log_tail: str, *, max_encoded: int = MAX_DETAIL
         tail = tail[len(tail) // 4 + 1 :]
 
 
+def _transient(exc: WorkerApiError) -> bool:
+    """Whether the same request may succeed later (no answer, or a 5xx)."""
+    return exc.status_code is None or exc.status_code >= 500
+
+
 class StatusReporter:
     """Reports one job's statuses; as a context manager, also keeps its lease alive.
 
@@ -130,7 +135,11 @@ class StatusReporter:
     the current status every ``interval`` seconds; leaving the block stops it before
     anything else happens, and ``finish`` sends the final status. All sends of one
     job are serialised, so a keep-alive never overtakes a newer status. A 404 sets
-    ``gone``; ``set`` then raises ``JobGone``."""
+    ``gone``; ``set`` then raises ``JobGone``.
+
+    A phase whose report failed because the API could not be reached is sent again,
+    before anything newer, by the next keep-alive or report: a phase that ends
+    before the API is back (a short upload) still reaches it, in order."""
 
     def __init__(self, client: WorkerApiClient, queue_id: str, interval: float) -> None:
         self.status = JobStatus.PULLED
@@ -141,6 +150,8 @@ class StatusReporter:
         self._send_lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        # Phases not yet delivered, oldest first (guarded by ``_send_lock``).
+        self._missed: list[JobStatus] = []
 
     def __enter__(self) -> StatusReporter:
         self._stopped.clear()
@@ -162,13 +173,34 @@ class StatusReporter:
             self._thread.join(timeout=self._interval)
             self._thread = None
 
+    def _send_missed(self, *, retry: bool = True) -> None:
+        """Deliver the phases whose report failed, in order (the caller holds the
+        send lock). One the API refuses for good is dropped with a warning; an
+        unreachable API raises, and they stay for the next attempt."""
+        while self._missed:
+            status = self._missed[0]
+            try:
+                self._client.put_status(self._queue_id, status, retry=retry)
+            except JobGone:
+                raise
+            except WorkerApiError as exc:
+                if _transient(exc):
+                    raise
+                logger.warning(
+                    "queue %s: %s refused, not sent again: %s", self._queue_id, status, exc.message
+                )
+            del self._missed[0]
+
     def _keep_alive(self) -> None:
         while not self._stopped.wait(self._interval):
             with self._send_lock:
                 if self._stopped.is_set():
                     return
                 try:
-                    self._client.put_status(self._queue_id, self.status, retry=False)
+                    if self._missed:  # the current phase is the last of them
+                        self._send_missed(retry=False)
+                    else:
+                        self._client.put_status(self._queue_id, self.status, retry=False)
                 except JobGone:
                     logger.warning("queue %s: keep-alive answered 404", self._queue_id)
                     self.gone.set()
@@ -180,11 +212,13 @@ class StatusReporter:
                     logger.exception("queue %s: keep-alive failed", self._queue_id)
 
     def set(self, status: JobStatus) -> None:
-        """Enter a new phase and report it. A failed report is logged (the
-        keep-alive repeats it); a 404 raises ``JobGone``."""
+        """Enter a new phase and report it, after any phase not yet delivered. A
+        failed report is logged (the keep-alive repeats it); a 404 raises
+        ``JobGone``."""
         with self._send_lock:
             self.status = status
             try:
+                self._send_missed()
                 self._client.put_status(self._queue_id, status)
             except JobGone:
                 self.gone.set()
@@ -193,24 +227,26 @@ class StatusReporter:
                 logger.warning(
                     "queue %s: reporting %s failed: %s", self._queue_id, status, exc.message
                 )
+                if _transient(exc):
+                    self._missed.append(status)
 
     def finish(self, outcome: Outcome, *, patience: float = FINAL_REPORT_PATIENCE_S) -> None:
-        """Send the final status; stops any keep-alive first. An unreachable API is
-        retried for up to ``patience`` seconds, since a lost final status would leave
-        the job to the reaper."""
+        """Send the final status, after any phase not yet delivered; stops any
+        keep-alive first. An unreachable API is retried for up to ``patience``
+        seconds, since a lost final status would leave the job to the reaper."""
         self._stopped.set()
         deadline = time.monotonic() + patience
         with self._send_lock:
             self.status = outcome.status
             while True:
                 try:
+                    self._send_missed()
                     self._client.put_status(self._queue_id, outcome.status, outcome.runtime_details)
                     return
                 except JobGone:
                     raise
                 except WorkerApiError as exc:
-                    transient = exc.status_code is None or exc.status_code >= 500
-                    if not transient or time.monotonic() + FINAL_REPORT_PAUSE_S > deadline:
+                    if not _transient(exc) or time.monotonic() + FINAL_REPORT_PAUSE_S > deadline:
                         raise
                     logger.warning(
                         "queue %s: reporting %s failed, retrying: %s",

@@ -16,13 +16,21 @@ from typing import Any
 import httpx
 import pytest
 
-from labcloud.contract import HardwareSpec
+from labcloud.contract import HardwareSpec, JobStatus
 from worker_runner.__main__ import main
 from worker_runner.backends.base import RunHandle, RunResult
 from worker_runner.backends.fake import FakeBackend, FakeProgram
 from worker_runner.client import WorkerApiClient
 from worker_runner.hardware import GpuInfo, HostHardware, gpus_needed
-from worker_runner.loop import LABEL_JOB_ID, LABEL_QUEUE_ID, LABEL_WORKER, Runner, runtime_details
+from worker_runner.loop import (
+    LABEL_JOB_ID,
+    LABEL_QUEUE_ID,
+    LABEL_WORKER,
+    Outcome,
+    Runner,
+    StatusReporter,
+    runtime_details,
+)
 from worker_runner.settings import WorkerSettings
 from worker_runner.staging import MARKER_NAME
 
@@ -65,6 +73,10 @@ class FakeWorkerApi:
         # Jobs whose last worker may still upload the log after a 404 (a
         # cancellation that keeps the outputs).
         self.log_grace: set[str] = set()
+        # Status reports find nobody listening (the worker API is away).
+        self.status_unreachable = False
+        # Statuses answered 409, as a server refusing them for good would.
+        self.refused_statuses: set[str] = set()
 
     def enqueue(self, queue_id: str, spec: dict[str, Any]) -> None:
         with self.lock:
@@ -107,6 +119,10 @@ class FakeWorkerApi:
             return self._pull(request)
         if request.method == "PUT" and parts[0] == "jobs" and parts[2:] == ["status"]:
             queue_id = parts[1]
+            if self.status_unreachable:
+                raise httpx.ConnectError("connection refused", request=request)
+            if url.params["status"] in self.refused_statuses:
+                return httpx.Response(409, json={"detail": "refused"})
             with self.lock:
                 if queue_id in self.gone:
                     return httpx.Response(404, json={"detail": "not found"})
@@ -382,6 +398,37 @@ def test_job_folder_removed_and_keep_alive_bound_to_handling(
         assert len(api.statuses) == count
     assert api.statuses[-1][1] == "finished"
     assert not (tmp_path / "jobs" / "q1").exists()
+
+
+def test_a_phase_missed_while_the_api_is_away_is_sent_before_the_next(
+    api: FakeWorkerApi, client: WorkerApiClient
+) -> None:
+    """The API is away when ``postprocessing`` starts and back when the job ends:
+    ``postprocessing`` still arrives, before ``finished``."""
+    reporter = StatusReporter(client, "q1", interval=3600)  # no keep-alive in between
+    reporter.set(JobStatus.RUNNING)
+    api.status_unreachable = True
+    reporter.set(JobStatus.POSTPROCESSING)
+    api.status_unreachable = False
+    reporter.finish(Outcome(JobStatus.FINISHED))
+    assert api.statuses_of("q1") == ["running", "postprocessing", "finished"]
+
+
+def test_the_keep_alive_delivers_a_missed_phase_in_order(
+    api: FakeWorkerApi, client: WorkerApiClient
+) -> None:
+    with StatusReporter(client, "q1", interval=0.05) as reporter:
+        reporter.set(JobStatus.PREPROCESSING)
+        api.status_unreachable = True
+        reporter.set(JobStatus.RUNNING)
+        time.sleep(0.1)  # keep-alives fail meanwhile
+        api.status_unreachable = False
+        wait_for(lambda: api.statuses_of("q1") == ["preprocessing", "running"])
+    # A phase the API refuses for good is not sent again.
+    api.refused_statuses.add("postprocessing")
+    reporter.set(JobStatus.POSTPROCESSING)
+    reporter.finish(Outcome(JobStatus.FINISHED))
+    assert api.statuses_of("q1") == ["preprocessing", "running", "finished"]
 
 
 def test_error_exit_reports_log_tail(
