@@ -4,15 +4,21 @@ Starts the user API and the worker API on throwaway PostgreSQL databases (no
 runner: submitted jobs stay queued), signs up one user per client, then serves
 the user API with ``--workers`` uvicorn worker processes (production settings:
 INFO logs, access log on, local auth, local storage) and lets ``--clients``
-asyncio clients (httpx, one keep-alive connection each) submit trivial jobs
+asyncio clients (one keep-alive connection each) submit trivial jobs
 (``testing/1.0/noop``) back to back for ``--seconds`` after a warm-up.
+
+The clients share the machine with the servers, so they should cost little: by
+default they use aiohttp (its HTTP parser is C; about 0.5 ms of CPU per request
+here), ``--client httpx`` the pure-Python client of the first measurements
+(about 1.8 ms, a third of the user API's own cost per request).
 
 Prints per worker count: accepted submissions per second, the latency of one
 ``POST /jobs`` (p50/p95), refusals, how long the user API's outbox then needed to
 hand every job to the worker API, and the CPU seconds each party used (client,
 user API, worker API, PostgreSQL) over the measured window.
 
-    poetry run python bench/submit_throughput.py [--workers 1 2] [--clients 16] [--seconds 20]
+    poetry run python bench/submit_throughput.py [--workers 1 2] [--clients 16]
+        [--seconds 20] [--client aiohttp|httpx]
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import json
 import resource
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 from _procstat import cpu_seconds, descendants, named
 from _support import NO_JOB_LIMIT, Stack, job_payload, percentile, running_stack, wait_for
@@ -79,8 +86,18 @@ class _Tally:
         self.refused: dict[int, int] = {}
         self.measuring = False
 
+    def record(self, status: int, began: float) -> None:
+        """One answer to a request sent at ``began`` (``perf_counter``)."""
+        elapsed = (time.perf_counter() - began) * 1000
+        if not self.measuring:
+            return
+        if status == 201:
+            self.latencies.append(elapsed)
+        else:
+            self.refused[status] = self.refused.get(status, 0) + 1
 
-async def _client(
+
+async def _httpx_client(
     index: int, token: dict[str, str], base_url: str, tally: _Tally, stop_at: float
 ) -> None:
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
@@ -92,19 +109,36 @@ async def _client(
             sequence += 1
             began = time.perf_counter()
             response = await client.post("/jobs", json=job_payload(f"c{index}-{sequence}"))
-            elapsed = (time.perf_counter() - began) * 1000
-            if not tally.measuring:
-                continue
-            if response.status_code == 201:
-                tally.latencies.append(elapsed)
-            else:
-                tally.refused[response.status_code] = tally.refused.get(response.status_code, 0) + 1
+            tally.record(response.status_code, began)
+
+
+async def _aiohttp_client(
+    index: int, token: dict[str, str], base_url: str, tally: _Tally, stop_at: float
+) -> None:
+    timeout = aiohttp.ClientTimeout(total=30)
+    connector = aiohttp.TCPConnector(limit=1)  # one keep-alive connection
+    async with aiohttp.ClientSession(
+        base_url=base_url, headers=token, connector=connector, timeout=timeout
+    ) as client:
+        sequence = 0
+        while time.monotonic() < stop_at:
+            sequence += 1
+            began = time.perf_counter()
+            payload = job_payload(f"c{index}-{sequence}")
+            async with client.post("/jobs", json=payload) as response:
+                await response.read()
+            tally.record(response.status, began)
+
+
+Client = Callable[[int, dict[str, str], str, _Tally, float], Coroutine[Any, Any, None]]
+_CLIENTS: dict[str, Client] = {"aiohttp": _aiohttp_client, "httpx": _httpx_client}
 
 
 Snapshot = tuple[dict[str, dict[int, float]], float]
 
 
 async def _load(
+    client: Client,
     tokens: list[dict[str, str]],
     base_url: str,
     warmup: float,
@@ -116,7 +150,7 @@ async def _load(
     tally = _Tally()
     stop_at = time.monotonic() + warmup + seconds
     tasks = [
-        asyncio.create_task(_client(index, token, base_url, tally, stop_at))
+        asyncio.create_task(client(index, token, base_url, tally, stop_at))
         for index, token in enumerate(tokens)
     ]
     await asyncio.sleep(warmup)
@@ -157,7 +191,9 @@ def _cpu_used(before: Snapshot, after: Snapshot) -> str:
     return ", ".join(parts)
 
 
-def _run(workers: int, clients: int, warmup: float, seconds: float) -> dict[str, Any]:
+def _run(
+    client: Client, workers: int, clients: int, warmup: float, seconds: float
+) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="labcloud-bench-") as folder,
         running_stack("postgresql", user_env=NO_JOB_LIMIT) as stack,
@@ -168,7 +204,7 @@ def _run(workers: int, clients: int, warmup: float, seconds: float) -> dict[str,
             tokens.append(stack.token(f"client-{index}@example.org"))
         _serve_with_workers(stack, workers, Path(folder))
         tally, elapsed, before, after = asyncio.run(
-            _load(tokens, stack.user_url, warmup, seconds, lambda: _cpu_snapshot(stack))
+            _load(client, tokens, stack.user_url, warmup, seconds, lambda: _cpu_snapshot(stack))
         )
         drained_at = time.monotonic()
         backlog = _pending_outbox(stack.user_db)
@@ -194,12 +230,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument(
+        "--client",
+        choices=sorted(_CLIENTS),
+        default="aiohttp",
+        help="HTTP client of the load generator (httpx: the first rounds' client)",
+    )
     args = parser.parse_args()
     for workers in args.workers:
-        result = _run(workers, args.clients, args.warmup, args.seconds)
+        result = _run(_CLIENTS[args.client], workers, args.clients, args.warmup, args.seconds)
         verdict = "met" if result["rate"] >= TARGET_PER_SECOND else "MISSED"
         print(
-            f"user API uvicorn workers={workers}, {args.clients} clients: "
+            f"user API uvicorn workers={workers}, {args.clients} {args.client} clients: "
             f"{result['rate']:.1f} POST /jobs per s ({result['accepted']} in "
             f"{result['elapsed']:.1f} s; target >= 200/s: {verdict}); "
             f"latency p50={result['p50']:.1f} ms p95={result['p95']:.1f} ms; "
