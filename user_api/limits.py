@@ -15,15 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol, cast
+from typing import BinaryIO, Protocol
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from labcloud.errors import PayloadTooLarge, TooManyRequests
 from labcloud.storage.base import Entry, EntryType, Storage
 from labcloud.storage.paths import user_root_key
-from user_api.models import User
+from user_api.models import USERS, User
 from user_api.settings import UserApiSettings
 
 logger = logging.getLogger(__name__)
@@ -96,14 +96,13 @@ def storage_limit_lookup(session: Session, defaults: UsageLimits) -> Callable[[s
 # -- active jobs ----------------------------------------------------------------------
 
 
-_USERS = cast(Table, User.__table__)
 # Core statements on the table, compiled once: this runs on every submission.
 _TAKE_SLOT = (
-    update(_USERS)
-    .where(_USERS.c.id == bindparam("user_id"))
-    .values(active_jobs=_USERS.c.active_jobs + 1)
+    update(USERS)
+    .where(USERS.c.id == bindparam("user_id"))
+    .values(active_jobs=USERS.c.active_jobs + 1)
 )
-_TAKE_SLOT_WITHIN_LIMIT = _TAKE_SLOT.where(_USERS.c.active_jobs < bindparam("limit"))
+_TAKE_SLOT_WITHIN_LIMIT = _TAKE_SLOT.where(USERS.c.active_jobs < bindparam("limit"))
 
 
 def reserve_active_job(session: Session, user_id: int, limit: int | None) -> None:

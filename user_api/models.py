@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     JSON,
@@ -15,6 +15,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     true,
@@ -160,3 +161,10 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str | None] = mapped_column(String(320))
     details: Mapped[dict[str, Any]]
+
+
+# The tables as Core ``Table`` objects (``__table__`` is typed as a plain
+# ``FromClause``), for the hot paths that skip the ORM: statements compiled once.
+USERS = cast(Table, User.__table__)
+JOBS = cast(Table, Job.__table__)
+WORKER_OUTBOX = cast(Table, WorkerOutbox.__table__)

@@ -4,14 +4,14 @@ updates: the row count says whether the transition happened."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from labcloud.contract import JobStatus, allowed_sources
 from labcloud.db import utcnow
-from user_api.models import Job, OutboxKind, User, WorkerOutbox
+from user_api.models import JOBS, WORKER_OUTBOX, Job, OutboxKind, User, WorkerOutbox
 
 
 def get_for_user(session: Session, job_id: int, user_id: int) -> Job | None:
@@ -77,10 +77,9 @@ def transition(
 # Core statements on the tables (not the ORM entities) with the values passed as
 # parameters: compiled once and cached, where the ORM's unit of work or an
 # ``insert(Entity).values(...)`` would cost as much again on the hottest write path.
-_JOBS = cast(Table, Job.__table__)
-_INSERT_JOB = insert(_JOBS).returning(_JOBS.c.id)
-_INSERT_OUTBOX = insert(cast(Table, WorkerOutbox.__table__))
-_JOB_COLUMNS = tuple(column.key for column in _JOBS.columns if column.key != "id")
+_INSERT_JOB = insert(JOBS).returning(JOBS.c.id)
+_INSERT_OUTBOX = insert(WORKER_OUTBOX)
+_JOB_COLUMNS = tuple(column.key for column in JOBS.columns if column.key != "id")
 
 
 def insert_job(session: Session, job: Job) -> int:
