@@ -62,3 +62,35 @@ def named(name: str) -> list[int]:
 
 def total_cpu(pids: Iterable[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
+
+
+def _socket_inodes(port: int) -> dict[str, set[str]]:
+    """Inodes of the TCP sockets whose local port is ``port``, by state
+    (``01`` established, ``0A`` listening)."""
+    inodes: dict[str, set[str]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.setdefault(fields[3], set()).add(fields[9])
+    return inodes
+
+
+def connections(pids: Iterable[int], port: int) -> dict[int, int]:
+    """How many established connections to ``port`` each process that listens on
+    it holds: how a multi-process server's connections are spread."""
+    inodes = _socket_inodes(port)
+    established, listening = inodes.get("01", set()), inodes.get("0A", set())
+    held = {}
+    for pid in pids:
+        try:
+            sockets = {str(fd.readlink())[8:-1] for fd in Path(f"/proc/{pid}/fd").iterdir()}
+        except OSError:  # the process or one of its descriptors went away
+            continue
+        if sockets & listening:
+            held[pid] = len(sockets & established)
+    return held

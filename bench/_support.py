@@ -11,6 +11,7 @@ import contextlib
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ __all__ = [
     "database_urls",
     "ensure_image",
     "job_payload",
+    "machine_speed",
     "percentile",
     "running_stack",
     "summary",
@@ -59,6 +61,21 @@ def ensure_image() -> str:
         return ensure_demo_image(engine)
     finally:
         engine.close()
+
+
+def machine_speed() -> float:
+    """Seconds this machine needs for a fixed pure-Python loop (best of three).
+
+    The shared machines' speed varies by more than half from one day to the next;
+    printed beside a result, it tells a slower machine from a slower program."""
+    best = float("inf")
+    for _ in range(3):
+        began = time.perf_counter()
+        total = 0
+        for number in range(3_000_000):
+            total += number * number
+        best = min(best, time.perf_counter() - began)
+    return best
 
 
 def percentile(values: Sequence[float], q: float) -> float:

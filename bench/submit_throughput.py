@@ -2,8 +2,8 @@
 
 Starts the user API and the worker API on throwaway PostgreSQL databases (no
 runner: submitted jobs stay queued), signs up one user per client, then serves
-the user API with ``--workers`` uvicorn worker processes (production settings:
-INFO logs, access log on, local auth, local storage) and lets ``--clients``
+the user API as ``python -m user_api --workers N`` (production settings: INFO
+logs, access log on, local auth, local storage) and lets ``--clients``
 asyncio clients (one keep-alive connection each) submit trivial jobs
 (``testing/1.0/noop``) back to back for ``--seconds`` after a warm-up.
 
@@ -13,7 +13,8 @@ here), ``--client httpx`` the pure-Python client of the first measurements
 (about 1.8 ms, a third of the user API's own cost per request).
 
 Prints per worker count: accepted submissions per second, the latency of one
-``POST /jobs`` (p50/p95), refusals, how long the user API's outbox then needed to
+``POST /jobs`` (p50/p95), refusals, how the clients' connections were spread over
+the user API's processes, how long the user API's outbox then needed to
 hand every job to the worker API, and the CPU seconds each party used (client,
 user API, worker API, PostgreSQL) over the measured window.
 
@@ -25,58 +26,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import resource
-import tempfile
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import httpx
-from _procstat import cpu_seconds, descendants, named
-from _support import NO_JOB_LIMIT, Stack, job_payload, percentile, running_stack, wait_for
+from _procstat import connections, cpu_seconds, descendants, named
+from _support import (
+    NO_JOB_LIMIT,
+    Stack,
+    job_payload,
+    machine_speed,
+    percentile,
+    running_stack,
+    wait_for,
+)
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 TARGET_PER_SECOND = 200.0
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def _log_config(folder: Path) -> Path:
-    """uvicorn's logging as ``python -m user_api`` sets it up: INFO, access log on."""
-    config = {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"plain": {"format": LOG_FORMAT}},
-        "handlers": {"out": {"class": "logging.StreamHandler", "formatter": "plain"}},
-        "root": {"level": "INFO", "handlers": ["out"]},
-        "loggers": {
-            "uvicorn": {"level": "INFO"},
-            "uvicorn.access": {"level": "INFO"},
-        },
-    }
-    path = folder / "logging.json"
-    path.write_text(json.dumps(config), encoding="utf-8")
-    return path
-
-
-def _serve_with_workers(stack: Stack, workers: int, folder: Path) -> None:
-    """Restart the user API under uvicorn with ``workers`` processes."""
-    stack.user_api.args = [
-        "uvicorn",
-        "--factory",
-        "user_api.app:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(stack.user_port),
-        "--workers",
-        str(workers),
-        "--log-config",
-        str(_log_config(folder)),
-    ]
+def _serve_with_workers(stack: Stack, workers: int) -> None:
+    """Restart the user API as ``python -m user_api --workers N`` (INFO logs,
+    access log on: its production logging)."""
+    port = str(stack.user_port)
+    stack.user_api.args = ["user_api", "--host", "127.0.0.1", "--port", port]
+    stack.user_api.args += ["--workers", str(workers)]
     stack.restart(stack.user_api)
 
 
@@ -134,7 +113,11 @@ Client = Callable[[int, dict[str, str], str, _Tally, float], Coroutine[Any, Any,
 _CLIENTS: dict[str, Client] = {"aiohttp": _aiohttp_client, "httpx": _httpx_client}
 
 
-Snapshot = tuple[dict[str, dict[int, float]], float]
+@dataclass
+class Snapshot:
+    servers: dict[str, dict[int, float]]  # CPU seconds so far per process, per party
+    client: float  # CPU seconds of this process
+    spread: list[int]  # connections to the user API held by each of its processes
 
 
 async def _load(
@@ -171,22 +154,26 @@ def _pending_outbox(user_db: str) -> int:
         engine.dispose()
 
 
-def _cpu_snapshot(stack: Stack) -> Snapshot:
-    """CPU seconds so far of each server process, and of this (client) process."""
+def _snapshot(stack: Stack) -> Snapshot:
+    user_api = descendants(stack.user_api.pid)
+    held = connections(user_api, stack.user_port)
+    if len(held) > 1:  # the supervisor listens but leaves accepting to the others
+        held.pop(stack.user_api.pid, None)
     groups = {
-        "user API": descendants(stack.user_api.pid),
+        "user API": user_api,
         "worker API": descendants(stack.worker_api.pid),
         "PostgreSQL": named("postgres"),
     }
     usage = resource.getrusage(resource.RUSAGE_SELF)
     servers = {name: {pid: cpu_seconds(pid) for pid in pids} for name, pids in groups.items()}
-    return servers, usage.ru_utime + usage.ru_stime
+    spread = sorted(held.values(), reverse=True)
+    return Snapshot(servers, usage.ru_utime + usage.ru_stime, spread)
 
 
 def _cpu_used(before: Snapshot, after: Snapshot) -> str:
-    parts = [f"client {after[1] - before[1]:.1f} s"]
-    for name, now in after[0].items():
-        used = sum(seconds - before[0][name].get(pid, 0.0) for pid, seconds in now.items())
+    parts = [f"client {after.client - before.client:.1f} s"]
+    for name, now in after.servers.items():
+        used = sum(seconds - before.servers[name].get(pid, 0.0) for pid, seconds in now.items())
         parts.append(f"{name} {used:.1f} s")
     return ", ".join(parts)
 
@@ -194,17 +181,14 @@ def _cpu_used(before: Snapshot, after: Snapshot) -> str:
 def _run(
     client: Client, workers: int, clients: int, warmup: float, seconds: float
 ) -> dict[str, Any]:
-    with (
-        tempfile.TemporaryDirectory(prefix="labcloud-bench-") as folder,
-        running_stack("postgresql", user_env=NO_JOB_LIMIT) as stack,
-    ):
+    with running_stack("postgresql", user_env=NO_JOB_LIMIT) as stack:
         tokens = []
         for index in range(clients):
             stack.user(f"client-{index}@example.org").close()
             tokens.append(stack.token(f"client-{index}@example.org"))
-        _serve_with_workers(stack, workers, Path(folder))
+        _serve_with_workers(stack, workers)
         tally, elapsed, before, after = asyncio.run(
-            _load(client, tokens, stack.user_url, warmup, seconds, lambda: _cpu_snapshot(stack))
+            _load(client, tokens, stack.user_url, warmup, seconds, lambda: _snapshot(stack))
         )
         drained_at = time.monotonic()
         backlog = _pending_outbox(stack.user_db)
@@ -221,6 +205,7 @@ def _run(
         "backlog": backlog,
         "drain": drain,
         "cpu": _cpu_used(before, after),
+        "spread": "/".join(str(count) for count in before.spread),
     }
 
 
@@ -237,6 +222,7 @@ def main() -> None:
         help="HTTP client of the load generator (httpx: the first rounds' client)",
     )
     args = parser.parse_args()
+    print(f"machine: fixed loop in {machine_speed():.2f} s (lower is faster)", flush=True)
     for workers in args.workers:
         result = _run(_CLIENTS[args.client], workers, args.clients, args.warmup, args.seconds)
         verdict = "met" if result["rate"] >= TARGET_PER_SECOND else "MISSED"
@@ -245,7 +231,8 @@ def main() -> None:
             f"{result['rate']:.1f} POST /jobs per s ({result['accepted']} in "
             f"{result['elapsed']:.1f} s; target >= 200/s: {verdict}); "
             f"latency p50={result['p50']:.1f} ms p95={result['p95']:.1f} ms; "
-            f"refused {result['refused'] or 'none'}",
+            f"refused {result['refused'] or 'none'}; connections per process "
+            f"{result['spread']}",
             flush=True,
         )
         print(

@@ -9,6 +9,7 @@ from pathlib import Path
 import uvicorn
 
 from labcloud.db import is_sqlite
+from labcloud.serve import PortInUse, serve_processes
 from labcloud.settings import load_settings
 from labcloud.web import uvicorn_log_config
 from user_api.app import ENV_FILE_VARIABLE, create_app
@@ -42,15 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.env_file:
         # Each worker process loads the settings itself, from the same file.
         os.environ[ENV_FILE_VARIABLE] = str(Path(args.env_file).resolve())
-    uvicorn.run(
-        "user_api.app:create_app",
-        factory=True,
-        workers=args.workers,
-        host=args.host,
-        port=args.port,
-        log_config=log_config,
-    )
-    return 0
+    try:
+        return serve_processes(
+            "user_api.app:create_app",
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_config=log_config,
+        )
+    except PortInUse as exc:
+        parser.exit(1, f"user_api: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ refuses more than one."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -149,3 +150,23 @@ def test_a_missing_env_file_is_named(tmp_path: Path) -> None:
     )
     assert finished.returncode == 1  # SystemExit with a message
     assert "env file not found" in finished.stderr
+
+
+@pytest.mark.postgres
+def test_several_workers_refuse_a_port_in_use(tmp_path: Path, postgres_database: str) -> None:
+    env_file = write_env(tmp_path / "user-api.env", postgres_database, tmp_path / "data")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        command = [sys.executable, "-m", "user_api", "--workers", "2", "--port", port]
+        finished = subprocess.run(
+            [*command, "--env-file", str(env_file)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert finished.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in finished.stderr

@@ -1,0 +1,172 @@
+"""Serving one ASGI application from several processes, each with its own socket.
+
+uvicorn's ``--workers`` hands one listening socket to every process: the process
+that wakes first accepts every connection waiting, so a client pool that opens its
+keep-alive connections together lands on one process and leaves the others idle
+(16 of 16 connections on one of two processes in the submission benchmark). Here
+each process listens on its own socket bound with ``SO_REUSEPORT``; the kernel
+spreads new connections over the sockets by a hash of their addresses, whichever
+process is awake.
+
+The supervisor binds every socket itself, so a port already in use stops the start
+with one message, and keeps them open: a process that dies is started again on the
+same socket, and the connections the kernel queued on it meanwhile are not lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import multiprocessing
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+
+logger = logging.getLogger(__name__)
+
+BACKLOG = 2048  # uvicorn's default
+STOP_TIMEOUT = 30.0
+
+
+class PortInUse(RuntimeError):
+    """Another program listens on the address."""
+
+
+def bind_shared(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on ``host:port`` in one ``SO_REUSEPORT`` group.
+
+    Raises ``PortInUse`` when anything listens there already. Without the check a
+    second server started by the same account would silently take half the
+    connections of the first."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as probe:
+        # Without SO_REUSEPORT the probe cannot join another server's group: its
+        # bind fails whenever something listens on the address.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        # Listening from the start queues the connections that arrive while the
+        # processes start, instead of refusing them.
+        sock.listen(BACKLOG)
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    return sockets
+
+
+def _serve_one(app: str, sock: socket.socket, log_config: dict[str, Any]) -> None:
+    """A worker process: uvicorn serving ``app`` (a factory's import path) on ``sock``.
+
+    A process that never started serving (the application did not import, or its
+    startup failed: a database that refuses connections, say) exits with uvicorn's
+    ``STARTUP_FAILURE``: starting it again would fail the same way, so the
+    supervisor stops instead."""
+    config = uvicorn.Config(app, factory=True, log_config=log_config, backlog=BACKLOG)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:
+        if server.started:
+            raise
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)
+
+
+@dataclass
+class _Slot:
+    sock: socket.socket
+    process: BaseProcess | None = None
+    started_at: float = field(default=0.0)
+
+
+class Supervisor:
+    """Runs one process per socket until told to stop; see the module's docstring."""
+
+    def __init__(self, app: str, sockets: list[socket.socket], log_config: dict[str, Any]) -> None:
+        self._app = app
+        self._log_config = log_config
+        self._slots = [_Slot(sock) for sock in sockets]
+        self._context = multiprocessing.get_context("spawn")
+        self._stopping = threading.Event()
+        self.exit_code = 0
+
+    def _start(self, slot: _Slot) -> None:
+        process = self._context.Process(
+            target=_serve_one, args=(self._app, slot.sock, self._log_config)
+        )
+        process.start()
+        slot.process, slot.started_at = process, time.monotonic()
+
+    def _handle_signal(self, signum: int, _frame: FrameType | None) -> None:
+        logger.info("received %s, stopping the server processes", signal.Signals(signum).name)
+        self._stopping.set()
+
+    def _check(self, slot: _Slot) -> None:
+        process = slot.process
+        if process is None or process.is_alive():
+            return
+        if process.exitcode == STARTUP_FAILURE:
+            logger.error("server process %s failed to start; stopping", process.pid)
+            self.exit_code = 1
+            self._stopping.set()
+            return
+        logger.warning(
+            "server process %s exited with status %s after %.0f s; starting another",
+            process.pid,
+            process.exitcode,
+            time.monotonic() - slot.started_at,
+        )
+        self._start(slot)
+
+    def run(self, poll_interval: float = 0.5) -> int:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle_signal)
+        for slot in self._slots:
+            self._start(slot)
+        while not self._stopping.wait(poll_interval):
+            for slot in self._slots:
+                self._check(slot)
+        self._stop_all()
+        return self.exit_code
+
+    def _stop_all(self) -> None:
+        running = [slot.process for slot in self._slots if slot.process and slot.process.is_alive()]
+        for process in running:
+            process.terminate()  # SIGTERM: uvicorn finishes the requests in flight
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for process in running:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                logger.warning("server process %s did not stop in time; killing it", process.pid)
+                process.kill()
+                process.join()
+        for slot in self._slots:
+            slot.sock.close()
+
+
+def serve_processes(
+    app: str, *, host: str, port: int, workers: int, log_config: dict[str, Any]
+) -> int:
+    """Serve the application factory at ``app`` from ``workers`` processes; returns
+    the exit status (0 after SIGINT/SIGTERM, 1 when a process failed to start)."""
+    logging.config.dictConfig(log_config)
+    sockets = bind_shared(host, port, workers)
+    logger.info("serving %s on http://%s:%s from %d processes", app, host, port, workers)
+    return Supervisor(app, sockets, log_config).run()
