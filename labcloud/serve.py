@@ -11,13 +11,17 @@ process is awake.
 The supervisor binds every socket itself, so a port already in use stops the start
 with one message, and keeps them open: a process that dies is started again on the
 same socket, and the connections the kernel queued on it meanwhile are not lost.
+The processes stop with the supervisor, even when it is killed with ``kill -9``.
+Linux only, like ``SO_REUSEPORT``'s spreading of connections.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import logging.config
 import multiprocessing
+import os
 import signal
 import socket
 import threading
@@ -34,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 BACKLOG = 2048  # uvicorn's default
 STOP_TIMEOUT = 30.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class PortInUse(RuntimeError):
@@ -71,7 +76,17 @@ def bind_shared(host: str, port: int, count: int) -> list[socket.socket]:
     return sockets
 
 
-def _serve_one(app: str, sock: socket.socket, log_config: dict[str, Any]) -> None:
+def _stop_with(parent: int) -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies, even by ``kill -9``:
+    processes left behind would keep the port, and a new server could not start."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _serve_one(app: str, sock: socket.socket, log_config: dict[str, Any], parent: int) -> None:
     """A worker process: uvicorn serving ``app`` (a factory's import path) on ``sock``.
 
     A process that never started serving (the application did not import, or its
@@ -80,6 +95,7 @@ def _serve_one(app: str, sock: socket.socket, log_config: dict[str, Any]) -> Non
     supervisor stops instead."""
     config = uvicorn.Config(app, factory=True, log_config=log_config, backlog=BACKLOG)
     server = uvicorn.Server(config)
+    _stop_with(parent)
     try:
         server.run(sockets=[sock])
     except SystemExit:
@@ -109,7 +125,7 @@ class Supervisor:
 
     def _start(self, slot: _Slot) -> None:
         process = self._context.Process(
-            target=_serve_one, args=(self._app, slot.sock, self._log_config)
+            target=_serve_one, args=(self._app, slot.sock, self._log_config, os.getpid())
         )
         process.start()
         slot.process, slot.started_at = process, time.monotonic()

@@ -97,13 +97,32 @@ def test_a_process_that_dies_is_started_again(served: Served) -> None:
     assert len(pids) == 2
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie whose parent is gone does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def test_sigterm_stops_every_process(served: Served) -> None:
     workers = pids_of_connections_opened_together(served.url, 16)
     served.process.send_signal(signal.SIGTERM)
     assert served.process.wait(timeout=60) == 0
-    for pid in workers:
-        assert not Path(f"/proc/{pid}").exists()
+    assert not any(running(pid) for pid in workers)
     assert "received SIGTERM" in served.output()
+
+
+def test_the_processes_stop_when_the_supervisor_is_killed(served: Served, tmp_path: Path) -> None:
+    workers = pids_of_connections_opened_together(served.url, 16)
+    served.process.kill()
+    served.process.wait()
+    wait_for(lambda: not any(running(pid) for pid in workers), 30, what="the workers to stop")
+    # The port is free again: a new server starts on it.
+    port = int(served.url.rsplit(":", 1)[1])
+    for sock in bind_shared("127.0.0.1", port, 2):
+        sock.close()
 
 
 def test_a_startup_failure_stops_the_server(tmp_path: Path) -> None:
