@@ -11,7 +11,8 @@ process is awake.
 The supervisor binds every socket itself, so a port already in use stops the start
 with one message, and keeps them open: a process that dies is started again on the
 same socket, and the connections the kernel queued on it meanwhile are not lost.
-The processes stop with the supervisor, even when it is killed with ``kill -9``.
+The processes stop with the supervisor, even when it is killed with ``kill -9``;
+SIGHUP replaces them one at a time, without refusing a connection.
 Linux only, like ``SO_REUSEPORT``'s spreading of connections.
 """
 
@@ -28,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 from types import FrameType
 from typing import Any
 
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 BACKLOG = 2048  # uvicorn's default
 STOP_TIMEOUT = 30.0
+STARTUP_TIMEOUT = 120.0  # for a successor in a rolling restart
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -86,15 +89,30 @@ def _stop_with(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _serve_one(app: str, sock: socket.socket, log_config: dict[str, Any], parent: int) -> None:
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the supervisor once it serves."""
+
+    def __init__(self, config: uvicorn.Config, ready: Event) -> None:
+        super().__init__(config)
+        self._ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._ready.set()
+
+
+def _serve_one(
+    app: str, sock: socket.socket, log_config: dict[str, Any], parent: int, ready: Event
+) -> None:
     """A worker process: uvicorn serving ``app`` (a factory's import path) on ``sock``.
 
     A process that never started serving (the application did not import, or its
     startup failed: a database that refuses connections, say) exits with uvicorn's
     ``STARTUP_FAILURE``: starting it again would fail the same way, so the
-    supervisor stops instead."""
+    supervisor stops instead (or, in a reload, keeps the processes it has)."""
     config = uvicorn.Config(app, factory=True, log_config=log_config, backlog=BACKLOG)
-    server = uvicorn.Server(config)
+    server = _Server(config, ready)
     _stop_with(parent)
     try:
         server.run(sockets=[sock])
@@ -109,6 +127,7 @@ def _serve_one(app: str, sock: socket.socket, log_config: dict[str, Any], parent
 class _Slot:
     sock: socket.socket
     process: BaseProcess | None = None
+    ready: Event | None = None
     started_at: float = field(default=0.0)
 
 
@@ -121,16 +140,23 @@ class Supervisor:
         self._slots = [_Slot(sock) for sock in sockets]
         self._context = multiprocessing.get_context("spawn")
         self._stopping = threading.Event()
+        self._reload = threading.Event()
         self.exit_code = 0
 
     def _start(self, slot: _Slot) -> None:
+        ready = self._context.Event()
         process = self._context.Process(
-            target=_serve_one, args=(self._app, slot.sock, self._log_config, os.getpid())
+            target=_serve_one,
+            args=(self._app, slot.sock, self._log_config, os.getpid(), ready),
         )
         process.start()
-        slot.process, slot.started_at = process, time.monotonic()
+        slot.process, slot.ready, slot.started_at = process, ready, time.monotonic()
 
     def _handle_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            logger.info("received SIGHUP, replacing the server processes one at a time")
+            self._reload.set()
+            return
         logger.info("received %s, stopping the server processes", signal.Signals(signum).name)
         self._stopping.set()
 
@@ -151,30 +177,68 @@ class Supervisor:
         )
         self._start(slot)
 
+    def _replace_all(self) -> None:
+        """A rolling restart (SIGHUP): each process in turn gets a successor on its
+        socket, and leaves once the successor serves. Connections keep being
+        accepted throughout, and new settings or code take effect without downtime.
+        A successor that cannot start is given up and the old processes stay."""
+        for slot in self._slots:
+            old = (slot.process, slot.ready, slot.started_at)
+            self._start(slot)
+            if not self._wait_ready(slot):
+                failed = slot.process
+                assert failed is not None
+                logger.error(
+                    "a new server process did not start (status %s); keeping the old ones",
+                    failed.exitcode,
+                )
+                _stop([failed])
+                slot.process, slot.ready, slot.started_at = old
+                return
+            if old[0] is not None:
+                _stop([old[0]])
+        logger.info("all server processes replaced")
+
+    def _wait_ready(self, slot: _Slot) -> bool:
+        assert slot.process is not None and slot.ready is not None
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if slot.ready.wait(0.1):
+                return True
+            if not slot.process.is_alive():
+                return False
+        return False
+
     def run(self, poll_interval: float = 0.5) -> int:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._handle_signal)
         for slot in self._slots:
             self._start(slot)
         while not self._stopping.wait(poll_interval):
+            if self._reload.is_set():
+                self._reload.clear()
+                self._replace_all()
             for slot in self._slots:
                 self._check(slot)
-        self._stop_all()
-        return self.exit_code
-
-    def _stop_all(self) -> None:
-        running = [slot.process for slot in self._slots if slot.process and slot.process.is_alive()]
-        for process in running:
-            process.terminate()  # SIGTERM: uvicorn finishes the requests in flight
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for process in running:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                logger.warning("server process %s did not stop in time; killing it", process.pid)
-                process.kill()
-                process.join()
+        _stop([slot.process for slot in self._slots if slot.process is not None])
         for slot in self._slots:
             slot.sock.close()
+        return self.exit_code
+
+
+def _stop(processes: list[BaseProcess]) -> None:
+    """SIGTERM (uvicorn finishes the requests in flight), then SIGKILL for those
+    still there after ``STOP_TIMEOUT``."""
+    running = [process for process in processes if process.is_alive()]
+    for process in running:
+        process.terminate()
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for process in running:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            logger.warning("server process %s did not stop in time; killing it", process.pid)
+            process.kill()
+            process.join()
 
 
 def serve_processes(

@@ -1,6 +1,7 @@
 """A tiny application for the multi-process server's tests: it answers with the
 process id that served the request. ``python -m tests.labcloud.serve_app PORT N``
-serves it from N processes; with ``SERVE_APP_FAIL`` set its startup fails."""
+serves it from N processes; its startup fails while the file named by
+``SERVE_APP_FAIL_IF`` exists."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -16,14 +18,16 @@ from labcloud.web import uvicorn_log_config
 
 
 @asynccontextmanager
-async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
-    if os.environ.get("SERVE_APP_FAIL"):
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    if app.state.fail:
         raise RuntimeError("startup failed on purpose")
     yield
 
 
 def create_app() -> FastAPI:
     app = FastAPI(lifespan=_lifespan)
+    trigger = os.environ.get("SERVE_APP_FAIL_IF")
+    app.state.fail = bool(trigger) and Path(str(trigger)).exists()
 
     @app.get("/pid")
     async def pid() -> int:

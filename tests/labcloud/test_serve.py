@@ -49,7 +49,7 @@ def start(tmp_path: Path, workers: int, **env: str) -> Served:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    server = start(tmp_path, workers=2)
+    server = start(tmp_path, workers=2, SERVE_APP_FAIL_IF=str(tmp_path / "fail"))
     try:
         wait_for(lambda: server.output().count("Application startup complete") == 2, 60)
         yield server
@@ -97,6 +97,60 @@ def test_a_process_that_dies_is_started_again(served: Served) -> None:
     assert len(pids) == 2
 
 
+class Hammer:
+    """Requests on new connections, back to back in a thread, counting failures."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.answers = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                httpx.get(f"{self.url}/pid", timeout=10).raise_for_status()
+                self.answers += 1
+            except httpx.HTTPError as exc:
+                self.failures.append(repr(exc))
+
+    def __enter__(self) -> Hammer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def test_sighup_replaces_the_processes_without_refusing_a_request(served: Served) -> None:
+    before = pids_of_connections_opened_together(served.url, 16)
+    with Hammer(served.url) as hammer:
+        served.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "all server processes replaced" in served.output(), 60)
+    after = pids_of_connections_opened_together(served.url, 16)
+    assert len(after) == 2
+    assert before.isdisjoint(after)
+    assert not any(running(pid) for pid in before)
+    assert hammer.answers > 0
+    assert hammer.failures == []
+    assert served.process.poll() is None
+
+
+def test_a_reload_that_cannot_start_keeps_the_old_processes(served: Served, tmp_path: Path) -> None:
+    before = pids_of_connections_opened_together(served.url, 16)
+    (tmp_path / "fail").touch()  # the new processes' startup fails from now on
+    served.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "keeping the old ones" in served.output(), 60)
+    assert pids_of_connections_opened_together(served.url, 16) == before
+    assert served.process.poll() is None
+    (tmp_path / "fail").unlink()
+    served.process.send_signal(signal.SIGHUP)  # a later reload goes through
+    wait_for(lambda: "all server processes replaced" in served.output(), 60)
+    assert pids_of_connections_opened_together(served.url, 16).isdisjoint(before)
+
+
 def running(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie whose parent is gone does not)."""
     try:
@@ -126,7 +180,8 @@ def test_the_processes_stop_when_the_supervisor_is_killed(served: Served, tmp_pa
 
 
 def test_a_startup_failure_stops_the_server(tmp_path: Path) -> None:
-    server = start(tmp_path, workers=2, SERVE_APP_FAIL="1")
+    (tmp_path / "fail").touch()
+    server = start(tmp_path, workers=2, SERVE_APP_FAIL_IF=str(tmp_path / "fail"))
     try:
         assert server.process.wait(timeout=60) == 1
     finally:
