@@ -4,6 +4,7 @@ refuses more than one."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from labcloud.db import create_db_engine, make_session_factory, migrate, unit_of
 from tests.e2e.stack import free_port
 from tests.user_api.conftest import TEST_CATALOG
 from tests.user_api.helpers import PASSWORD
+from tests.waiting import wait_for
 from user_api.app import MIGRATIONS
 from user_api.auth.service import ensure_bootstrap_admin
 from user_api.models import User
@@ -81,7 +83,8 @@ def test_several_workers_serve_one_postgresql_database(
 ) -> None:
     env_file = write_env(tmp_path / "user-api.env", postgres_database, tmp_path / "data")
     port = free_port()
-    log = (tmp_path / "user-api.log").open("wb")
+    log_path = tmp_path / "user-api.log"
+    log = log_path.open("wb")
     command = [sys.executable, "-m", "user_api", "--port", str(port), "--workers", "2"]
     process = subprocess.Popen(
         [*command, "--env-file", str(env_file)],
@@ -110,12 +113,18 @@ def test_several_workers_serve_one_postgresql_database(
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers) as client:
             for _ in range(20):
                 assert client.get("/user").json()["email"] == ADMIN
+        # A rolling restart: new processes start (migrations find nothing to do)
+        # while the old ones serve, then take over.
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "all server processes replaced" in log_path.read_text(), 120)
+        answer = httpx.get(f"http://127.0.0.1:{port}/user", headers=headers)
+        assert answer.json()["email"] == ADMIN
     finally:
         process.terminate()
         process.wait(timeout=30)
         log.close()
     output = (tmp_path / "user-api.log").read_text()
-    assert output.count("Started server process") == 2, output
+    assert output.count("Started server process") == 4, output
     assert "user_api" in output  # the service's own logs reach the output in workers too
     engine = create_db_engine(postgres_database)
     try:
