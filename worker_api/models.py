@@ -33,6 +33,9 @@ STATUS_CHECK = f"status IN ({_STATUS_VALUES})"
 QUEUED_ONLY = f"status = '{JobStatus.QUEUED.value}'"
 LEASED_ONLY = "lease_expires_at IS NOT NULL"
 QUEUED_NO_GPU = f"{QUEUED_ONLY} AND gpus = 0"
+# Key columns after the pull order: a pull's ``<=`` on each is checked on the index
+# entries, so jobs ahead that need more than the worker offers cost no table read.
+PULL_REQUIREMENTS = ("cpu_cores", "memory", "gpu_mem", "gpus")
 
 
 class Base(DeclarativeBase):
@@ -64,7 +67,9 @@ class QueuedJob(Base):
 
     Indexes (see ``worker_api.queue.repository`` for the plans they give):
     ``ix_queued_jobs_pull`` holds only queued rows, in pull order per environment,
-    so a pull reads the head of the line however many finished jobs accumulate;
+    so a pull reads the head of the line however many finished jobs accumulate,
+    and their hardware requirements, so that it passes over jobs needing more than
+    the worker offers without reading their rows;
     ``ix_queued_jobs_pull_no_gpu`` is the same line without the jobs that need a GPU,
     read by pulls that offer none, so GPU jobs waiting for a GPU worker never slow
     down CPU workers;
@@ -81,9 +86,10 @@ class QueuedJob(Base):
     environment: Mapped[str | None] = mapped_column(String(16))
     group_name: Mapped[str | None] = mapped_column(String(255))
     priority: Mapped[int] = mapped_column(Integer, default=0)
-    cpu_cores: Mapped[int | None] = mapped_column(Integer)
-    memory: Mapped[int | None] = mapped_column(Integer)
-    gpu_mem: Mapped[int | None] = mapped_column(Integer)
+    # 0 when the job asks for nothing, so that a pull compares with a plain <=.
+    cpu_cores: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    memory: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    gpu_mem: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     gpu_model: Mapped[str | None] = mapped_column(String(255))
     gpu_archi: Mapped[str | None] = mapped_column(String(255))
     gpus: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
@@ -105,6 +111,7 @@ class QueuedJob(Base):
             priority.desc(),
             "created_at",
             "id",
+            *PULL_REQUIREMENTS,
             postgresql_where=text(QUEUED_ONLY),
             sqlite_where=text(QUEUED_ONLY),
         ),
@@ -114,6 +121,7 @@ class QueuedJob(Base):
             priority.desc(),
             "created_at",
             "id",
+            *PULL_REQUIREMENTS,
             postgresql_where=text(QUEUED_NO_GPU),
             sqlite_where=text(QUEUED_NO_GPU),
         ),

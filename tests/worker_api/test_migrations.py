@@ -114,3 +114,29 @@ def test_migrations_are_idempotent_and_reversible(fresh_engine: Engine) -> None:
     assert set(inspect(fresh_engine).get_table_names()) <= {"alembic_version"}
     migrate(fresh_engine, MIGRATIONS)
     assert _differences(fresh_engine) == []
+
+
+def test_requirements_left_unset_become_zero(fresh_engine: Engine) -> None:
+    """Upgrading a queue that holds jobs turns their unset requirements (NULL) into
+    0, which a pull compares with a plain <=; set ones are kept."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with fresh_engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002")
+        for job_id, memory in ((1, None), (2, 16000)):
+            connection.execute(
+                text(
+                    "INSERT INTO queued_jobs (job_id, spec, paths_upload, priority, memory, "
+                    "status, attempts, failed_workers, created_at, updated_at) VALUES "
+                    "(:job_id, '{}', '{}', 0, :memory, 'queued', 0, '[]', "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                ),
+                {"job_id": job_id, "memory": memory},
+            )
+    migrate(fresh_engine, MIGRATIONS)
+    with fresh_engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT job_id, cpu_cores, memory, gpu_mem FROM queued_jobs ORDER BY job_id")
+        ).all()
+    assert [tuple(row) for row in rows] == [(1, 0, 0, 0), (2, 0, 16000, 0)]

@@ -656,7 +656,8 @@ def test_pull_reads_the_head_of_the_partial_index(
                     memory, gpus, status, attempts, failed_workers, created_at, updated_at)
                 SELECT g, '{}', '{}',
                     CASE g % 3 WHEN 0 THEN 'cloud' WHEN 1 THEN 'local' END, g % 6,
-                    CASE WHEN g % 5 = 0 THEN 16000 END, CASE WHEN g % 2 = 0 THEN 1 ELSE 0 END,
+                    CASE WHEN g % 5 = 0 THEN 16000 ELSE 0 END,
+                    CASE WHEN g % 2 = 0 THEN 1 ELSE 0 END,
                     CASE WHEN g <= 20000 THEN 'queued' ELSE 'finished' END,
                     0, '[]', now() - g * interval '1 second', now()
                 FROM generate_series(1, 40000) AS g
@@ -695,3 +696,10 @@ def test_pull_reads_the_head_of_the_partial_index(
         assert "Seq Scan" not in plan and "Bitmap" not in plan, plan
     assert no_gpu_plan.count("Index Scan using ix_queued_jobs_pull_no_gpu ") == 2, no_gpu_plan
     assert gpu_plan.count("Index Scan using ix_queued_jobs_pull ") == 2, gpu_plan
+    # The hardware requirements are checked on the index entries (Index Cond), not
+    # on table rows read first (Filter).
+    for plan in plans:
+        lines = plan.splitlines()
+        conditions = [line for line in lines if "Index Cond:" in line and "environment" in line]
+        assert len(conditions) == 2, plan
+        assert all("memory <=" in line and "cpu_cores <=" in line for line in conditions), plan

