@@ -246,8 +246,12 @@ class DockerBackend(ExecutionBackend):
 
     def find_leftovers(self, labels: Mapping[str, str]) -> list[RunHandle]:
         try:
+            # ignore_removed: a container removed between the listing and its
+            # inspection (a run ending meanwhile) is simply no longer a leftover.
             containers = self.client.containers.list(
-                all=True, filters={"label": [f"{key}={value}" for key, value in labels.items()]}
+                all=True,
+                filters={"label": [f"{key}={value}" for key, value in labels.items()]},
+                ignore_removed=True,
             )
         except DockerException as exc:
             raise BackendError(f"could not list containers: {_explain(exc)}") from exc
