@@ -27,7 +27,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 from types import FrameType
@@ -128,7 +128,7 @@ class _Slot:
     sock: socket.socket
     process: BaseProcess | None = None
     ready: Event | None = None
-    started_at: float = field(default=0.0)
+    started_at: float = 0.0
 
 
 class Supervisor:

@@ -134,29 +134,27 @@ def test_several_workers_serve_one_postgresql_database(
         engine.dispose()
 
 
-def test_several_workers_need_postgresql(tmp_path: Path) -> None:
-    env_file = write_env(tmp_path / "user-api.env", f"sqlite:///{tmp_path}/u.db", tmp_path)
-    finished = subprocess.run(
-        [sys.executable, "-m", "user_api", "--workers", "2", "--env-file", str(env_file)],
-        cwd=tmp_path,
+def run_user_api(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m user_api ARGS`` run to its end (these starts all fail)."""
+    return subprocess.run(
+        [sys.executable, "-m", "user_api", *args],
+        cwd=folder,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_several_workers_need_postgresql(tmp_path: Path) -> None:
+    env_file = write_env(tmp_path / "user-api.env", f"sqlite:///{tmp_path}/u.db", tmp_path)
+    finished = run_user_api(tmp_path, "--workers", "2", "--env-file", str(env_file))
     assert finished.returncode == 2
     assert "--workers > 1 needs PostgreSQL" in finished.stderr
 
 
 def test_a_missing_env_file_is_named(tmp_path: Path) -> None:
-    finished = subprocess.run(
-        [sys.executable, "-m", "user_api", "--env-file", str(tmp_path / "nope.env")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    finished = run_user_api(tmp_path, "--env-file", str(tmp_path / "nope.env"))
     assert finished.returncode == 1  # SystemExit with a message
     assert "env file not found" in finished.stderr
 
@@ -168,14 +166,8 @@ def test_several_workers_refuse_a_port_in_use(tmp_path: Path, postgres_database:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        command = [sys.executable, "-m", "user_api", "--workers", "2", "--port", port]
-        finished = subprocess.run(
-            [*command, "--env-file", str(env_file)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        finished = run_user_api(
+            tmp_path, "--workers", "2", "--port", port, "--env-file", str(env_file)
         )
     assert finished.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in finished.stderr
