@@ -143,6 +143,20 @@ class HandlerSpec(_Wire):
     files_up: dict[OutputKind, str] = Field(default_factory=dict)
 
 
+class ContainerSpec(_Wire):
+    """Extension: how far the job's container is confined beyond the runner's
+    defaults, from the catalog entrypoint's ``container`` section."""
+
+    # Most processes and threads the container may run; None: the runner's
+    # ``CONTAINER_PIDS_LIMIT``.
+    pids_limit: int | None = Field(default=None, ge=1, le=1_000_000)
+    # "uid" or "uid:gid" to run as instead of the image's user (None: the image's).
+    user: str | None = Field(default=None, pattern=r"^[0-9]{1,10}(:[0-9]{1,10})?$")
+    # Mount the image's root file system read-only (``/files`` and ``/tmp`` stay
+    # writable).
+    read_only_root: bool = False
+
+
 class MetaSpec(_Wire):
     job_id: int
     date_created: datetime
@@ -157,6 +171,8 @@ class JobSpecs(_Wire):
     hardware: HardwareSpec = Field(default_factory=HardwareSpec)
     # Extension: seconds after which the run is stopped (catalog ``timeout``).
     timeout: int | None = None
+    # Extension: container confinement (catalog ``container``).
+    container: ContainerSpec = Field(default_factory=ContainerSpec)
 
 
 class PathsUpload(_Wire):
