@@ -163,8 +163,19 @@ class AuditEntry(Base):
     details: Mapped[dict[str, Any]]
 
 
+class UsedUploadToken(Base):
+    """An upload URL already used (its token's nonce), kept until the URL expires:
+    an upload URL is good for one upload (``labcloud.storage.redeem``)."""
+
+    __tablename__ = "used_upload_tokens"
+
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 # The tables as Core ``Table`` objects (``__table__`` is typed as a plain
 # ``FromClause``), for the hot paths that skip the ORM: statements compiled once.
 USERS = cast(Table, User.__table__)
 JOBS = cast(Table, Job.__table__)
 WORKER_OUTBOX = cast(Table, WorkerOutbox.__table__)
+USED_UPLOAD_TOKENS = cast(Table, UsedUploadToken.__table__)

@@ -4,9 +4,19 @@ acknowledged by the user API."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, CheckConstraint, Index, Integer, MetaData, String, Text, text
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -148,3 +158,16 @@ class StatusOutbox(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
     __table_args__ = (CheckConstraint(STATUS_CHECK, name="status"),)
+
+
+class UsedUploadToken(Base):
+    """An upload URL already used (its token's nonce), kept until the URL expires:
+    an upload URL is good for one upload (``labcloud.storage.redeem``)."""
+
+    __tablename__ = "used_upload_tokens"
+
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+
+
+USED_UPLOAD_TOKENS = cast(Table, UsedUploadToken.__table__)

@@ -50,6 +50,8 @@ def test_check_constraints_match_the_models(fresh_engine: Engine) -> None:
     migrate(fresh_engine, MIGRATIONS)
     inspector = inspect(fresh_engine)
     for table in Base.metadata.sorted_tables:
+        if "status" not in table.c:
+            continue
         reflected = inspector.get_check_constraints(table.name)
         assert {c["name"] for c in reflected} == {f"ck_{table.name}_status"}
         [constraint] = reflected
