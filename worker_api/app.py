@@ -131,6 +131,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                         factory,
                         policy,
                         signals,
+                        state.storage,
                         interval_seconds=settings.reaper_interval_seconds,
                     ),
                     name="worker_api reaper",

@@ -12,11 +12,23 @@ import pytest
 from sqlalchemy import Connection, event, func, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from labcloud.contract import Environment, HardwareSpec, JobStatus
+from labcloud.contract import (
+    ALLOWED_TRANSITIONS,
+    LEASED_STATUSES,
+    Environment,
+    HardwareSpec,
+    JobStatus,
+)
 from labcloud.db import unit_of_work, utcnow
 from tests.worker_api.conftest import queue_job
 from worker_api.models import QueuedJob, StatusOutbox
-from worker_api.queue.repository import QueueRepository, StatusChange, gpus_needed
+from worker_api.queue.repository import (
+    QueueRepository,
+    Reaped,
+    StatusChange,
+    TakenBack,
+    gpus_needed,
+)
 from worker_api.queue.schemas import WorkerOffer
 
 WORKER = WorkerOffer(name="w1", environment=Environment.LOCAL, memory=8000, cpu_cores=4)
@@ -477,9 +489,29 @@ def _expire_leases(factory: sessionmaker[Session]) -> None:
         )
 
 
-def _reap(factory: sessionmaker[Session], max_retries: int) -> list[StatusChange]:
+def _take_back(factory: sessionmaker[Session], max_retries: int) -> Reaped:
+    now = utcnow()
     with unit_of_work(factory) as session:
-        return QueueRepository(session).reap(now=utcnow(), max_retries=max_retries, timeout=30)
+        return QueueRepository(session).reap(
+            now=now,
+            max_retries=max_retries,
+            timeout=30,
+            cleanup_until=now + timedelta(seconds=60),
+        )
+
+
+def _requeue(factory: sessionmaker[Session], job: TakenBack) -> StatusChange | None:
+    with unit_of_work(factory) as session:
+        return QueueRepository(session).requeue_taken_back(
+            job.queue_id, claimed_until=job.claimed_until, now=utcnow()
+        )
+
+
+def _reap(factory: sessionmaker[Session], max_retries: int) -> list[StatusChange]:
+    """A reaper pass without results to delete: take back, then re-queue."""
+    reaped = _take_back(factory, max_retries)
+    requeued = [_requeue(factory, job) for job in reaped.taken_back]
+    return [*reaped.failed, *(change for change in requeued if change is not None)]
 
 
 def test_reap_requeues_then_fails(factory: sessionmaker[Session]) -> None:
@@ -491,7 +523,8 @@ def test_reap_requeues_then_fails(factory: sessionmaker[Session]) -> None:
         StatusChange(
             1,
             JobStatus.QUEUED,
-            "worker w1 sent no keep-alive for 30 s; re-queued (attempt 1 of 2)",
+            "worker w1 sent no keep-alive for 30 s (attempt 1 of 2, pulled); "
+            "re-queued for attempt 2 of 2",
         )
     ]
     job = row(factory, 1)
@@ -504,10 +537,10 @@ def test_reap_requeues_then_fails(factory: sessionmaker[Session]) -> None:
     assert lease(factory, limit=1) == [1]  # the same worker may retry
     _expire_leases(factory)
     [change] = _reap(factory, max_retries=1)
-    assert (change.job_id, change.status) == (1, JobStatus.ERROR)
-    assert change.runtime_details is not None
-    assert change.runtime_details == (
-        "worker w1 sent no keep-alive for 30 s; giving up (silent attempts: 2)"
+    assert change == StatusChange(
+        1,
+        JobStatus.ERROR,
+        "worker w1 sent no keep-alive for 30 s (attempt 2 of 2, pulled); giving up",
     )
     job = row(factory, 1)
     assert (job.status, job.worker, job.failed_workers, job.attempts) == (
@@ -517,6 +550,127 @@ def test_reap_requeues_then_fails(factory: sessionmaker[Session]) -> None:
         2,
     )
     assert row(factory, 2).status is JobStatus.QUEUED
+
+
+def _set_status(factory: sessionmaker[Session], job_id: int, status: JobStatus) -> None:
+    with unit_of_work(factory) as session:
+        session.execute(update(QueuedJob).where(QueuedJob.job_id == job_id).values(status=status))
+
+
+@pytest.mark.parametrize("status", sorted(LEASED_STATUSES))
+def test_reap_moves_only_as_the_transition_table_allows(
+    factory: sessionmaker[Session], status: JobStatus
+) -> None:
+    """A job whose worker went silent goes back to the queue only from where the
+    state machine allows it; from ``postprocessing`` (results partly uploaded) it
+    ends ``error``, attempts left or not."""
+    enqueue(factory, 1)
+    lease(factory)
+    _set_status(factory, 1, status)
+    _expire_leases(factory)
+    [change] = _reap(factory, max_retries=5)
+    assert change.status in ALLOWED_TRANSITIONS[status]
+    assert row(factory, 1).status is change.status
+    if JobStatus.QUEUED in ALLOWED_TRANSITIONS[status]:
+        assert change == StatusChange(
+            1,
+            JobStatus.QUEUED,
+            f"worker w1 sent no keep-alive for 30 s (attempt 1 of 6, {status.value}); "
+            "re-queued for attempt 2 of 6",
+        )
+    else:
+        assert change == StatusChange(
+            1,
+            JobStatus.ERROR,
+            f"worker w1 sent no keep-alive for 30 s (attempt 1 of 6, {status.value}); "
+            "giving up: it had started uploading its results, so it is not run again",
+        )
+
+
+def test_a_job_taken_back_is_nobodys_until_requeued(factory: sessionmaker[Session]) -> None:
+    """Between the take-back and the re-queue (the partial results are deleted
+    then), the silent worker may no longer report and no worker may lease the job."""
+    enqueue(factory, 1)
+    lease(factory)
+    _set_status(factory, 1, JobStatus.RUNNING)
+    _expire_leases(factory)
+    reaped = _take_back(factory, max_retries=1)
+    assert reaped.failed == []
+    [taken] = reaped.taken_back
+    assert (taken.job_id, taken.paths_upload) == (
+        1,
+        {"output": "u1/output/job1", "log": "u1/log/job1", "artifact": "u1/artifact/job1"},
+    )
+    job = row(factory, 1)
+    assert (job.status, job.worker, job.lease_expires_at) == (
+        JobStatus.RUNNING,
+        None,
+        taken.claimed_until,
+    )
+    assert lease(factory) == []
+    now = utcnow()
+    with unit_of_work(factory) as session:
+        repository = QueueRepository(session)
+        assert not repository.renew(
+            job.id,
+            worker="w1",
+            status=JobStatus.RUNNING,
+            runtime_details=None,
+            now=now,
+            lease_until=now + timedelta(seconds=60),
+        )
+        assert (
+            repository.transition(
+                job.id,
+                worker="w1",
+                target=JobStatus.POSTPROCESSING,
+                runtime_details=None,
+                now=now,
+                lease_until=now + timedelta(seconds=60),
+            )
+            is None
+        )
+        assert repository.leased_to(job.id, "w1") is None
+    assert _take_back(factory, max_retries=1) == Reaped()  # held, not expired
+    assert _requeue(factory, taken) is not None
+    assert _requeue(factory, taken) is None  # once
+    assert lease(factory) == [1]
+
+
+def test_a_cancelled_job_taken_back_is_not_requeued(factory: sessionmaker[Session]) -> None:
+    enqueue(factory, 1)
+    lease(factory)
+    _expire_leases(factory)
+    [taken] = _take_back(factory, max_retries=1).taken_back
+    with unit_of_work(factory) as session:
+        assert QueueRepository(session).cancel(1, now=utcnow(), log_upload_until=None)
+    assert _requeue(factory, taken) is None
+    assert row(factory, 1).status is JobStatus.CANCELED
+
+
+def test_a_take_back_whose_cleanup_never_ended_is_redone(factory: sessionmaker[Session]) -> None:
+    """The process died while deleting: once the hold ends the job is taken back
+    again, with the decision and reason of the first time, and only the latest
+    take-back may re-queue it (the first one's deletion may still be running)."""
+    enqueue(factory, 1)
+    lease(factory)
+    _expire_leases(factory)
+    [first] = _take_back(factory, max_retries=1).taken_back
+    _expire_leases(factory)
+    with unit_of_work(factory) as session:  # a start-up extends no worker's lease here
+        assert QueueRepository(session).extend_leases(until=utcnow() + timedelta(seconds=60)) == 0
+    # Even with MAX_RETRIES lowered meanwhile, the first decision stands.
+    [second] = _take_back(factory, max_retries=0).taken_back
+    assert second.claimed_until != first.claimed_until
+    assert _requeue(factory, first) is None
+    change = _requeue(factory, second)
+    assert change == StatusChange(
+        1,
+        JobStatus.QUEUED,
+        "worker w1 sent no keep-alive for 30 s (attempt 1 of 2, pulled); "
+        "re-queued for attempt 2 of 2",
+    )
+    assert row(factory, 1).failed_workers == ["w1"]
 
 
 def test_reap_remembers_each_silent_worker(factory: sessionmaker[Session]) -> None:

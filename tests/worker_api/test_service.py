@@ -4,10 +4,14 @@ the long-polling pull and the delivery of the outbox to the user API."""
 
 from __future__ import annotations
 
+import io
 import json
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 import anyio
 import httpx
@@ -17,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.contract import Environment, JobStatus
 from labcloud.db import unit_of_work, utcnow
+from labcloud.storage import LocalStorage, Storage
 from tests.worker_api.conftest import queue_job
 from worker_api.clients.user_api import StatusForwarder
 from worker_api.models import QueuedJob, StatusOutbox
@@ -245,29 +250,135 @@ def _expire(factory: sessionmaker[Session]) -> None:
         session.execute(update(QueuedJob).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
 
 
-def test_reaper_requeues_then_fails_and_records(factory: sessionmaker[Session]) -> None:
-    recorded = Counter()
-    signals = QueueSignals(status_recorded=recorded)
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    (tmp_path / "storage").mkdir()
+    return LocalStorage(tmp_path / "storage")
+
+
+def _write(storage: Storage, key: str, text: str = "x") -> None:
+    storage.write(key, io.BytesIO(text.encode()))
+
+
+def _files(storage: Storage, user: str = "u1") -> list[str]:
+    return [entry.key for entry in storage.iter_files(user)]
+
+
+def test_reaper_requeues_then_fails_and_records(
+    factory: sessionmaker[Session], storage: LocalStorage
+) -> None:
+    recorded, enqueued = Counter(), Counter()
+    signals = QueueSignals(status_recorded=recorded, job_enqueued=enqueued)
     queue_id = leased_queue_id(factory)
     _expire(factory)
-    assert reap_once(factory, POLICY, signals) == 1
+    assert reap_once(factory, POLICY, signals, storage) == 1
+    assert enqueued.count == 1  # waiting pulls see the job at once
     with pytest.raises(JobNotFound):  # the silent worker comes back too late
         report(factory, queue_id, JobStatus.RUNNING)
     run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0))
     _expire(factory)
-    assert reap_once(factory, POLICY, signals) == 1
-    assert reap_once(factory, POLICY, signals) == 0
-    statuses = [status for _job, status, _details in outbox(factory)]
-    assert statuses == ["pulled", "queued", "pulled", "error"]
-    assert "giving up (silent attempts: 2)" in (outbox(factory)[-1][2] or "")
+    assert reap_once(factory, POLICY, signals, storage) == 1
+    assert reap_once(factory, POLICY, signals, storage) == 0
+    requeued = (
+        "worker w1 sent no keep-alive for 60 s (attempt 1 of 2, pulled); "
+        "re-queued for attempt 2 of 2"
+    )
+    assert outbox(factory) == [
+        (1, "pulled", None),
+        (1, "queued", requeued),
+        (1, "pulled", requeued),  # attempt 2 says why it exists until its worker reports
+        (1, "error", "worker w1 sent no keep-alive for 60 s (attempt 2 of 2, pulled); giving up"),
+    ]
     assert recorded.count == 2
 
 
-def test_retry_different_policy(factory: sessionmaker[Session]) -> None:
+def test_reaper_removes_partial_results_before_the_next_attempt_can_start(
+    factory: sessionmaker[Session], storage: LocalStorage
+) -> None:
+    """The failed attempt's results are deleted while nobody holds the job, and only
+    then is it re-queued: a new attempt's uploads cannot be deleted."""
+    queue_id = leased_queue_id(factory)
+    report(factory, queue_id, JobStatus.RUNNING)
+    for key in ("u1/output/job1/partial.txt", "u1/output/job1/sub/more.txt", "u1/log/job1/log.txt"):
+        _write(storage, key)
+    _write(storage, "u1/output/job10/other.txt")  # another job's results stay
+    _write(storage, "u1/data/job1/input.txt")  # the user's own files stay
+    _expire(factory)
+    deleting, release = threading.Event(), threading.Event()
+    seen_while_deleting: list[object] = []
+
+    class SlowStorage(LocalStorage):
+        def delete(self, key: str) -> None:
+            deleting.set()
+            assert release.wait(timeout=60)
+            super().delete(key)
+
+    slow = SlowStorage(storage.root)
+    with ThreadPoolExecutor(1) as pool:
+        reaping = pool.submit(reap_once, factory, POLICY, QueueSignals(), slow)
+        assert deleting.wait(timeout=60)
+        seen_while_deleting.append(run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0)))
+        seen_while_deleting.append(outbox(factory)[-1][1])
+        release.set()
+        assert reaping.result(timeout=60) == 1
+    assert seen_while_deleting == [[], "running"]
+    assert _files(storage) == ["u1/data/job1/input.txt", "u1/output/job10/other.txt"]
+    leased = run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0))
+    assert isinstance(leased, list) and [job.queue_id for job in leased] == [queue_id]
+
+
+def test_a_failed_deletion_keeps_the_job_held_and_is_retried(
+    factory: sessionmaker[Session], storage: LocalStorage
+) -> None:
+    queue_id = leased_queue_id(factory)
+    _write(storage, "u1/output/job1/partial.txt")
+    _expire(factory)
+
+    class BrokenStorage(LocalStorage):
+        def delete(self, key: str) -> None:
+            raise OSError("storage away")
+
+    assert reap_once(factory, POLICY, QueueSignals(), BrokenStorage(storage.root)) == 0
+    held = queued(factory)
+    assert (held.status, held.worker) == (JobStatus.PULLED, None)
+    assert run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0)) == []
+    _expire(factory)  # the hold ends: the next pass retries
+    assert reap_once(factory, POLICY, QueueSignals(), storage) == 1
+    assert queued(factory).status is JobStatus.QUEUED
+    assert _files(storage) == []
+    assert [status for _job, status, _details in outbox(factory)] == ["pulled", "queued"]
+    assert queue_id == queued(factory).id
+
+
+def test_a_job_silent_while_uploading_ends_error_and_keeps_its_results(
+    factory: sessionmaker[Session], storage: LocalStorage
+) -> None:
+    """``postprocessing`` may not go back to ``queued``: with retries left, the job
+    ends ``error`` saying why, and what it uploaded stays for its owner."""
+    queue_id = leased_queue_id(factory)
+    report(factory, queue_id, JobStatus.RUNNING)
+    report(factory, queue_id, JobStatus.POSTPROCESSING)
+    _write(storage, "u1/output/job1/result.txt")
+    _expire(factory)
+    assert (
+        reap_once(factory, QueuePolicy(lease_seconds=60, max_retries=5), QueueSignals(), storage)
+        == 1
+    )
+    assert queued(factory).status is JobStatus.ERROR
+    assert outbox(factory)[-1] == (
+        1,
+        "error",
+        "worker w1 sent no keep-alive for 60 s (attempt 1 of 6, postprocessing); "
+        "giving up: it had started uploading its results, so it is not run again",
+    )
+    assert _files(storage) == ["u1/output/job1/result.txt"]
+
+
+def test_retry_different_policy(factory: sessionmaker[Session], storage: LocalStorage) -> None:
     policy = QueuePolicy(lease_seconds=60, max_retries=3, retry_different=True)
     leased_queue_id(factory)
     _expire(factory)
-    reap_once(factory, policy, QueueSignals())
+    reap_once(factory, policy, QueueSignals(), storage)
     assert run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0), policy=policy) == []
     other = WorkerOffer(name="w2", environment=Environment.LOCAL, memory=8000)
     leased = run(factory, lambda q: q.lease(other, limit=1, older_than=0), policy=policy)
@@ -275,27 +386,33 @@ def test_retry_different_policy(factory: sessionmaker[Session]) -> None:
 
 
 @pytest.mark.anyio
-async def test_reaper_loop_runs_until_cancelled(factory: sessionmaker[Session]) -> None:
+async def test_reaper_loop_runs_until_cancelled(
+    factory: sessionmaker[Session], storage: LocalStorage
+) -> None:
     leased_queue_id(factory)
     _expire(factory)
     # The start gives the expired lease 0.2 s more; then the loop takes it back.
     short = QueuePolicy(lease_seconds=0.2, max_retries=1)
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(lambda: run_reaper(factory, short, QueueSignals(), interval_seconds=0.01))
+        tasks.start_soon(
+            lambda: run_reaper(factory, short, QueueSignals(), storage, interval_seconds=0.01)
+        )
         await eventually(lambda: queued(factory).status is JobStatus.QUEUED)
         tasks.cancel_scope.cancel()
 
 
 @pytest.mark.anyio
 async def test_reaper_start_forgives_leases_that_ran_out_during_an_outage(
-    factory: sessionmaker[Session],
+    factory: sessionmaker[Session], storage: LocalStorage
 ) -> None:
     # The lease ran out while no worker API was running, so its worker's keep-alives
     # had nowhere to go: a starting reaper gives it a full lease instead of failing it.
     leased_queue_id(factory)
     _expire(factory)
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(lambda: run_reaper(factory, POLICY, QueueSignals(), interval_seconds=0.01))
+        tasks.start_soon(
+            lambda: run_reaper(factory, POLICY, QueueSignals(), storage, interval_seconds=0.01)
+        )
         await eventually(
             lambda: queued(factory).lease_expires_at > utcnow() + timedelta(seconds=50)  # type: ignore[operator]
         )

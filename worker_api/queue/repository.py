@@ -58,7 +58,7 @@ the finished history.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
@@ -70,6 +70,7 @@ from sqlalchemy import (
     SQLColumnExpression,
     String,
     Update,
+    and_,
     bindparam,
     case,
     cast,
@@ -105,6 +106,12 @@ _UPDATE_OPTIONS: dict[str, Any] = {"synchronize_session": False, "populate_exist
 # The partial pull index's predicate, as a literal (see the module docstring).
 _QUEUED: ColumnElement[str] = literal_column(f"'{JobStatus.QUEUED.value}'")
 _NO_GPU: ColumnElement[int] = literal_column("0")
+# Where the reaper may send a silent worker's job back to the queue: the leased
+# statuses from which the state machine allows ``queued`` (not ``postprocessing``,
+# whose results are partly uploaded). From the others it ends ``error``.
+_REQUEUE_SOURCES: tuple[JobStatus, ...] = tuple(
+    sorted(LEASED_STATUSES & allowed_sources(JobStatus.QUEUED))
+)
 
 
 def gpus_needed(hardware: HardwareSpec) -> int:
@@ -121,6 +128,26 @@ class StatusChange:
     job_id: int
     status: JobStatus
     runtime_details: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TakenBack:
+    """A job ``reap`` took from its silent worker: held until ``claimed_until``
+    while the partial results of the failed attempt (the folders of
+    ``paths_upload``) are deleted, then re-queued."""
+
+    queue_id: int
+    job_id: int
+    paths_upload: dict[str, str]
+    claimed_until: datetime
+
+
+@dataclass(slots=True)
+class Reaped:
+    """What one ``reap`` did: jobs failed (``error``), jobs taken back."""
+
+    failed: list[StatusChange] = field(default_factory=list)
+    taken_back: list[TakenBack] = field(default_factory=list)
 
 
 class QueueRepository:
@@ -426,46 +453,124 @@ class QueueRepository:
             .execution_options(populate_existing=True)
         ).one_or_none()
 
-    def reap(self, *, now: datetime, max_retries: int, timeout: float) -> list[StatusChange]:
-        """Take back every job whose lease expired: re-queue it while it has had at
-        most ``max_retries`` attempts, fail it afterwards. The silent worker is
-        remembered in ``failed_workers``."""
+    def reap(
+        self, *, now: datetime, max_retries: int, timeout: float, cleanup_until: datetime
+    ) -> Reaped:
+        """Take every job whose lease expired away from its silent worker, with the
+        move ``ALLOWED_TRANSITIONS`` allows from where the worker left it.
+
+        A job that may go back to ``queued`` (it had not started uploading results)
+        and has had at most ``max_retries`` attempts is *taken back*: its status
+        stays, its worker is cleared (the silent worker's reports and file requests
+        now get 404) and it is held until ``cleanup_until``, while the caller deletes
+        the failed attempt's partial results and then calls ``requeue_taken_back``.
+        Re-queueing only after that deletion is what keeps it from removing a new
+        attempt's uploads: nobody can lease the job before. Any other job (attempts
+        used up, or expired in ``postprocessing``, which may not move back) ends
+        ``error`` with the reason.
+
+        A job taken back earlier whose re-queue never came (the process died while
+        deleting) is taken back again once ``cleanup_until`` passed; the decision
+        and the reason written then stand. The silent worker is remembered in
+        ``failed_workers``."""
         job = QueuedJob
-        give_up = job.attempts > max_retries
-        silent_worker = func.coalesce(job.worker, "")
-        attempts = cast(job.attempts, String)
-        silence = (
-            literal("worker ") + silent_worker + literal(f" sent no keep-alive for {timeout:g} s; ")
+        taken_back_earlier = job.worker.is_(None)
+        give_up = and_(
+            not_(taken_back_earlier),
+            or_(job.status.not_in(_REQUEUE_SOURCES), job.attempts > max_retries),
         )
-        gave_up = silence + literal("giving up (silent attempts: ") + attempts + literal(")")
-        requeued = (
-            silence + literal("re-queued (attempt ") + attempts + literal(f" of {max_retries + 1})")
+        attempt = cast(job.attempts, String)
+        silence = (
+            literal("worker ")
+            + func.coalesce(job.worker, "")
+            + literal(f" sent no keep-alive for {timeout:g} s (attempt ")
+            + attempt
+            + literal(f" of {max_retries + 1}, ")
+            + cast(job.status, String)
+            + literal(")")
+        )
+        reason = case(
+            (taken_back_earlier, job.runtime_details),
+            (
+                job.status.not_in(_REQUEUE_SOURCES),
+                silence
+                + literal(
+                    "; giving up: it had started uploading its results, so it is not run again"
+                ),
+            ),
+            (job.attempts > max_retries, silence + literal("; giving up")),
+            else_=silence
+            + literal("; re-queued for attempt ")
+            + cast(job.attempts + 1, String)
+            + literal(f" of {max_retries + 1}"),
         )
         expired = (job.status.in_(LEASED_STATUSES), job.lease_expires_at < now)
         # Several worker API processes may reap at once: each takes the rows no
         # other holds, and the outer WHERE re-checks them once locked, so a job is
         # taken back once (a lease renewed meanwhile is no longer expired).
         claimable = select(job.id).where(*expired).with_for_update(skip_locked=True)
+        silent_worker = job.worker
         statement = (
             update(job)
             .where(job.id.in_(claimable), *expired)
             .values(
-                status=case(
-                    (give_up, literal(JobStatus.ERROR.value)),
-                    else_=literal(JobStatus.QUEUED.value),
-                ),
+                status=case((give_up, literal(JobStatus.ERROR.value)), else_=job.status),
                 worker=None,
-                lease_expires_at=None,
+                lease_expires_at=case((give_up, None), else_=literal(cleanup_until, UtcDateTime())),
                 failed_workers=case(
-                    (self._list_contains(job.failed_workers, silent_worker), job.failed_workers),
+                    (
+                        or_(
+                            taken_back_earlier,
+                            self._list_contains(job.failed_workers, silent_worker),
+                        ),
+                        job.failed_workers,
+                    ),
                     else_=self._list_append(job.failed_workers, silent_worker),
                 ),
-                runtime_details=case((give_up, gave_up), else_=requeued),
+                runtime_details=reason,
                 updated_at=now,
             )
-            .returning(job.job_id, job.status, job.runtime_details)
+            .returning(
+                job.id,
+                job.job_id,
+                job.status,
+                job.runtime_details,
+                job.paths_upload,
+                job.lease_expires_at,
+            )
         )
-        return [StatusChange(row[0], row[1], row[2]) for row in self._session.execute(statement)]
+        reaped = Reaped()
+        for queue_id, job_id, status, details, paths_upload, claimed_until in self._session.execute(
+            statement
+        ):
+            if status is JobStatus.ERROR:
+                reaped.failed.append(StatusChange(job_id, status, details))
+            else:
+                assert claimed_until is not None, "a job taken back is held until its cleanup"
+                reaped.taken_back.append(
+                    TakenBack(queue_id, job_id, dict(paths_upload), claimed_until)
+                )
+        return reaped
+
+    def requeue_taken_back(
+        self, queue_id: int, *, claimed_until: datetime, now: datetime
+    ) -> StatusChange | None:
+        """Put a job taken back by ``reap`` into the queue, if it is still held by
+        that very pass (``claimed_until``): not cancelled meanwhile, and not taken
+        back again by another process whose cleanup then runs. None otherwise."""
+        job = QueuedJob
+        row = self._session.execute(
+            update(job)
+            .where(
+                job.id == queue_id,
+                job.worker.is_(None),
+                job.status.in_(_REQUEUE_SOURCES),
+                job.lease_expires_at == claimed_until,
+            )
+            .values(status=JobStatus.QUEUED, lease_expires_at=None, updated_at=now)
+            .returning(job.job_id, job.status, job.runtime_details)
+        ).first()
+        return None if row is None else StatusChange(row[0], row[1], row[2])
 
     def extend_leases(self, *, until: datetime) -> int:
         """Make every lease that ends before ``until`` end then; how many did.
@@ -475,7 +580,13 @@ class QueueRepository:
         job = QueuedJob
         result = self._session.execute(
             update(job)
-            .where(job.status.in_(LEASED_STATUSES), job.lease_expires_at < until)
+            # A job taken back from its worker (worker NULL) holds no worker's lease:
+            # its cleanup resumes as soon as its hold ends.
+            .where(
+                job.status.in_(LEASED_STATUSES),
+                job.worker.is_not(None),
+                job.lease_expires_at < until,
+            )
             .values(lease_expires_at=until)
             .returning(job.id)
         )

@@ -24,8 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from labcloud.contract import ALLOWED_TRANSITIONS, JobSpecs, JobStatus, QueueJob
 from labcloud.db import unit_of_work, utcnow
 from labcloud.errors import Conflict, NotFound, Unavailable
+from labcloud.storage import Storage, check_key
 from worker_api.models import QueuedJob
-from worker_api.queue.repository import QueueRepository, StatusChange
+from worker_api.queue.repository import QueueRepository, Reaped, StatusChange, TakenBack
 from worker_api.queue.schemas import EnqueuedJob, WorkerOffer
 
 logger = logging.getLogger(__name__)
@@ -242,16 +243,33 @@ class QueueService:
             until=utcnow() + timedelta(seconds=self._policy.lease_seconds)
         )
 
-    def reap(self) -> list[StatusChange]:
-        """Re-queue or fail every job whose lease expired."""
-        changes = self._repository.reap(
-            now=utcnow(),
+    def take_back_expired(self) -> Reaped:
+        """Take every job whose lease expired away from its silent worker: fail it
+        (recorded here), or hold it for ``requeue_taken_back`` once the caller has
+        deleted its failed attempt's partial results (``reap_once`` does both)."""
+        now = utcnow()
+        reaped = self._repository.reap(
+            now=now,
             max_retries=self._policy.max_retries,
             timeout=self._policy.lease_seconds,
+            # Long enough for any deletion; if this process dies meanwhile, another
+            # pass takes the job back again after that.
+            cleanup_until=now + timedelta(seconds=self._policy.lease_seconds),
         )
-        for change in changes:
+        for change in reaped.failed:
             self._record(change)
-        return changes
+        return reaped
+
+    def requeue_taken_back(self, job: TakenBack) -> StatusChange | None:
+        """Re-queue a job ``take_back_expired`` returned, whose partial results are
+        gone; None when it was cancelled (or taken back again) meanwhile."""
+        change = self._repository.requeue_taken_back(
+            job.queue_id, claimed_until=job.claimed_until, now=utcnow()
+        )
+        if change is not None:
+            self._record(change)
+            _after_commit(self._session, self._signals.job_enqueued)
+        return change
 
     def _record(self, change: StatusChange) -> None:
         self._repository.add_to_outbox(change, now=utcnow())
@@ -312,10 +330,43 @@ class JobPuller:
             )
 
 
-def reap_once(factory: sessionmaker[Session], policy: QueuePolicy, signals: QueueSignals) -> int:
-    """One reaper pass in its own transaction; the number of jobs taken back."""
+def reap_once(
+    factory: sessionmaker[Session], policy: QueuePolicy, signals: QueueSignals, storage: Storage
+) -> int:
+    """One reaper pass; the number of jobs failed or re-queued.
+
+    The order matters. The jobs are first taken from their silent workers and
+    committed (those workers can no longer report or get upload URLs); then, outside
+    any transaction (a deletion may take long, and on SQLite a transaction holds
+    the write lock), the folders the failed attempt uploaded into are emptied; only
+    then is each job re-queued, so no new attempt can have uploaded anything that
+    the deletion removes. A deletion that fails leaves its job held: a later pass
+    takes it back again and retries."""
     with unit_of_work(factory) as session:
-        return len(QueueService(session, policy, signals).reap())
+        reaped = QueueService(session, policy, signals).take_back_expired()
+    requeued = 0
+    for job in reaped.taken_back:
+        try:
+            delete_partial_results(storage, job)
+        except Exception:
+            logger.exception(
+                "could not delete the partial results of job %s; retrying after %s",
+                job.job_id,
+                job.claimed_until.isoformat(),
+            )
+            continue
+        with unit_of_work(factory) as session:
+            if QueueService(session, policy, signals).requeue_taken_back(job) is not None:
+                requeued += 1
+    return len(reaped.failed) + requeued
+
+
+def delete_partial_results(storage: Storage, job: TakenBack) -> None:
+    """Remove what the failed attempt of ``job`` uploaded: its result folders
+    (``paths_upload``: output, log, artifact), so the next attempt starts from
+    nothing and a reader never sees a mix of both attempts."""
+    for folder in sorted(set(job.paths_upload.values())):
+        storage.delete(check_key(folder))
 
 
 def grant_full_leases_once(factory: sessionmaker[Session], policy: QueuePolicy) -> int:
@@ -328,6 +379,7 @@ async def run_reaper(
     factory: sessionmaker[Session],
     policy: QueuePolicy,
     signals: QueueSignals,
+    storage: Storage,
     *,
     interval_seconds: float,
 ) -> None:
@@ -342,7 +394,7 @@ async def run_reaper(
         logger.exception("could not extend the leases at start; reaping them as they are")
     while True:
         try:
-            reaped = await anyio.to_thread.run_sync(reap_once, factory, policy, signals)
+            reaped = await anyio.to_thread.run_sync(reap_once, factory, policy, signals, storage)
             if reaped:
                 logger.info("took back %d job(s) whose worker went silent", reaped)
         except Exception:
