@@ -10,17 +10,20 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 
 from labcloud import admin_cli
 from labcloud.auth.local import generate_private_key_pem
+from labcloud.auth.passwords import generate_password, password_problem
 
 logger = logging.getLogger("labcloud")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +46,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     up = commands.add_parser("up", help="start the user API, the worker API and runners")
     up.add_argument("--data-dir", type=Path, default=Path(".labcloud"))
-    up.add_argument("--host", default="127.0.0.1", help="address the APIs listen on")
+    up.add_argument(
+        "--host",
+        default=None,
+        help="address the APIs listen on (default 127.0.0.1; 0.0.0.0 with --advertise-address)",
+    )
+    up.add_argument(
+        "--advertise-address",
+        default=None,
+        metavar="HOST",
+        help="name or IP address of this machine that other machines (runners on GPU "
+        "hosts) reach it at; used in worker.env and in the APIs' public URLs",
+    )
     up.add_argument("--user-port", type=int, default=8000)
     up.add_argument("--worker-port", type=int, default=8001)
     up.add_argument("--runners", type=int, default=1, help="number of runner processes")
@@ -70,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         return _up(args)
     if args.command == "runner":
-        return _run_module("worker_runner", ["--env-file", str(args.env_file)])
+        _exec_module("worker_runner", ["--env-file", str(args.env_file)])
     return _demo_image(rebuild=args.rebuild)
 
 
@@ -84,8 +98,13 @@ def _demo_image(*, rebuild: bool) -> int:
     return 0
 
 
-def _run_module(module: str, args: list[str]) -> int:
-    return subprocess.call([sys.executable, "-m", module, *args])  # noqa: S603
+def _exec_module(module: str, args: list[str]) -> NoReturn:
+    """Become ``python -m module args``: with the same process id, a signal sent to
+    ``labcloud runner`` (SIGTERM from a service manager, Ctrl-C) reaches the runner
+    itself; a child process would be left running, still pulling jobs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", module, *args])  # noqa: S606
 
 
 def _persistent_secrets(data_dir: Path) -> dict[str, str]:
@@ -96,22 +115,81 @@ def _persistent_secrets(data_dir: Path) -> dict[str, str]:
     makers: tuple[tuple[str, Callable[[], str]], ...] = (
         ("internal_api_key", lambda: secrets.token_urlsafe(32)),
         ("local_auth_key.pem", generate_private_key_pem),
-        ("admin_password", lambda: secrets.token_urlsafe(18)),
+        ("admin_password", generate_password),
     )
     for name, make in makers:
         path = data_dir / name
-        if not path.exists():
+        # An admin password the rule refuses was left by a start that failed on it
+        # (no account can have it): replace it rather than fail every start after.
+        stale = name == "admin_password" and path.exists() and _refused(path.read_text())
+        if stale or not path.exists():
             path.touch(mode=0o600)
             path.write_text(make())
         values[name] = path.read_text().strip()
     return values
 
 
+def _refused(password: str) -> bool:
+    return password_problem(password.strip()) is not None
+
+
+_WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - names of "every interface", not a bind
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, or None.
+
+    Probed by binding as uvicorn will (``SO_REUSEADDR``, which lets a port in
+    TIME_WAIT be reused but not one that something listens on). Without the check a
+    server already on the port answers ``labcloud up``'s own requests, and the start
+    fails later with a misleading message."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _check_ports(host: str, ports: dict[str, int]) -> None:
+    if len(set(ports.values())) < len(ports):
+        raise _StartupError(f"the ports must differ: {ports}")
+    for option, port in ports.items():
+        problem = _port_problem(host, port)
+        if problem is not None:
+            raise _StartupError(
+                f"port {port} on {host} is not free ({problem}): another program "
+                f"listens there; stop it or choose another port with {option}"
+            )
+
+
 def _up(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir.resolve()
+    advertised: str | None = args.advertise_address
+    # Advertising an address only helps if the APIs listen beyond loopback.
+    host: str = args.host or ("0.0.0.0" if advertised else "127.0.0.1")  # noqa: S104
+    # What this machine's own processes use: loopback when listening everywhere.
+    local_host = "127.0.0.1" if host in _WILDCARDS else host
+    try:
+        _check_ports(host, {"--user-port": args.user_port, "--worker-port": args.worker_port})
+    except _StartupError as exc:
+        print(f"labcloud up failed: {exc}", file=sys.stderr)
+        return 1
     secret = _persistent_secrets(data_dir)
-    user_url = f"http://{args.host}:{args.user_port}"
-    worker_url = f"http://{args.host}:{args.worker_port}"
+    user_url = _url(local_host, args.user_port)
+    worker_url = _url(local_host, args.worker_port)
+    # What other machines use: in worker.env and in the URLs the APIs hand out
+    # (signed file URLs, the runner settings of ``labcloud admin worker-create``).
+    public_user_url = _url(advertised or local_host, args.user_port)
+    public_worker_url = _url(advertised or local_host, args.worker_port)
     if not args.skip_demo_image:
         try:
             _demo_image(rebuild=False)
@@ -131,8 +209,8 @@ def _up(args: argparse.Namespace) -> int:
         **common,
         "DATABASE_URL": f"sqlite:///{data_dir / 'user_api.db'}",
         "LOCAL_AUTH_PRIVATE_KEY": secret["local_auth_key.pem"],
-        "PUBLIC_URL": user_url,
-        "WORKERFACING_API_URL": worker_url,
+        "PUBLIC_URL": public_user_url,
+        "WORKERFACING_API_URL": public_worker_url,
         "APPLICATION_CONFIG_FILE": str(args.catalog.resolve()),
         # Development setting: anyone who reaches the port can create a user account.
         "ALLOW_SELF_SIGNUP": "true",
@@ -142,7 +220,7 @@ def _up(args: argparse.Namespace) -> int:
     worker_env = {
         **common,
         "QUEUE_DB_URL": f"sqlite:///{data_dir / 'worker_api.db'}",
-        "PUBLIC_URL": worker_url,
+        "PUBLIC_URL": public_worker_url,
         "USERFACING_API_URL": user_url,
     }
     services: list[_Service] = []
@@ -157,7 +235,7 @@ def _up(args: argparse.Namespace) -> int:
         services.append(
             _start(
                 "user-api",
-                ["user_api", "--host", args.host, "--port", str(args.user_port)],
+                ["user_api", "--host", host, "--port", str(args.user_port)],
                 user_env,
                 data_dir,
             )
@@ -166,7 +244,7 @@ def _up(args: argparse.Namespace) -> int:
         services.append(
             _start(
                 "worker-api",
-                ["worker_api", "--host", args.host, "--port", str(args.worker_port)],
+                ["worker_api", "--host", host, "--port", str(args.worker_port)],
                 worker_env,
                 data_dir,
             )
@@ -176,10 +254,18 @@ def _up(args: argparse.Namespace) -> int:
         # by account, and a runner cleans up the containers its account left behind.
         admin = _admin_headers(user_url, secret)
         jobs = data_dir / "jobs"
-        env_file = _worker_env(data_dir, "worker", user_url, worker_url, admin, jobs)
+        env_file = _worker_env(
+            data_dir, "worker", public_user_url, public_worker_url, admin, jobs, via=user_url
+        )
         for index in range(1, args.runners + 1):
             runner_env = _worker_env(
-                data_dir / "runners", f"runner-{index}", user_url, worker_url, admin, jobs
+                data_dir / "runners",
+                f"runner-{index}",
+                user_url,
+                worker_url,
+                admin,
+                jobs,
+                via=user_url,
             )
             services.append(
                 _start(
@@ -189,7 +275,7 @@ def _up(args: argparse.Namespace) -> int:
                     data_dir,
                 )
             )
-        _print_welcome(user_url, worker_url, data_dir, env_file, secret)
+        _print_welcome(public_user_url, public_worker_url, data_dir, env_file, secret)
         while not stopping:
             for service in services:
                 if service.process.poll() is not None:
@@ -262,16 +348,22 @@ def _worker_env(
     worker_url: str,
     admin: dict[str, str],
     jobs: Path,
+    *,
+    via: str,
 ) -> Path:
     """Write ``folder/<name>.env`` for a runner with its own ``workers`` account,
-    creating the account the first time (the password is kept in the file)."""
+    creating the account the first time (the password is kept in the file).
+    ``user_url`` and ``worker_url`` are what the runner will use; ``via`` is
+    where this process reaches the user API."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.env"
     account = f"{name}@labcloud.example.org"
     values = _read_env_file(path)
-    password = values.get("PASSWORD") or secrets.token_urlsafe(18)
+    password = values.get("PASSWORD", "")
+    if password_problem(password) is not None:
+        password = generate_password()
     created = httpx.post(
-        f"{user_url}/user",
+        f"{via}/user",
         data={"username": account, "password": password, "groups": ["workers"]},
         headers=admin,
         timeout=30,
