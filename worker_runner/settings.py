@@ -9,6 +9,7 @@ names it (``describe_validation_error``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Self
@@ -68,6 +69,17 @@ class WorkerSettings(BaseSettings):
     container_network: str = Field(
         default="none", min_length=1, description="Docker network mode of job containers."
     )
+    # A tool with a few hundred threads fits; a fork bomb stops long before the
+    # host's own process table fills up.
+    container_pids_limit: int = Field(
+        default=1024,
+        ge=8,
+        le=4_194_304,
+        description=(
+            "Most processes and threads a job container may have at once (a catalog "
+            "entrypoint's container.pids_limit overrides it)."
+        ),
+    )
     shutdown_grace: float = Field(
         default=30.0, ge=0, description="Seconds running jobs get to finish on SIGTERM."
     )
@@ -114,6 +126,18 @@ class WorkerSettings(BaseSettings):
     def worker_name(self) -> str:
         """The worker's name: its account name, as the worker API knows it."""
         return self.username
+
+    @property
+    def runner_id(self) -> str:
+        """This runner's identity on the Docker host: a short hash of its account
+        and its job folder (as this process and as the Docker host see it).
+
+        Its containers and job folders are marked with it, and a starting runner
+        removes only what carries its own: every stack on a host, and every
+        runner of one stack, has a folder or an account of its own, while the
+        account name alone is the same in every stack (``labcloud up``)."""
+        key = "\0".join((self.username, str(self.path_base), str(self.host_base)))
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def load_settings(env_file: Path | None = None) -> WorkerSettings:

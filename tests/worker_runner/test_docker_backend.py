@@ -28,9 +28,13 @@ from worker_runner.hardware import HostHardware
 from worker_runner.loop import LABEL_WORKER, Runner
 from worker_runner.settings import WorkerSettings
 
-IMAGE = "labcloud-test/busybox:latest"
+# The tag names the applet set: an image imported with fewer applets is not reused.
+IMAGE = "labcloud-test/busybox:2"
 BUSYBOX = Path("/bin/busybox")
-APPLETS = ("sh", "echo", "cat", "sleep", "dd", "ls", "mkdir", "head", "true", "false", "env")
+APPLETS = (
+    "sh", "echo", "cat", "sleep", "dd", "ls", "mkdir", "head", "true", "false", "env", "id",
+    "touch",
+)  # fmt: skip
 
 
 # tests/conftest.py skips tests marked ``docker`` when `docker info` fails.
@@ -134,6 +138,61 @@ def test_container_is_locked_down(
     assert host_config["Memory"] == 100 * 1024 * 1024
     assert host_config["NanoCpus"] == 500_000_000
     assert host_config["Binds"] == [f"{tmp_path}:/files:rw"]
+    assert host_config["ReadonlyRootfs"] is False
+
+
+def test_pids_limit_stops_a_fork_loop(
+    backend: DockerBackend,
+    engine: docker.DockerClient,
+    image: str,
+    tmp_path: Path,
+    labels: dict[str, str],
+) -> None:
+    # At most 64 forks, each a 30 s sleep the container's end takes along: bounded
+    # even if the limit did not hold.
+    script = (
+        "n=0; i=0; while [ $i -lt 64 ]; do i=$((i+1)); "
+        "(sleep 30 &) 2>/dev/null && n=$((n+1)); done; echo started $n"
+    )
+    handle = backend.start(request(image, script, tmp_path, labels=labels, pids_limit=16))
+    result = backend.wait(handle, timeout=60)
+    assert result is not None
+    assert engine.api.inspect_container(handle.id)["HostConfig"]["PidsLimit"] == 16
+    output = b"".join(backend.stream_logs(handle)).decode()
+    started = int(output.split("started ")[1].split()[0])
+    # init, the shell and its subshells share the 16.
+    assert 0 < started < 16, output
+    backend.remove(handle)
+
+
+def test_user_and_read_only_root(
+    backend: DockerBackend,
+    engine: docker.DockerClient,
+    image: str,
+    tmp_path: Path,
+    labels: dict[str, str],
+) -> None:
+    files = tmp_path / "files"
+    files.mkdir()
+    files.chmod(0o777)
+    script = (
+        "id -u; id -g; "
+        "touch /root-file 2>/dev/null && echo root-writable; "
+        "touch /tmp/scratch && echo tmp-writable; "
+        "echo result > /files/out.txt && echo files-writable"
+    )
+    handle = backend.start(
+        request(image, script, files, labels=labels, user="1234:2345", read_only_root=True)
+    )
+    result = backend.wait(handle, timeout=30)
+    assert result is not None and result.exit_code == 0
+    output = b"".join(backend.stream_logs(handle)).decode().split()
+    assert output == ["1234", "2345", "tmp-writable", "files-writable"]
+    assert (files / "out.txt").stat().st_uid == 1234
+    host_config = engine.api.inspect_container(handle.id)["HostConfig"]
+    assert host_config["ReadonlyRootfs"] is True
+    assert host_config["Tmpfs"] == {"/tmp": "rw,nosuid,nodev,mode=1777"}
+    backend.remove(handle)
 
 
 def test_only_the_assigned_gpus_are_requested(tmp_path: Path) -> None:
@@ -156,23 +215,59 @@ def test_stop_is_prompt(
     result = backend.wait(handle, timeout=5)
     assert time.monotonic() - started < 2
     assert result is not None and result.exit_code != 0
+    # Its own stop is not a kill from outside.
+    assert result.outside_signal is None and not result.oom_killed
     backend.remove(handle)
     backend.stop(handle)  # already gone: not an error
 
 
-def test_memory_limit_kills_with_oom(
-    backend: DockerBackend, image: str, tmp_path: Path, labels: dict[str, str]
+def test_memory_limit_kill_is_reported_as_the_engine_says(
+    backend: DockerBackend,
+    engine: docker.DockerClient,
+    image: str,
+    tmp_path: Path,
+    labels: dict[str, str],
 ) -> None:
-    handle = backend.start(
-        request(
-            image, "dd if=/dev/zero of=/dev/null bs=64M count=1", tmp_path, labels=labels, memory=16
+    # The engine loses the OOM flag of a container that dies at once now and then
+    # (measured: 5 of 60 with 4 at a time; none of 15 one at a time): the result
+    # follows the engine every time, and a few tries see it flagged.
+    flagged = False
+    for _ in range(4):
+        handle = backend.start(
+            request(
+                image,
+                "dd if=/dev/zero of=/dev/null bs=64M count=1",
+                tmp_path,
+                labels=labels,
+                memory=16,
+            )
         )
-    )
-    result = backend.wait(handle, timeout=20)
+        result = backend.wait(handle, timeout=30)
+        assert result is not None and result.exit_code == 137
+        state = engine.api.inspect_container(handle.id)["State"]
+        assert result.oom_killed is state["OOMKilled"]
+        assert result.outside_signal is None
+        backend.remove(handle)
+        if result.oom_killed:
+            flagged = True
+            break
+    assert flagged, "the engine never reported the OOM kill"
+
+
+def test_kill_from_outside_is_not_out_of_memory(
+    backend: DockerBackend,
+    engine: docker.DockerClient,
+    image: str,
+    tmp_path: Path,
+    labels: dict[str, str],
+) -> None:
+    handle = backend.start(request(image, "sleep 300", tmp_path, labels=labels, memory=64))
+    assert backend.wait(handle, timeout=0.3) is None
+    engine.api.kill(handle.id)  # what `docker kill` does
+    result = backend.wait(handle, timeout=30)
     assert result is not None
-    # The engine usually flags the OOM kill, but its event is lost now and then when
-    # the container dies at once; the SIGKILL exit code is certain.
-    assert result.exit_code == 137
+    assert (result.exit_code, result.oom_killed, result.outside_signal) == (137, False, 9)
+    backend.remove(handle)
 
 
 def test_leftovers_are_found_by_label(
@@ -246,12 +341,8 @@ class StubApi:
         return httpx.Response(200, json={"method": "GET", "url": url, "headers": {}, "data": {}})
 
 
-@contextmanager
-def docker_runner(
-    backend: DockerBackend, api: StubApi, worker: str, path_base: Path
-) -> Iterator[Runner]:
-    """A runner on the real engine, stopped (and its jobs handed back) on exit."""
-    settings = WorkerSettings(
+def runner_settings(worker: str, path_base: Path) -> WorkerSettings:
+    return WorkerSettings(
         api_url="http://api",
         auth_url="http://auth",
         username=worker,
@@ -263,6 +354,14 @@ def docker_runner(
         shutdown_grace=0,
         _env_file=None,
     )
+
+
+@contextmanager
+def docker_runner(
+    backend: DockerBackend, api: StubApi, worker: str, path_base: Path
+) -> Iterator[Runner]:
+    """A runner on the real engine, stopped (and its jobs handed back) on exit."""
+    settings = runner_settings(worker, path_base)
     client = WorkerApiClient(
         api_url=settings.api_url,
         auth_url=settings.auth_url,
@@ -359,18 +458,23 @@ import sys, time
 from pathlib import Path
 from worker_runner.backends.base import RunRequest
 from worker_runner.backends.docker import DockerBackend
-from worker_runner.loop import LABEL_QUEUE_ID, LABEL_WORKER
+from worker_runner.loop import LABEL_QUEUE_ID, LABEL_RUNNER, LABEL_WORKER
+from worker_runner.settings import WorkerSettings
 from worker_runner.staging import JobFolder
 
 worker, image, base = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+runner_id = WorkerSettings(
+    api_url="http://api", auth_url="http://auth", username=worker, password="pw",
+    path_base=base, _env_file=None,
+).runner_id
 folder = JobFolder.for_job(base, base, "q-crash")
-folder.create(worker)
+folder.create(runner_id)
 handle = DockerBackend.from_env().start(
     RunRequest(
         image=image,
         command=("/bin/sh", "-c", "sleep 300"),
         host_folder=folder.host_files,
-        labels={LABEL_WORKER: worker, LABEL_QUEUE_ID: "q-crash"},
+        labels={LABEL_WORKER: worker, LABEL_RUNNER: runner_id, LABEL_QUEUE_ID: "q-crash"},
     )
 )
 print(handle.id, flush=True)
@@ -412,3 +516,83 @@ def test_start_removes_what_a_killed_runner_left(
         assert [handle.id for handle in backend.find_leftovers(bystander)] == [other.id]
     finally:
         backend.remove_leftovers(bystander)
+
+
+def test_a_starting_runner_spares_another_stacks_job(
+    backend: DockerBackend, image: str, tmp_path: Path, labels: dict[str, str]
+) -> None:
+    # Two stacks on one engine, whose runners have the same account name (as every
+    # `labcloud up` names them): the second one's start-up cleanup must not touch the
+    # job the first one is running, which then finishes normally.
+    worker = labels[LABEL_WORKER]
+    first_base, second_base = tmp_path / "stack-1" / "jobs", tmp_path / "stack-2" / "jobs"
+    cmd = ["echo waiting;", "while [ ! -e /files/go ]; do sleep 0.1; done;", "echo done"]
+    api = StubApi({"q-live": docker_job(image, cmd)})
+    with docker_runner(backend, api, worker, first_base):
+        until(lambda: "running" in api.statuses and backend.find_leftovers(labels))
+        [live] = backend.find_leftovers(labels)
+        other_api = StubApi({})
+        with docker_runner(backend, other_api, worker, second_base):
+            until(lambda: not other_api.queue)  # it pulled: its cleanup is over
+        assert [handle.id for handle in backend.find_leftovers(labels)] == [live.id]
+        assert backend.wait(live, timeout=0.1) is None, "the live job's container was stopped"
+        (first_base / "q-live" / "files" / "go").touch()
+        until(lambda: "finished" in api.statuses or "error" in api.statuses)
+    assert api.statuses[-1] == "finished"
+    assert api.uploads["log/log.txt"] == b"waiting\ndone\n"
+    ids = {runner_settings(worker, base).runner_id for base in (first_base, second_base)}
+    assert len(ids) == 2
+
+
+class RecordingApi(StubApi):
+    """A ``StubApi`` that also keeps the final status's runtime details."""
+
+    def __init__(self, jobs: dict[str, dict[str, Any]]) -> None:
+        super().__init__(jobs)
+        self.details: list[str] = []
+
+    def handler(self, req: httpx.Request) -> httpx.Response:
+        if req.url.path.endswith("/status") and "runtime_details" in req.url.params:
+            self.details.append(req.url.params["runtime_details"])
+        return super().handler(req)
+
+
+def test_a_job_killed_from_outside_is_not_said_to_exceed_its_memory(
+    backend: DockerBackend,
+    engine: docker.DockerClient,
+    image: str,
+    tmp_path: Path,
+    labels: dict[str, str],
+) -> None:
+    api = RecordingApi({"q-killed": docker_job(image, ["echo started;", "sleep 60"])})
+    with docker_runner(backend, api, labels[LABEL_WORKER], tmp_path / "jobs"):
+        until(lambda: "running" in api.statuses and backend.find_leftovers(labels))
+        [container] = backend.find_leftovers(labels)
+        engine.api.kill(container.id)  # what `docker kill` does
+        until(lambda: "error" in api.statuses or "finished" in api.statuses)
+    assert api.statuses[-1] == "error"
+    [details] = api.details
+    assert details.startswith(
+        "killed from outside the runner: signal 9 sent through the container engine (exit code 137)"
+    ), details
+    assert "memory" not in details
+
+
+def test_a_job_runs_as_its_user_on_a_read_only_root(
+    backend: DockerBackend, image: str, tmp_path: Path, labels: dict[str, str]
+) -> None:
+    # The runner (root) gives the job folder to the job's user: the inputs are
+    # readable and the results writable, /tmp is writable, / is not.
+    cmd = [
+        "id -u;",
+        "cat /files/data/in.txt > /files/output/copy.txt &&",
+        "touch /tmp/scratch && mkdir -p /files/output/sub && id -u > /files/output/sub/uid &&",
+        "if touch /root-file; then exit 9; fi",
+    ]
+    container = {"user": "4321", "read_only_root": True, "pids_limit": 64}
+    api = StubApi({"q-user": docker_job(image, cmd, container=container)})
+    with docker_runner(backend, api, labels[LABEL_WORKER], tmp_path / "jobs"):
+        until(lambda: "finished" in api.statuses or "error" in api.statuses)
+    assert api.statuses[-1] == "finished"
+    assert set(api.uploads) == {"output/copy.txt", "output/sub/uid", "log/log.txt"}
+    assert not (tmp_path / "jobs" / "q-user").exists()

@@ -3,6 +3,7 @@ the in-package fake backend."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from worker_runner.hardware import GpuInfo, HostHardware, gpus_needed
 from worker_runner.loop import (
     LABEL_JOB_ID,
     LABEL_QUEUE_ID,
+    LABEL_RUNNER,
     LABEL_WORKER,
     Outcome,
     Runner,
@@ -232,6 +234,7 @@ def job_spec(
     files_up: dict[str, str] | None = None,
     hardware: dict[str, Any] | None = None,
     timeout: int | None = None,
+    container: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "app": {"cmd": cmd or ["run-tool", "--in", "/files/data"], "env": {"MODE": "fast"}},
@@ -245,6 +248,7 @@ def job_spec(
         "meta": {"job_id": job_id, "date_created": "2024-05-01T12:00:00Z"},
         "hardware": hardware or {},
         "timeout": timeout,
+        "container": container or {},
     }
 
 
@@ -363,7 +367,15 @@ def test_happy_path(
     assert request.cpus == 2.0
     assert request.gpus == ()
     assert request.network == "none"
-    assert request.labels == {LABEL_WORKER: WORKER, LABEL_QUEUE_ID: "q1", LABEL_JOB_ID: "7"}
+    assert request.labels == {
+        LABEL_WORKER: WORKER,
+        LABEL_RUNNER: settings.runner_id,
+        LABEL_QUEUE_ID: "q1",
+        LABEL_JOB_ID: "7",
+    }
+    assert request.pids_limit == 1024
+    assert request.user is None
+    assert request.read_only_root is False
     assert api.uploads_of("q1") == {
         ("output", "result.csv"): b"1,2\n",
         ("output", "sub/x.bin"): b"\x00\x01",
@@ -546,13 +558,29 @@ def test_oom_kill_is_reported(
     assert details is not None
     assert details.startswith("memory limit exceeded: killed at 512 MiB")
 
-    # A SIGKILL whose OOM flag the engine lost reads the same way, hedged.
+
+def test_only_the_engine_says_out_of_memory(
+    api: FakeWorkerApi, settings: WorkerSettings, client: WorkerApiClient
+) -> None:
+    # A kill from outside (another stack's cleanup, `docker kill`) is said to be one.
+    outside = FakeBackend(default=FakeProgram(outside_signal=9))
+    status, details = run_one(api, settings, client, outside, job_spec(hardware={"memory": 128}))
+    assert status == "error"
+    assert details == (
+        "killed from outside the runner: signal 9 sent through the container engine (exit code 137)"
+    )
+
+    # A SIGKILL the engine explains neither way does not blame the job's memory.
     killed = FakeBackend(default=FakeProgram(exit_code=137))
     status, details = run_one(
         api, settings, client, killed, job_spec(hardware={"memory": 256}), queue_id="q2"
     )
     assert status == "error"
-    assert details == "exit code 137: killed, most likely for exceeding the memory limit of 256 MiB"
+    assert details == (
+        "exit code 137: killed with SIGKILL, not by the runner; the container engine "
+        "reported no out-of-memory kill"
+    )
+    assert "memory limit" not in details
 
 
 def test_download_failure_fails_the_job(
@@ -750,21 +778,68 @@ def test_start_removes_leftovers_of_this_worker_only(
     api: FakeWorkerApi, settings: WorkerSettings, client: WorkerApiClient, tmp_path: Path
 ) -> None:
     backend = FakeBackend()
-    mine = backend.add_leftover({LABEL_WORKER: WORKER, LABEL_QUEUE_ID: "old"})
-    theirs = backend.add_leftover({LABEL_WORKER: "worker-2"})
+    mine = backend.add_leftover(
+        {LABEL_WORKER: WORKER, LABEL_RUNNER: settings.runner_id, LABEL_QUEUE_ID: "old"}
+    )
+    theirs = backend.add_leftover({LABEL_WORKER: "worker-2", LABEL_RUNNER: "0123456789abcdef"})
+    # Another stack's runner on the same engine, with the same account name.
+    namesake = backend.add_leftover({LABEL_WORKER: WORKER, LABEL_RUNNER: "fedcba9876543210"})
+    unlabelled = backend.add_leftover({LABEL_WORKER: WORKER})
     jobs = tmp_path / "jobs"
     (jobs / "old" / "files").mkdir(parents=True)
-    (jobs / "old" / MARKER_NAME).write_text(WORKER)
+    (jobs / "old" / MARKER_NAME).write_text(settings.runner_id)
     (jobs / "other").mkdir()
-    (jobs / "other" / MARKER_NAME).write_text("worker-2")
+    (jobs / "other" / MARKER_NAME).write_text("0123456789abcdef")
+    (jobs / "by-name").mkdir()
+    (jobs / "by-name" / MARKER_NAME).write_text(WORKER)
     (jobs / "unrelated").mkdir()
 
     runner = Runner(settings, client, backend, HOST)
     with running(runner):
         wait_for(lambda: mine.id in backend.removed)
-    assert theirs.id not in backend.removed
+    assert not {theirs.id, namesake.id, unlabelled.id} & set(backend.removed)
     assert not (jobs / "old").exists()
-    assert (jobs / "other").is_dir() and (jobs / "unrelated").is_dir()
+    for kept in ("other", "by-name", "unrelated"):
+        assert (jobs / kept).is_dir()
+
+
+def test_runner_identity_is_per_folder_and_account(tmp_path: Path) -> None:
+    def identity(username: str, path_base: Path, host_base: Path | None = None) -> str:
+        return WorkerSettings(
+            api_url=API,
+            auth_url=AUTH,
+            username=username,
+            password="secret",
+            path_base=path_base,
+            path_host_base=host_base,
+            _env_file=None,
+        ).runner_id
+
+    one = identity(WORKER, tmp_path / "stack-1" / "jobs")
+    assert len(one) == 16 and int(one, 16) >= 0
+    assert identity(WORKER, tmp_path / "stack-1" / "x" / ".." / "jobs") == one
+    assert identity(WORKER, tmp_path / "stack-2" / "jobs") != one
+    assert identity("worker-2", tmp_path / "stack-1" / "jobs") != one
+    # Runners in containers: the same PATH_BASE inside, other folders on the host.
+    inside = Path("/jobs")
+    assert identity(WORKER, inside, Path("/srv/a")) != identity(WORKER, inside, Path("/srv/b"))
+
+
+def test_container_confinement_comes_from_the_spec(
+    api: FakeWorkerApi, settings: WorkerSettings, client: WorkerApiClient
+) -> None:
+    settings.container_pids_limit = 200
+    backend = FakeBackend()
+    assert run_one(api, settings, client, backend, job_spec())[0] == "finished"
+    spec = job_spec(container={"pids_limit": 50, "user": f"{os.geteuid()}", "read_only_root": True})
+    assert run_one(api, settings, client, backend, spec, queue_id="q2")[0] == "finished"
+    default, confined = backend.requests
+    assert (default.pids_limit, default.user, default.read_only_root) == (200, None, False)
+    assert (confined.pids_limit, confined.user, confined.read_only_root) == (
+        50,
+        f"{os.geteuid()}",
+        True,
+    )
 
 
 def test_slots_run_jobs_in_parallel(

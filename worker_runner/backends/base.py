@@ -50,6 +50,14 @@ class RunRequest:
     cpus: float | None = None
     gpus: tuple[str, ...] = ()
     network: str = "none"
+    # Most processes (and threads) the run may have at once: a fork bomb stops there
+    # instead of exhausting the host. ``None``: the engine's default (unlimited).
+    pids_limit: int | None = None
+    # "uid" or "uid:gid" to run as; ``None``: the image's user.
+    user: str | None = None
+    # The image's root file system read-only; ``/files`` and a tmpfs ``/tmp`` stay
+    # writable.
+    read_only_root: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +70,17 @@ class RunHandle:
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    """How a run ended. ``oom_killed`` is set when the memory limit killed it."""
+    """How a run ended.
+
+    ``oom_killed`` is set only when the engine says the memory limit killed the run.
+    ``outside_signal`` is the signal someone other than this backend sent through
+    the engine (``docker kill``, ``docker stop``, ``docker rm -f``), when the engine
+    recorded one."""
 
     exit_code: int
     oom_killed: bool = False
     error: str | None = None
+    outside_signal: int | None = None
 
 
 class ExecutionBackend(abc.ABC):

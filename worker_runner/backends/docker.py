@@ -1,16 +1,24 @@
 """Runs jobs as containers on the local Docker engine.
 
 Containers run with ``init`` (so a stop takes a fraction of a second), the job's
-memory and CPU limits, no swap beyond the memory limit, all capabilities dropped,
-``no-new-privileges``, the configured network mode (``none`` by default) and only
-the GPUs assigned to the job. A container that was created but failed to start (a
-GPU request on a host without the NVIDIA runtime does that) is removed at once.
+memory and CPU limits, no swap beyond the memory limit, a PIDs limit, all
+capabilities dropped, ``no-new-privileges``, the configured network mode (``none``
+by default) and only the GPUs assigned to the job; on request as another user and
+with a read-only root file system (``/files`` and a tmpfs ``/tmp`` stay writable).
+A container that was created but failed to start (a GPU request on a host without
+the NVIDIA runtime does that) is removed at once.
+
+How a run ended is what the engine says: an out-of-memory kill only when the
+container's ``State.OOMKilled`` is set, and a kill from outside (``docker kill``,
+``docker rm -f``, another program's cleanup) when the engine recorded a ``kill``
+event for the container that this backend did not send.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,6 +43,12 @@ from worker_runner.backends.base import (
 
 logger = logging.getLogger(__name__)
 
+# Options of the tmpfs mounted at /tmp under a read-only root: writable by any user
+# (the run may not be root). Its pages count against the container's memory limit.
+TMPFS_OPTIONS = "rw,nosuid,nodev,mode=1777"
+# Slack on the event query's window, against clock rounding (events carry seconds).
+EVENT_SLACK_S = 2.0
+
 
 def _explain(exc: DockerException) -> str:
     explanation = getattr(exc, "explanation", None)
@@ -49,6 +63,8 @@ class DockerBackend(ExecutionBackend):
         self._pull_missing = pull_missing
         self._lock = threading.Lock()
         self._exits: dict[str, Future[RunResult]] = {}
+        # Containers this backend stopped or removed: their kill events are ours.
+        self._stopped: set[str] = set()
         self._engine_cpus: int | None = None
 
     @classmethod
@@ -114,6 +130,14 @@ class DockerBackend(ExecutionBackend):
             options["device_requests"] = [
                 DeviceRequest(device_ids=list(request.gpus), capabilities=[["gpu"]])
             ]
+        if request.pids_limit is not None:
+            options["pids_limit"] = request.pids_limit
+        if request.user is not None:
+            options["user"] = request.user
+        if request.read_only_root:
+            options["read_only"] = True
+            # A path inside the container, not a temporary file of this host.
+            options["tmpfs"] = {"/tmp": TMPFS_OPTIONS}  # noqa: S108
         return options
 
     def _create(self, request: RunRequest) -> Container:
@@ -139,6 +163,7 @@ class DockerBackend(ExecutionBackend):
             raise BackendError(f"could not create a container: {_explain(exc)}") from exc
 
     def start(self, request: RunRequest) -> RunHandle:
+        started_at = time.time()
         container = self._create(request)
         try:
             container.start()
@@ -151,7 +176,7 @@ class DockerBackend(ExecutionBackend):
             self._exits[handle.id] = exit_future
         threading.Thread(
             target=self._wait_for_exit,
-            args=(container, exit_future),
+            args=(container, exit_future, started_at),
             name=f"docker-wait-{handle.id[:12]}",
             daemon=True,
         ).start()
@@ -159,7 +184,9 @@ class DockerBackend(ExecutionBackend):
 
     # -- following a run -------------------------------------------------------
 
-    def _wait_for_exit(self, container: Container, exit_future: Future[RunResult]) -> None:
+    def _wait_for_exit(
+        self, container: Container, exit_future: Future[RunResult], started_at: float
+    ) -> None:
         """Block on the engine's wait (no client-side time-out) and publish the
         result; the loop polls the future with its own time-outs."""
         try:
@@ -168,15 +195,52 @@ class DockerBackend(ExecutionBackend):
             state = container.attrs.get("State", {})
             wait_error = status.get("Error")
             error = (wait_error["Message"] if wait_error else None) or state.get("Error") or None
+            exit_code = int(status["StatusCode"])
+            oom_killed = bool(state.get("OOMKilled", False))
+            outside_signal = None
+            if exit_code != 0 and not oom_killed:
+                outside_signal = self._outside_signal(container.id or "", started_at)
             exit_future.set_result(
                 RunResult(
-                    exit_code=int(status["StatusCode"]),
-                    oom_killed=bool(state.get("OOMKilled", False)),
+                    exit_code=exit_code,
+                    oom_killed=oom_killed,
                     error=error,
+                    outside_signal=outside_signal,
                 )
             )
         except (DockerException, requests.RequestException) as exc:
             exit_future.set_exception(BackendError(f"lost track of the container: {exc}"))
+
+    def _outside_signal(self, container_id: str, started_at: float) -> int | None:
+        """The last signal the engine delivered to the container on someone else's
+        behalf (its ``kill`` events; a stop or a forced removal makes them too),
+        or ``None``. The engine keeps recent events only: this is asked right after
+        the exit, while they are among them."""
+        with self._lock:
+            if container_id in self._stopped:
+                return None
+        try:
+            events = self.client.events(
+                since=int(started_at - EVENT_SLACK_S),
+                until=int(time.time() + EVENT_SLACK_S),
+                filters={"type": "container", "container": container_id, "event": "kill"},
+                decode=True,
+            )
+            signals = [
+                str(event.get("Actor", {}).get("Attributes", {}).get("signal", ""))
+                for event in events
+            ]
+        except (DockerException, requests.RequestException) as exc:
+            logger.warning("could not read the events of %s: %s", container_id[:12], exc)
+            return None
+        with self._lock:
+            # A stop of ours may have raced the exit.
+            if container_id in self._stopped:
+                return None
+        for signal in reversed(signals):
+            if signal.isdigit():
+                return int(signal)
+        return None
 
     def wait(self, handle: RunHandle, timeout: float | None) -> RunResult | None:
         with self._lock:
@@ -220,6 +284,8 @@ class DockerBackend(ExecutionBackend):
     # -- ending a run ----------------------------------------------------------
 
     def stop(self, handle: RunHandle, grace: float = DEFAULT_STOP_GRACE_S) -> None:
+        with self._lock:
+            self._stopped.add(handle.id)
         try:
             self.client.containers.get(handle.id).stop(timeout=max(0, round(grace)))
         except NotFound:
@@ -240,9 +306,12 @@ class DockerBackend(ExecutionBackend):
                 ) from exc
 
     def remove(self, handle: RunHandle) -> None:
+        with self._lock:
+            self._stopped.add(handle.id)
         self._force_remove(handle.id)
         with self._lock:
             self._exits.pop(handle.id, None)
+            self._stopped.discard(handle.id)
 
     def find_leftovers(self, labels: Mapping[str, str]) -> list[RunHandle]:
         try:

@@ -2,7 +2,8 @@
 
 A ``FakeProgram`` says what a run of an image does: the log lines it prints, the
 files it writes into its ``/files`` folder (written when it starts, as a tool writes
-while it works), how long it takes, and how it ends (exit code, OOM kill). Images
+while it works), how long it takes, and how it ends (exit code, OOM kill, a signal
+from outside). Images
 listed in ``missing_images`` fail to start as a missing image would. The backend
 records every request, stop and removal for assertions.
 """
@@ -35,13 +36,15 @@ _NOWHERE = Path("/nonexistent")
 @dataclass(frozen=True)
 class FakeProgram:
     """Behaviour of a fake run. ``files`` maps paths relative to ``/files`` to their
-    content."""
+    content; ``outside_signal`` ends it as a signal sent by someone else would
+    (exit code 128 + the signal)."""
 
     exit_code: int = 0
     duration: float = 0.0
     log_lines: tuple[str, ...] = ()
     files: Mapping[str, bytes] = field(default_factory=dict)
     oom_killed: bool = False
+    outside_signal: int | None = None
 
 
 @dataclass
@@ -117,9 +120,15 @@ class FakeBackend(ExecutionBackend):
         with self._lock:
             self.requests.append(request)
             self._runs[handle.id] = run
+        exit_code = program.exit_code
+        if program.oom_killed:
+            exit_code = OOM_EXIT_CODE
+        elif program.outside_signal is not None:
+            exit_code = 128 + program.outside_signal
         result = RunResult(
-            exit_code=OOM_EXIT_CODE if program.oom_killed else program.exit_code,
+            exit_code=exit_code,
             oom_killed=program.oom_killed,
+            outside_signal=program.outside_signal,
         )
         if program.duration <= 0:
             self._finish(run, result)
