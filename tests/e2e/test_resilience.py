@@ -397,6 +397,135 @@ def test_runner_killed_mid_job_is_replaced_and_cleans_up_on_restart(tmp_path: Pa
             )
 
 
+# -- the reaper ----------------------------------------------------------------
+
+
+class _HandWorker:
+    """The worker protocol driven step by step over HTTP, so that a test can fall
+    silent at an exact phase: pull, report, upload a result, then stop talking."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._client = httpx.Client(
+            base_url=stack.worker_url, headers=stack.token(stack.worker), timeout=30
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def pull(self) -> str:
+        response = self._client.get("/jobs", params={"memory": 8000, "wait": 5})
+        assert response.status_code == 200, response.text
+        [queue_id] = response.json()
+        return str(queue_id)
+
+    def report(self, queue_id: str, status: str) -> int:
+        response = self._client.put(f"/jobs/{queue_id}/status", params={"status": status})
+        return response.status_code
+
+    def upload(self, queue_id: str, folder: str, name: str) -> None:
+        response = self._client.post(
+            f"/jobs/{queue_id}/files/upload",
+            params={"type": "output", "base_path": folder},
+            files={"file": (name, f"{name} of {folder}\n".encode())},
+        )
+        assert response.status_code == 201, response.text
+
+
+def _result_files(stack: Stack, job_name: str) -> list[str]:
+    """The job's stored output files, relative to its output folder."""
+    folders = list((stack.root / "data").glob(f"*/output/{job_name}"))
+    return sorted(
+        str(path.relative_to(folder))
+        for folder in folders
+        for path in folder.rglob("*")
+        if path.is_file()
+    )
+
+
+@pytest.mark.parametrize(
+    "databases", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_reaped_jobs_are_rerun_from_scratch_or_failed_as_the_user_sees(
+    request: pytest.FixtureRequest, tmp_path: Path, databases: str
+) -> None:
+    """Two jobs' worker falls silent (``TIMEOUT_FAILURE`` 4 s): one while running,
+    after uploading a partial result, the other while uploading. The first is shown
+    ``queued`` to its owner with the attempt and the reason, its partial result is
+    gone before attempt 2 can start, and attempt 2 finishes with only its own
+    results; the second may not move back and ends ``error`` saying why. The user
+    API applies every status the worker API applied, none ignored."""
+    admin_url = request.getfixturevalue("postgres_admin_url") if databases == "postgresql" else None
+    with (
+        _running_stack(
+            tmp_path,
+            runners=0,
+            databases=databases,
+            admin_url=admin_url,
+            worker_env={
+                "TIMEOUT_FAILURE": "4",
+                "REAPER_INTERVAL_SECONDS": "0.2",
+                "MAX_RETRIES": "1",
+            },
+        ) as stack,
+        stack.user(_email()) as client,
+    ):
+        worker = _HandWorker(stack)
+        try:
+            rerun = _submit(client, "rerun", "nap")
+            first = worker.pull()
+            assert worker.report(first, "running") == 204
+            worker.upload(first, "attempt-1", "partial.txt")
+            uploading = _submit(client, "uploading", "nap")
+            second = worker.pull()
+            assert worker.report(second, "running") == 204
+            assert worker.report(second, "postprocessing") == 204
+            worker.upload(second, "attempt-1", "result.txt")
+            assert _result_files(stack, "rerun") and _result_files(stack, "uploading")
+            # The worker now falls silent on both jobs.
+
+            queued = _wait_status(client, rerun, {"queued"}, 60)
+            assert queued["runtime_details"] == (
+                f"worker {stack.worker} sent no keep-alive for 4 s (attempt 1 of 2, running); "
+                "re-queued for attempt 2 of 2"
+            )
+            # Deleted before the job went back to the queue.
+            assert _result_files(stack, "rerun") == []
+            failed = _wait_status(client, uploading, {"error", "finished", "canceled"}, 60)
+            assert failed["status"] == "error"
+            assert failed["runtime_details"] == (
+                f"worker {stack.worker} sent no keep-alive for 4 s "
+                "(attempt 1 of 2, postprocessing); giving up: it had started uploading its "
+                "results, so it is not run again"
+            )
+            assert _result_files(stack, "uploading") != []  # kept for its owner
+            assert worker.report(first, "running") == 404  # too late: abandon
+            assert worker.report(second, "finished") == 404
+
+            again = worker.pull()
+            assert again == first
+            for status in ("preprocessing", "running", "postprocessing"):
+                assert worker.report(again, status) == 204
+            worker.upload(again, "attempt-2", "final.txt")
+            assert worker.report(again, "finished") == 204
+            assert _wait_status(client, rerun, {"finished"}, 60)["status"] == "finished"
+            assert [name.split("/")[0] for name in _result_files(stack, "rerun")] == ["attempt-2"]
+        finally:
+            worker.close()
+        _check_every_transition_delivered_once(stack, [rerun, uploading])
+        assert _applied(stack)[rerun] == [
+            "pulled",
+            "running",
+            "queued",
+            "pulled",
+            "preprocessing",
+            "running",
+            "postprocessing",
+            "finished",
+        ]
+        assert _applied(stack)[uploading] == ["pulled", "running", "postprocessing", "error"]
+        assert not _ignored(stack)[rerun] and not _ignored(stack)[uploading]
+
+
 # -- restarts of the APIs ------------------------------------------------------
 
 
