@@ -1,14 +1,22 @@
 """Small HTTP glue shared by both APIs: error mapping, credentials extraction,
-internal-key checks, the server's logging. No routes live here."""
+internal-key checks, request guards (bounded integers, undecodable paths, body
+size), the OpenAPI security schemes, the server's logging. No routes live here."""
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any
+from urllib.parse import unquote_to_bytes
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from labcloud.contract import INTERNAL_API_KEY_HEADER
 from labcloud.errors import LabCloudError, Unauthorized
@@ -63,3 +71,218 @@ def uvicorn_log_config(level: str) -> dict[str, Any]:
             "uvicorn.access": {"level": "INFO"},
         },
     }
+
+
+# -- bounded integers -------------------------------------------------------------------
+
+INT64_MAX = 2**63 - 1
+"""The largest integer a database column holds. Path and query integers are bounded
+by it (or less): a larger value used to reach SQL and fail there with OverflowError
+(a 500); it is now refused with 422 before anything runs."""
+
+IdPath = Annotated[int, Path(ge=1, le=INT64_MAX, description="A job's numeric id.")]
+"""A numeric id in a path (``/jobs/{job_id}``): 1 to 2**63-1."""
+
+
+# -- request guards -----------------------------------------------------------------------
+
+
+def _json_error(status: int, message: str) -> tuple[Message, Message]:
+    body = json.dumps({"detail": message}).encode()
+    start: Message = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    return start, {"type": "http.response.body", "body": body}
+
+
+async def _refuse(send: Send, status: int, message: str) -> None:
+    start, body = _json_error(status, message)
+    await send(start)
+    await send(body)
+
+
+def _undecodable(raw: bytes) -> bool:
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+class RejectUndecodableUrls:
+    """ASGI middleware: 400 for a URL whose path or query string is not UTF-8 once
+    percent-decoded (``%FF``, the overlong ``%C0%AE``).
+
+    The server decodes such bytes to U+FFFD, so two different names would reach the
+    application as one (and a file stored under one could be read, overwritten or
+    deleted through the other)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+            query: bytes = scope.get("query_string", b"")
+            if _undecodable(raw_path.split(b"?", 1)[0]) or _undecodable(query):
+                await _refuse(
+                    send, 400, "the URL is not valid UTF-8 once percent-decoded (%XX escapes)"
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+# Bodies that are files (uploads) are streamed to storage and limited by the storage
+# quota, not by this guard.
+_STREAMED_BODIES = (b"multipart/form-data", b"application/octet-stream")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class LimitRequestBody:
+    """ASGI middleware: 413 for a request body over ``max_bytes`` (uploads excepted).
+
+    A JSON body is parsed whole, on the event loop, before any validation can look
+    at it: without a bound, one request of a few hundred megabytes stalls every
+    other request of the process. A declared ``Content-Length`` is refused before
+    anything is read; a chunked body is counted while it is read."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").lower()
+        if content_type.startswith(_STREAMED_BODIES):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            f"the request body is over the limit of {self.max_bytes:,} bytes "
+            "(see 'Request limits' in the README)"
+        )
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _refuse(send, 413, message)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return event
+
+        async def tracking_send(event: Message) -> None:
+            nonlocal started
+            started = started or event["type"] == "http.response.start"
+            await send(event)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await _refuse(send, 413, message)
+
+
+# -- OpenAPI --------------------------------------------------------------------------
+
+
+BEARER_SCHEME = "bearerAuth"
+INTERNAL_KEY_SCHEME = "internalApiKey"
+
+
+def _calls(dependant: Dependant) -> Iterable[Callable[..., Any]]:
+    for dependency in dependant.dependencies:
+        if dependency.call is not None:
+            yield dependency.call
+        yield from _calls(dependency)
+
+
+def declare_security(
+    app: FastAPI,
+    *,
+    bearer: Iterable[Callable[..., Any]],
+    optional_bearer: Iterable[Callable[..., Any]] = (),
+    internal_key: Iterable[Callable[..., Any]] = (),
+) -> None:
+    """Declare in the OpenAPI document how routes authenticate, so that ``/docs``
+    offers "Authorize" and marks each route that needs a token.
+
+    The credentials are read by plain dependencies (``bearer_token``, which also
+    takes the login cookie), which FastAPI cannot see as security schemes; a route
+    needs the bearer token when any of its dependencies, however deep, is one of
+    ``bearer``, and the internal key when one is in ``internal_key``; a route with
+    one of ``optional_bearer`` works with and without a token."""
+    bearer_calls = set(bearer)
+    optional_calls = set(optional_bearer)
+    internal_calls = set(internal_key)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes[BEARER_SCHEME] = {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": "An ID token: POST /token (local accounts) or Cognito.",
+        }
+        if internal_calls:
+            schemes[INTERNAL_KEY_SCHEME] = {
+                "type": "apiKey",
+                "in": "header",
+                "name": INTERNAL_API_KEY_HEADER,
+                "description": "The key the two APIs share (INTERNAL_API_KEY_SECRET).",
+            }
+        for route in app.routes:
+            if not isinstance(route, APIRoute) or not route.include_in_schema:
+                continue
+            calls = set(_calls(route.dependant))
+            security: list[dict[str, list[str]]] = []
+            if calls & bearer_calls:
+                security.append({BEARER_SCHEME: []})
+            elif calls & optional_calls:
+                security.extend([{BEARER_SCHEME: []}, {}])
+            if calls & internal_calls:
+                security.append({INTERNAL_KEY_SCHEME: []})
+            if not security:
+                continue
+            operations = schema["paths"][route.path_format]
+            for method in route.methods or ():
+                operation = operations.get(method.lower())
+                if operation is not None:
+                    operation["security"] = security
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def install_request_guards(app: FastAPI, *, max_body_bytes: int | None = None) -> None:
+    """The guards every request passes before routing: undecodable URLs refused with
+    400 and, when ``max_body_bytes`` is given, bodies over it with 413."""
+    if max_body_bytes is not None:
+        app.add_middleware(LimitRequestBody, max_bytes=max_body_bytes)
+    app.add_middleware(RejectUndecodableUrls)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from labcloud.auth import Principal, TokenVerifier
 from labcloud.auth.local import LocalTokenIssuer
 from labcloud.contract import Group
-from labcloud.db import after_commit, request_unit_of_work
+from labcloud.db import after_commit, request_unit_of_work, unit_of_work
 from labcloud.errors import Forbidden, NotFound
 from labcloud.settings import AuthMode
 from labcloud.storage.base import Storage
@@ -137,6 +137,29 @@ async def get_current_user(caller: Caller) -> AuthenticatedUser:
 CurrentUser = Annotated[AuthenticatedUser, Depends(get_current_user)]
 
 
+def _caller_in_own_transaction(request: Request) -> AuthenticatedUser:
+    settings: UserApiSettings = request.app.state.settings
+    with unit_of_work(request.app.state.session_factory) as session:
+        return resolve_caller(
+            session,
+            _verify(request),
+            local=settings.auth is AuthMode.LOCAL,
+            default_limits=default_limits(settings),
+        )
+
+
+async def get_current_user_before_writes(
+    caller: Annotated[AuthenticatedUser, Depends(_caller_in_own_transaction)],
+) -> AuthenticatedUser:
+    """``CurrentUser`` read in a short transaction of its own, not in the request's:
+    a route can then do slow checks (storage look-ups) before its unit of work
+    starts, which on SQLite takes the database's write lock."""
+    return await get_current_user(caller)
+
+
+CurrentUserBeforeWrites = Annotated[AuthenticatedUser, Depends(get_current_user_before_writes)]
+
+
 async def get_current_admin(caller: Caller) -> AuthenticatedUser:
     if not caller.has(Group.ADMINS):
         raise Forbidden("this route needs an account in group 'admins'")
@@ -157,6 +180,7 @@ __all__ = [
     "CatalogStoreDep",
     "CurrentAdmin",
     "CurrentUser",
+    "CurrentUserBeforeWrites",
     "ForwarderDep",
     "InternalCaller",
     "IssuerDep",

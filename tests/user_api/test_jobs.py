@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -7,7 +9,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from labcloud.contract import QueueJob
-from tests.user_api.helpers import signup
+from labcloud.storage.base import Entry, Storage
+from tests.user_api.helpers import login, signup
+from user_api.jobs import service as jobs_service
+from user_api.jobs.schemas import MAX_INPUT_IDS
 from user_api.models import Job, WorkerOutbox
 
 
@@ -124,6 +129,22 @@ def test_jobs_are_listed_newest_first_and_paged(client: TestClient, user: dict[s
         ({"job_name": ""}, 422, "job_name"),
         ({"priority": 9}, 422, "priority"),
         ({"unknown": 1}, 422, "unknown"),
+        # Beyond any machine: such a job could never be placed and waited forever.
+        ({"hardware": {"cpu_cores": 1_000_000_000}}, 422, "cpu_cores"),
+        ({"hardware": {"memory": 2**63}}, 422, "memory"),
+        ({"hardware": {"gpu_mem": 10**30}}, 422, "gpu_mem"),
+        ({"hardware": {"gpus": 1000}}, 422, "gpus"),
+        ({"hardware": {"gpu_model": "x" * 1000}}, 422, "gpu_model"),
+        # A NUL cannot be passed in a process environment: the job failed at its start.
+        ({"attributes": {"env_vars": {"WORDCOUNT_PATTERN": "a\u0000b"}}}, 422, "NUL"),
+        ({"attributes": {"env_vars": {"WORDCOUNT_PATTERN": "x" * 70_000}}}, 422, "env_vars"),
+        ({"attributes": {"env_vars": {f"K{i}": "v" for i in range(101)}}}, 422, "env_vars"),
+        (
+            {"attributes": {"files_down": {"data_ids": ["a"] * (MAX_INPUT_IDS + 1)}}},
+            422,
+            "data_ids",
+        ),
+        ({"attributes": {"files_down": {"config_id": "c" * 2000}}}, 422, "config_id"),
     ],
 )
 def test_bad_jobs_are_refused_and_nothing_is_written(
@@ -221,3 +242,253 @@ def test_job_ids_are_never_reused(client: TestClient, user: dict[str, str]) -> N
     assert client.delete(f"/jobs/{first}", headers=user).status_code == 204
     second = client.post("/jobs", json=_job("a"), headers=user).json()["id"]
     assert second > first
+
+
+def test_applications_are_served_in_decode_s_nesting(
+    client: TestClient, user: dict[str, str]
+) -> None:
+    # DECODE's job form reads catalog[application][version][entrypoint].app.env.
+    catalog = client.get("/jobs/applications", headers=user).json()
+    wordcount = catalog["demo"]["latest"]["wordcount"]
+    assert wordcount["app"] == {"env": ["WORDCOUNT_PATTERN"]}
+    assert wordcount["handler"]["files_down"] == {
+        "config_id": "config",
+        "data_ids": "data",
+        "artifact_ids": "artifact",
+    }
+    assert wordcount["handler"]["files_up"] == {
+        "output": "output",
+        "log": "log",
+        "artifact": "artifact",
+    }
+    assert wordcount["aws_resources"] == {
+        "hardware": {"MEMORY": 64, "VCPU": 1, "GPU": 0},
+        "timeout": 600,
+    }
+    confined = catalog["testing"]["1.0"]["confined"]
+    assert confined["description"] == "Prints its user and group ids in a confined container."
+    assert "container" not in confined and "cmd" not in confined["app"]
+
+
+def test_decode_s_job_form_is_accepted(client: TestClient, user: dict[str, str]) -> None:
+    # The body DECODE's web frontend sends when the optional fields are left empty.
+    body = {
+        "job_name": "from-the-form",
+        "environment": None,
+        "priority": None,
+        "application": {"application": "demo", "version": "latest", "entrypoint": "wordcount"},
+        "attributes": {
+            "files_down": {"config_id": None, "data_ids": ["set"], "artifact_ids": []},
+            "env_vars": {},
+        },
+        "hardware": {
+            "cpu_cores": None,
+            "memory": None,
+            "gpu_model": None,
+            "gpu_archi": None,
+            "gpu_mem": None,
+        },
+    }
+    response = client.post("/jobs", json=body, headers=user)
+    assert response.status_code == 201, response.text
+    assert response.json()["priority"] == 0
+    [message] = _outbox(client)
+    assert QueueJob.model_validate(message.payload).priority == 0
+    nothing = _job("no-inputs", attributes={"files_down": None, "env_vars": None})
+    assert client.post("/jobs", json=nothing, headers=user).status_code == 201
+
+
+def test_container_options_of_the_entrypoint_reach_the_job_spec(
+    client: TestClient, user: dict[str, str]
+) -> None:
+    body = _job(
+        "confined",
+        application={"application": "testing", "version": "1.0", "entrypoint": "confined"},
+        attributes={},
+    )
+    assert client.post("/jobs", json=body, headers=user).status_code == 201
+    [message] = _outbox(client)
+    container = QueueJob.model_validate(message.payload).job.container
+    assert (container.pids_limit, container.user, container.read_only_root) == (
+        32,
+        "65534:65534",
+        True,
+    )
+
+
+def test_a_job_whose_result_folder_holds_the_user_s_files_is_refused(
+    client: TestClient, user: dict[str, str]
+) -> None:
+    # Deleting job "mymodel" used to remove the weights uploaded to artifact/mymodel/.
+    _upload(client, user, "artifact/mymodel/weights.bin", b"weights")
+    response = client.post("/jobs", json=_job("mymodel"), headers=user)
+    assert response.status_code == 409, response.text
+    assert "artifact/mymodel/" in response.json()["detail"]
+    assert _job_count(client) == 0 and _outbox(client) == []
+    weights = client.get("/files/artifact/mymodel/weights.bin/download", headers=user)
+    assert weights.content == b"weights"
+    # Another name works, and deleting that job leaves the user's folder alone.
+    job_id = client.post("/jobs", json=_job("mymodel-2"), headers=user).json()["id"]
+    assert client.delete(f"/jobs/{job_id}", headers=user).status_code == 204
+    weights = client.get("/files/artifact/mymodel/weights.bin/download", headers=user)
+    assert weights.content == b"weights"
+
+
+def _internal_key(client: TestClient) -> dict[str, str]:
+    key = client.app.state.settings.internal_api_key_secret.get_secret_value()  # type: ignore[attr-defined]
+    return {"x-api-key": key}
+
+
+def test_jobs_are_filtered_by_status(client: TestClient, user: dict[str, str]) -> None:
+    ids = [client.post("/jobs", json=_job(f"j{i}"), headers=user).json()["id"] for i in range(3)]
+    for job_id, status in ((ids[0], "error"), (ids[1], "running")):
+        client.put(
+            "/_job_status", json={"job_id": job_id, "status": status}, headers=_internal_key(client)
+        )
+
+    def listed(*statuses: str) -> list[int]:
+        response = client.get("/jobs", params={"status": list(statuses)}, headers=user)
+        assert response.status_code == 200, response.text
+        return [job["id"] for job in response.json()]
+
+    assert listed("error") == [ids[0]]
+    assert listed("error", "queued") == [ids[2], ids[0]]
+    assert listed() == ids[::-1]
+    refused = client.get("/jobs", params={"status": "done"}, headers=user)
+    assert refused.status_code == 422 and "status" in refused.text
+
+
+def test_cancelling_a_job_that_ended_is_409(client: TestClient, user: dict[str, str]) -> None:
+    job_id = client.post("/jobs", json=_job(), headers=user).json()["id"]
+    client.put(
+        "/_job_status", json={"job_id": job_id, "status": "finished"}, headers=_internal_key(client)
+    )
+    response = client.post(f"/jobs/{job_id}/cancel", headers=user)
+    assert response.status_code == 409, response.text
+    assert "finished" in response.json()["detail"]
+    assert client.get(f"/jobs/{job_id}", headers=user).json()["status"] == "finished"
+    admin = login(client, "admin@example.org")
+    response = client.post(f"/admin/jobs/{job_id}/cancel", headers=admin)
+    assert response.status_code == 409, response.text
+    assert "finished" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/jobs/9223372036854775808",
+        "/jobs/99999999999999999999999999",
+        "/jobs/9223372036854775808/cancel",
+        "/jobs?limit=99999999999999999999",
+        "/jobs?offset=9223372036854775808",
+        "/jobs?offset=-1",
+    ],
+)
+def test_integers_beyond_64_bits_are_refused(
+    client: TestClient, user: dict[str, str], path: str
+) -> None:
+    method = "POST" if path.endswith("cancel") else "GET"
+    response = client.request(method, path, headers=user)
+    assert response.status_code in (404, 422), response.text
+
+
+@pytest.mark.parametrize("path", ["/jobs/%FF", "/files/data/%C0%AE%C0%AE/x", "/jobs?status=%FF"])
+def test_urls_that_are_not_utf_8_are_refused(
+    client: TestClient, user: dict[str, str], path: str
+) -> None:
+    response = client.get(path, headers=user)
+    assert response.status_code == 400, response.text
+    assert "UTF-8" in response.json()["detail"]
+
+
+def test_a_request_body_over_the_limit_is_413(client: TestClient, user: dict[str, str]) -> None:
+    # Within every per-field limit, but over the body limit as a whole.
+    body = _job(attributes={"env_vars": {f"K{i}": "v" * 60_000 for i in range(30)}})
+    response = client.post("/jobs", json=body, headers=user)
+    assert response.status_code == 413, response.text
+    assert "Request limits" in response.json()["detail"]
+    assert _job_count(client) == 0
+
+
+def test_inputs_expanding_to_too_many_files_are_413(
+    client: TestClient, user: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs_service, "MAX_INPUT_FILES", 2)
+    response = client.post("/jobs", json=_job(), headers=user)  # data/set holds 2 files
+    assert response.status_code == 201, response.text
+    body = _job("more", attributes={"files_down": {"data_ids": ["set", "single.txt"]}})
+    response = client.post("/jobs", json=body, headers=user)
+    assert response.status_code == 413, response.text
+    assert "more than 2 files" in response.json()["detail"]
+
+
+class _GatedStorage:
+    """The app's real storage, whose ``stat`` of one key waits until released: a
+    submission held while its inputs are checked."""
+
+    def __init__(self, inner: Storage, gated_suffix: str) -> None:
+        self._inner = inner
+        self._gated_suffix = gated_suffix
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def stat(self, key: str) -> Entry | None:
+        if key.endswith(self._gated_suffix):
+            self.entered.set()
+            assert self.release.wait(60), "never released"
+        return self._inner.stat(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@pytest.fixture
+def gated(client: TestClient) -> Iterator[_GatedStorage]:
+    app = client.app
+    real: Storage = app.state.storage  # type: ignore[attr-defined]
+    storage = _GatedStorage(real, "/data/single.txt")
+    app.state.storage = storage  # type: ignore[attr-defined]
+    yield storage
+    storage.release.set()
+    app.state.storage = real  # type: ignore[attr-defined]
+
+
+def test_other_users_write_while_a_submission_is_checked(
+    client: TestClient, user: dict[str, str], gated: _GatedStorage
+) -> None:
+    # A submission used to hold the database's write lock (SQLite) from its first
+    # statement while its inputs were looked up in storage: 150,000 data_ids locked
+    # every other writer out for 41 s.
+    other = signup(client, "bob@example.org")
+    ids = ["set"] * 500 + ["single.txt"]  # the gate is on the last look-up
+    results: dict[str, Any] = {}
+
+    def submit_big() -> None:
+        body = _job("big", attributes={"files_down": {"data_ids": ids}})
+        results["big"] = client.post("/jobs", json=body, headers=user)
+
+    thread = threading.Thread(target=submit_big)
+    thread.start()
+    try:
+        assert gated.entered.wait(60), "the submission never reached its input check"
+        small = _job(
+            "small",
+            application={"application": "testing", "version": "1.0", "entrypoint": "noop"},
+            attributes={},
+        )
+        done = threading.Event()
+
+        def submit_small() -> None:
+            results["small"] = client.post("/jobs", json=small, headers=other)
+            done.set()
+
+        threading.Thread(target=submit_small, daemon=True).start()
+        # Generous, yet shorter than SQLite's 30 s busy timeout that the stalled
+        # write used to wait for before failing.
+        assert done.wait(25), "another user's write waited for the submission"
+        assert results["small"].status_code == 201, results["small"].text
+        assert thread.is_alive()  # the big submission is still being checked
+    finally:
+        gated.release.set()
+        thread.join(60)
+    assert results["big"].status_code == 201, results["big"].text

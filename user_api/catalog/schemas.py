@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from labcloud.contract import HardwareSpec, OutputKind
+from labcloud.contract import ContainerSpec, HardwareSpec, OutputKind
 from labcloud.errors import BadRequest
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -171,12 +171,44 @@ class CatalogResources(_CatalogModel):
     timeout: PositiveInt | None = None
 
 
+class CatalogContainer(_CatalogModel):
+    """``container``: how far the job's container is confined beyond the runner's
+    defaults (LabCloud extension; copied into ``JobSpecs.container``)."""
+
+    pids_limit: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | None = Field(
+        default=None,
+        description="Most processes and threads the container may run "
+        "(default: the runner's CONTAINER_PIDS_LIMIT).",
+    )
+    user: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,10}(:[0-9]{1,10})?$")] | None = Field(
+        default=None,
+        description='"uid" or "uid:gid" to run as instead of the image\'s user.',
+    )
+    read_only_root: bool = Field(
+        default=False,
+        description="Mount the image's root file system read-only (/files and /tmp stay writable).",
+    )
+
+    def spec(self) -> ContainerSpec:
+        """The wire model a worker applies."""
+        return ContainerSpec(
+            pids_limit=self.pids_limit, user=self.user, read_only_root=self.read_only_root
+        )
+
+
+Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000)]
+
+
 class CatalogEntrypoint(_CatalogModel):
     """One runnable entrypoint of an application version; also a job's snapshot."""
 
+    description: Description | None = Field(
+        default=None, description="What the entrypoint does, for users choosing one."
+    )
     app: CatalogApp
     handler: CatalogHandler
     aws_resources: CatalogResources = Field(default_factory=CatalogResources)
+    container: CatalogContainer = Field(default_factory=CatalogContainer)
 
     @property
     def allowed_env(self) -> frozenset[str]:
@@ -204,44 +236,75 @@ class UnknownApplication(BadRequest):
     """The requested application, version or entrypoint is not in the catalog."""
 
 
-class PublicHardware(BaseModel):
-    """Resources reserved for a job of this entrypoint. Memory in MiB."""
-
-    model_config = ConfigDict(frozen=True)
-
-    memory: int | None
-    vcpu: int | None
-    gpu: int
+class _Public(BaseModel):
+    model_config = ConfigDict(frozen=True, serialize_by_alias=True, populate_by_name=True)
 
 
-class PublicEntrypoint(BaseModel):
-    """What a user may know about an entrypoint: what it accepts and produces."""
-
-    model_config = ConfigDict(frozen=True)
+class PublicApp(_Public):
+    """``app`` as users see it: no command."""
 
     env: list[str] = Field(description="Environment variables a job may set (env_vars keys).")
-    inputs: dict[str, str] = Field(
-        description="Accepted files_down keys (config_id, data_ids, artifact_ids) and the "
+
+
+class PublicHandler(_Public):
+    """``handler`` as users see it: no image or credentials."""
+
+    files_down: dict[str, str] = Field(
+        description="Accepted input kinds (config_id, data_ids, artifact_ids) and the "
         "folder under /files where each is placed."
     )
-    outputs: list[OutputKind] = Field(description="Result folders the job fills.")
+    files_up: dict[OutputKind, str] = Field(
+        description="Result kinds the job fills and the folder under /files each is uploaded from."
+    )
+
+
+class PublicHardware(_Public):
+    """Resources reserved for a job of this entrypoint. Memory in MiB."""
+
+    memory: int | None = Field(alias="MEMORY")
+    vcpu: int | None = Field(alias="VCPU")
+    gpu: int = Field(alias="GPU")
+
+
+class PublicResources(_Public):
     hardware: PublicHardware
     timeout: int | None = Field(description="Seconds after which a run is stopped.")
+
+
+class PublicEntrypoint(_Public):
+    """What a user may know about an entrypoint, in the catalog's own nesting (as
+    DECODE OpenCloud serves it: its web frontend reads ``app.env``), without the
+    command, the image or anything else only workers need. ``description`` is a
+    LabCloud addition beside those keys."""
+
+    app: PublicApp
+    handler: PublicHandler
+    aws_resources: PublicResources
+    description: str | None = Field(description="What the entrypoint does.")
 
     @classmethod
     def of(cls, entrypoint: CatalogEntrypoint) -> PublicEntrypoint:
         hardware = entrypoint.aws_resources.hardware
         return cls(
-            env=list(entrypoint.app.env),
-            inputs=entrypoint.handler.files_down.mounts(),
-            outputs=list(entrypoint.handler.files_up),
-            hardware=PublicHardware(memory=hardware.memory, vcpu=hardware.vcpu, gpu=hardware.gpu),
-            timeout=entrypoint.timeout,
+            app=PublicApp(env=list(entrypoint.app.env)),
+            handler=PublicHandler(
+                files_down=entrypoint.handler.files_down.mounts(),
+                files_up=dict(entrypoint.handler.files_up),
+            ),
+            aws_resources=PublicResources(
+                hardware=PublicHardware(
+                    memory=hardware.memory, vcpu=hardware.vcpu, gpu=hardware.gpu
+                ),
+                timeout=entrypoint.timeout,
+            ),
+            description=entrypoint.description,
         )
 
 
 class PublicCatalog(RootModel[dict[str, dict[str, dict[str, PublicEntrypoint]]]]):
-    """The catalog as users see it: application -> version -> entrypoint -> details."""
+    """The catalog as users see it: application -> version -> entrypoint -> details.
+    Only names sit at the first three levels (DECODE's form lists every key there as
+    a version or an entrypoint), so descriptions live in the entrypoints."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -6,10 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from labcloud.contract import StatusUpdate
+from labcloud.contract import JobStatus, StatusUpdate
+from labcloud.web import IdPath
 from user_api.dependencies import (
     CatalogStoreDep,
     CurrentUser,
+    CurrentUserBeforeWrites,
     ForwarderDep,
     InternalCaller,
     SessionDep,
@@ -21,26 +23,47 @@ from user_api.jobs.schemas import JobCreate, JobRead, StatusApplied
 
 router = APIRouter(tags=["jobs"])
 
+# Offsets past any real number of jobs are pointless, and the database's integers
+# end at 2**63: bounded well below both.
+MAX_OFFSET = 1_000_000_000
+
 
 @router.get("/jobs")
 def list_jobs(
     user: CurrentUser,
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    status: Annotated[
+        list[JobStatus] | None,
+        Query(
+            max_length=len(JobStatus),
+            description="Only jobs in this status; repeat for several (status=queued&"
+            "status=running).",
+        ),
+    ] = None,
 ) -> list[JobRead]:
-    return service.list_jobs(session, user=user, offset=offset, limit=limit)
+    """Your jobs, newest first (the order is applied before ``offset`` and
+    ``limit``)."""
+    return service.list_jobs(
+        session, user=user, offset=offset, limit=limit, statuses=frozenset(status or ())
+    )
 
 
 @router.post("/jobs", status_code=201)
 def create_job(
     payload: JobCreate,
-    user: CurrentUser,
+    user: CurrentUserBeforeWrites,
     session: SessionDep,
     catalog: CatalogStoreDep,
     storage: StorageDep,
     forwarder: ForwarderDep,
 ) -> JobRead:
+    """Start a job of a catalog entrypoint on your files. 400 for unknown inputs or
+    applications, 409 for a name already used or result folders that already hold
+    files, 413/422 for a request over the limits."""
+    # The caller is read apart from this request's transaction, so the inputs are
+    # checked before the session writes anything (see service.create_job).
     job = service.create_job(
         session, user=user, payload=payload, catalog=catalog.current, storage=storage
     )
@@ -49,14 +72,16 @@ def create_job(
 
 
 @router.get("/jobs/{job_id}")
-def get_job(job_id: int, user: CurrentUser, session: SessionDep) -> JobRead:
+def get_job(job_id: IdPath, user: CurrentUser, session: SessionDep) -> JobRead:
+    """One of your jobs; 404 when it is not yours or does not exist."""
     return service.get_job(session, user=user, job_id=job_id)
 
 
 @router.post("/jobs/{job_id}/cancel")
 def cancel_job(
-    job_id: int, user: CurrentUser, session: SessionDep, forwarder: ForwarderDep
+    job_id: IdPath, user: CurrentUser, session: SessionDep, forwarder: ForwarderDep
 ) -> JobRead:
+    """Cancel one of your active jobs (extension); 409 when it has already ended."""
     job = service.cancel_job(session, user=user, job_id=job_id)
     after_commit(session, forwarder.wake)
     return job
@@ -64,12 +89,14 @@ def cancel_job(
 
 @router.delete("/jobs/{job_id}", status_code=204)
 def delete_job(
-    job_id: int,
+    job_id: IdPath,
     user: CurrentUser,
     session: SessionDep,
     storage: StorageDep,
     forwarder: ForwarderDep,
 ) -> Response:
+    """Cancel the job if it is still active, then remove it and its output/, log/
+    and artifact/ folders."""
     service.delete_job(session, user=user, job_id=job_id, storage=storage)
     after_commit(session, forwarder.wake)
     return Response(status_code=204)
@@ -77,4 +104,5 @@ def delete_job(
 
 @router.put("/_job_status", dependencies=[InternalCaller], include_in_schema=False)
 def update_job_status(update: StatusUpdate, session: SessionDep) -> StatusApplied:
+    """A status change reported by the worker API."""
     return service.apply_status_update(session, update)

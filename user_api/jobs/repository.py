@@ -3,7 +3,7 @@ updates: the row count says whether the transition happened."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
@@ -22,14 +22,19 @@ def get(session: Session, job_id: int) -> Job | None:
     return session.get(Job, job_id)
 
 
-def list_for_user(session: Session, user_id: int, *, offset: int, limit: int) -> Sequence[Job]:
-    query = (
-        select(Job)
-        .where(Job.user_id == user_id)
-        .order_by(Job.date_created.desc(), Job.id.desc())
-        .offset(offset)
-        .limit(limit)
-    )
+def list_for_user(
+    session: Session,
+    user_id: int,
+    *,
+    offset: int,
+    limit: int,
+    statuses: Collection[JobStatus] = (),
+) -> Sequence[Job]:
+    """Newest first; only jobs in ``statuses`` when it is not empty."""
+    query = select(Job).where(Job.user_id == user_id)
+    if statuses:
+        query = query.where(Job.status.in_([status.value for status in statuses]))
+    query = query.order_by(Job.date_created.desc(), Job.id.desc()).offset(offset).limit(limit)
     return session.scalars(query).all()
 
 

@@ -6,12 +6,43 @@ import re
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from labcloud.contract import Environment, HardwareSpec, JobStatus
 
 # Job names become folder names (output/<job_name>/), so they must be one safe segment.
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,127}$")
+
+# Request limits (README "Request limits"). Each bounds what one submission can make
+# the server do: the ids are looked up in storage, the expanded inputs and the
+# environment are stored in the job and sent to a worker.
+MAX_INPUT_IDS = 1000
+"""Entries in each of ``data_ids`` and ``artifact_ids``."""
+MAX_PATH_LENGTH = 1024
+"""Characters of one input path (``config_id``, each id)."""
+MAX_INPUT_FILES = 10_000
+"""Files the inputs of one job may expand to (folders count their files)."""
+MAX_ENV_VARS = 100
+MAX_ENV_NAME_LENGTH = 128
+MAX_ENV_VALUE_LENGTH = 65536
+MAX_CPU_CORES = 1024
+MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB
+MAX_GPUS = 64
+MAX_GPU_MEM_MIB = 1024 * 1024  # 1 TiB per GPU
+MAX_GPU_NAME_LENGTH = 128
+
+
+def _no_nul(value: str) -> str:
+    # A process environment is a list of NUL-terminated strings: a NUL cannot be
+    # passed to the container, and the job would fail at its start, not here.
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+InputPath = Annotated[str, Field(max_length=MAX_PATH_LENGTH)]
+EnvValue = Annotated[str, Field(max_length=MAX_ENV_VALUE_LENGTH), AfterValidator(_no_nul)]
+EnvName = Annotated[str, Field(min_length=1, max_length=MAX_ENV_NAME_LENGTH)]
 
 
 class ApplicationRef(BaseModel):
@@ -25,16 +56,36 @@ class ApplicationRef(BaseModel):
 class FilesDown(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    config_id: str | None = None
-    data_ids: list[str] | None = None
-    artifact_ids: list[str] | None = None
+    config_id: InputPath | None = None
+    data_ids: Annotated[list[InputPath], Field(max_length=MAX_INPUT_IDS)] | None = None
+    artifact_ids: Annotated[list[InputPath], Field(max_length=MAX_INPUT_IDS)] | None = None
 
 
 class JobAttributes(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     files_down: FilesDown = Field(default_factory=FilesDown)
-    env_vars: dict[str, Annotated[str, Field(max_length=65536)]] | None = None
+    env_vars: Annotated[dict[EnvName, EnvValue], Field(max_length=MAX_ENV_VARS)] | None = None
+
+    @field_validator("files_down", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: object) -> object:
+        # Clients built for DECODE may send "files_down": null for "no inputs".
+        return FilesDown() if value is None else value
+
+
+class HardwareRequest(HardwareSpec):
+    """``hardware`` of JobCreate: ``HardwareSpec`` with the bounds of a real
+    machine. A job asking for more could never be placed and would wait forever."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_cores: int | None = Field(default=None, ge=1, le=MAX_CPU_CORES)
+    memory: int | None = Field(default=None, ge=1, le=MAX_MEMORY_MIB, description="MiB.")
+    gpu_model: str | None = Field(default=None, max_length=MAX_GPU_NAME_LENGTH)
+    gpu_archi: str | None = Field(default=None, max_length=MAX_GPU_NAME_LENGTH)
+    gpu_mem: int | None = Field(default=None, ge=0, le=MAX_GPU_MEM_MIB, description="MiB.")
+    gpus: int | None = Field(default=None, ge=0, le=MAX_GPUS)
 
 
 class JobCreate(BaseModel):
@@ -45,7 +96,19 @@ class JobCreate(BaseModel):
     priority: int = Field(default=0, ge=0, le=5)
     application: ApplicationRef
     attributes: JobAttributes = Field(default_factory=JobAttributes)
-    hardware: HardwareSpec | None = None
+    hardware: HardwareRequest | None = None
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _null_priority_is_zero(cls, value: object) -> object:
+        # DECODE's API takes null as 0, and its job form sends null when the field
+        # is left empty.
+        return 0 if value is None else value
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _null_attributes_are_empty(cls, value: object) -> object:
+        return JobAttributes() if value is None else value
 
     @field_validator("job_name")
     @classmethod

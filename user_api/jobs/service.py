@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -25,13 +25,14 @@ from labcloud.contract import (
     StatusUpdate,
 )
 from labcloud.db import utcnow
-from labcloud.errors import BadRequest, Conflict, NotFound
+from labcloud.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from labcloud.storage.base import EntryType, Storage
 from labcloud.storage.paths import user_key
 from user_api.auth.service import AuthenticatedUser
 from user_api.catalog.schemas import Catalog, CatalogEntrypoint
 from user_api.jobs import repository
 from user_api.jobs.schemas import (
+    MAX_INPUT_FILES,
     ApplicationRef,
     FilesDown,
     JobAttributes,
@@ -75,6 +76,18 @@ class EnvNotAllowed(BadRequest):
     """The entrypoint does not accept these environment variables."""
 
 
+class TooManyInputFiles(PayloadTooLarge):
+    """The inputs of this job expand to too many files."""
+
+
+class ResultFoldersInUse(Conflict):
+    """The folders this job's results would go to already hold files."""
+
+
+class JobAlreadyEnded(Conflict):
+    """The job has already ended."""
+
+
 def create_job(
     session: Session,
     *,
@@ -86,8 +99,12 @@ def create_job(
     """Validate a job against the catalog and the user's files, store it as
     ``queued`` and write the enqueue message to the outbox (same transaction).
     Refused with ``ActiveJobLimitReached`` when the user's active jobs are at their
-    limit."""
-    reserve_active_job(session, user.id, user.limits.max_active_jobs)
+    limit.
+
+    Everything slow (the catalog, storage look-ups, expanding folders) comes before
+    the first statement: the session takes its connection, and on SQLite the
+    database's write lock, only then, so a large submission does not hold up other
+    users' writes while it is checked."""
     ref = payload.application
     entrypoint = catalog.get_entrypoint(ref.application, ref.version, ref.entrypoint)
     env = payload.attributes.env_vars or {}
@@ -101,7 +118,10 @@ def create_job(
     files_down = _place_inputs(storage, user.subject, payload.attributes.files_down, entrypoint)
     hardware = _merge_hardware(payload.hardware, entrypoint)
     paths = {kind.value: f"{kind.value}/{payload.job_name}" for kind in OutputKind}
+    _check_result_folders_empty(storage, user.subject, paths)
 
+    # The write transaction starts here.
+    reserve_active_job(session, user.id, user.limits.max_active_jobs)
     job = Job(
         user_id=user.id,
         job_name=payload.job_name,
@@ -136,6 +156,7 @@ def create_job(
             meta=MetaSpec(job_id=job.id, date_created=job.date_created),
             hardware=hardware,
             timeout=entrypoint.timeout,
+            container=entrypoint.container.spec(),
         ),
         environment=payload.environment,
         priority=payload.priority,
@@ -156,10 +177,32 @@ def create_job(
     return _read(job, user)
 
 
+def _check_result_folders_empty(storage: Storage, subject: str, paths: dict[str, str]) -> None:
+    """Refuse a job whose result folders already hold something: deleting the job
+    removes those folders, and must not take the user's own files with them (a
+    model uploaded to ``artifact/<name>/``, the results of an earlier job of that
+    name kept after it was deleted from another client)."""
+    taken = [f"{path}/" for path in paths.values() if storage.stat(f"{subject}/{path}") is not None]
+    if taken:
+        raise ResultFoldersInUse(
+            f"{', '.join(taken)} already exist: a job's results go to output/<job_name>/, "
+            "log/<job_name>/ and artifact/<job_name>/, which are removed with the job. "
+            "Choose another job name, or move or delete those files first."
+        )
+
+
 def list_jobs(
-    session: Session, *, user: AuthenticatedUser, offset: int, limit: int
+    session: Session,
+    *,
+    user: AuthenticatedUser,
+    offset: int,
+    limit: int,
+    statuses: Collection[JobStatus] = (),
 ) -> list[JobRead]:
-    jobs: Sequence[Job] = repository.list_for_user(session, user.id, offset=offset, limit=limit)
+    """The user's jobs, newest first; only those in ``statuses`` when it is given."""
+    jobs: Sequence[Job] = repository.list_for_user(
+        session, user.id, offset=offset, limit=limit, statuses=statuses
+    )
     return [_read(job, user) for job in jobs]
 
 
@@ -168,10 +211,11 @@ def get_job(session: Session, *, user: AuthenticatedUser, job_id: int) -> JobRea
 
 
 def cancel_job(session: Session, *, user: AuthenticatedUser, job_id: int) -> JobRead:
-    """Move an active job to ``canceled`` and tell the worker API; a job that already
-    ended is returned unchanged."""
+    """Move an active job to ``canceled`` and tell the worker API; ``JobAlreadyEnded``
+    (409) for a job that had already ended."""
     job = _owned(session, user, job_id)
-    _cancel(session, job, discard_outputs=False, reason="canceled by the user")
+    if not _cancel(session, job, discard_outputs=False, reason="canceled by the user"):
+        raise _already_ended(session, job)
     session.refresh(job)
     return _read(job, user)
 
@@ -182,9 +226,19 @@ def cancel_any_job(session: Session, *, job_id: int) -> Job:
     job = repository.get(session, job_id)
     if job is None:
         raise JobNotFound(f"job {job_id} not found")
-    _cancel(session, job, discard_outputs=False, reason="canceled by an administrator")
+    if not _cancel(session, job, discard_outputs=False, reason="canceled by an administrator"):
+        raise _already_ended(session, job)
     session.refresh(job)
     return job
+
+
+def _already_ended(session: Session, job: Job) -> JobAlreadyEnded:
+    # Read again: the guarded update may have lost to a status that arrived since
+    # the job was loaded.
+    session.refresh(job)
+    return JobAlreadyEnded(
+        f"job {job.id} has already ended (status {job.status}): nothing to cancel"
+    )
 
 
 def delete_job(session: Session, *, user: AuthenticatedUser, job_id: int, storage: Storage) -> None:
@@ -219,11 +273,12 @@ def apply_status_update(session: Session, update: StatusUpdate) -> StatusApplied
     return StatusApplied(job_id=job.id, status=update.status, applied=applied)
 
 
-def _cancel(session: Session, job: Job, *, discard_outputs: bool, reason: str) -> None:
-    """``discard_outputs``: the job is being deleted, so its worker must not upload
+def _cancel(session: Session, job: Job, *, discard_outputs: bool, reason: str) -> bool:
+    """Cancel ``job`` if it is active; False when it had already ended.
+    ``discard_outputs``: the job is being deleted, so its worker must not upload
     even the partial logs a canceled job keeps."""
     if not repository.transition(session, job.id, JobStatus.CANCELED, reason):
-        return
+        return False
     # If the worker API never received the job, withdrawing the message is enough.
     if not repository.drop_pending_enqueue(session, job.id):
         repository.add_outbox(
@@ -232,6 +287,7 @@ def _cancel(session: Session, job: Job, *, discard_outputs: bool, reason: str) -
     if not discard_outputs:  # a job being deleted has no page left to announce
         enqueue_completion_email(session, job)
     logger.info("job %s %s", job.id, reason)
+    return True
 
 
 def _owned(session: Session, user: AuthenticatedUser, job_id: int) -> Job:
@@ -292,6 +348,12 @@ def _place_inputs(
                 pairs = [
                     (posixpath.relpath(item.key, key), item.key) for item in storage.iter_files(key)
                 ]
+            if len(placed) + len(pairs) > MAX_INPUT_FILES:
+                raise TooManyInputFiles(
+                    f"the inputs of this job expand to more than {MAX_INPUT_FILES:,} files "
+                    f"({area.value}/{raw} alone holds {len(pairs):,}); pass fewer or "
+                    "smaller folders, or pack the files into an archive"
+                )
             for relative, source in pairs:
                 target = posixpath.join(mount.strip("/"), relative)
                 other = placed.setdefault(target, source)

@@ -53,18 +53,30 @@ def test_shipped_catalog_is_valid_and_runs_the_demo_image() -> None:
     assert entrypoint.timeout == 600
 
 
-def test_public_view_keeps_the_nesting_and_hides_internal_fields() -> None:
-    catalog = parse_catalog(VALID, SOURCE)
-    view = catalog.public_view().model_dump(mode="json")
+def test_public_view_is_decode_s_nesting_without_internal_fields() -> None:
+    # DECODE's web frontend reads [application][version][entrypoint].app.env; the
+    # flat view LabCloud served before broke its job form.
+    text = edited(
+        "    wc:\n      app:",
+        "    wc:\n      description: Counts words\n"
+        "      container: {pids_limit: 64, user: '1000:1000', read_only_root: true}\n"
+        "      app:",
+    )
+    view = parse_catalog(text, SOURCE).public_view().model_dump(mode="json")
     assert view == {
         "demo": {
             "latest": {
                 "wc": {
-                    "env": ["WORDCOUNT_PATTERN"],
-                    "inputs": {"data_ids": "data"},
-                    "outputs": ["output"],
-                    "hardware": {"memory": 256, "vcpu": 1, "gpu": 0},
-                    "timeout": 600,
+                    "app": {"env": ["WORDCOUNT_PATTERN"]},
+                    "handler": {
+                        "files_down": {"data_ids": "data"},
+                        "files_up": {"output": "output"},
+                    },
+                    "aws_resources": {
+                        "hardware": {"MEMORY": 256, "VCPU": 1, "GPU": 0},
+                        "timeout": 600,
+                    },
+                    "description": "Counts words",
                 }
             }
         }
@@ -72,6 +84,44 @@ def test_public_view_keeps_the_nesting_and_hides_internal_fields() -> None:
     rendered = json.dumps(view)
     assert "labcloud/demo" not in rendered
     assert "wordcount.sh" not in rendered
+    assert "pids_limit" not in rendered
+
+
+def test_container_options_are_read_and_kept_in_the_snapshot() -> None:
+    text = edited(
+        "      aws_resources:",
+        "      container:\n        pids_limit: 64\n        user: '1000:100'\n"
+        "        read_only_root: true\n      aws_resources:",
+    )
+    entrypoint = parse_catalog(text, SOURCE).get_entrypoint("demo", "latest", "wc")
+    spec = entrypoint.container.spec()
+    assert (spec.pids_limit, spec.user, spec.read_only_root) == (64, "1000:100", True)
+    snapshot = CatalogEntrypoint.model_validate(entrypoint.model_dump(mode="json"))
+    assert snapshot.container == entrypoint.container
+    # Snapshots written before the section existed still read, with the defaults.
+    old = entrypoint.model_dump(mode="json")
+    del old["container"], old["description"]
+    assert CatalogEntrypoint.model_validate(old).container.spec().pids_limit is None
+
+
+@pytest.mark.parametrize(
+    ("container", "message"),
+    [
+        ("{pids_limit: 0}", "container/pids_limit"),
+        ("{pids_limit: 2000000}", "container/pids_limit"),
+        ("{pids_limit: '64'}", "container/pids_limit"),
+        ("{user: root}", "container/user"),
+        ("{user: '1000:'}", "container/user"),
+        ("{read_only: true}", "unknown key 'read_only'"),
+    ],
+)
+def test_invalid_container_options_are_refused_with_their_line(
+    container: str, message: str
+) -> None:
+    text = edited("      aws_resources:", f"      container: {container}\n      aws_resources:")
+    error = catalog_error(text)
+    assert message in error
+    assert "line 11" in error  # the line of container:
 
 
 def test_entrypoint_helpers() -> None:
