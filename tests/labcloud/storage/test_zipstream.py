@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -122,6 +124,97 @@ def test_large_entries_use_zip64(storage: LocalStorage, monkeypatch: pytest.Monk
         assert archive.read("a.bin") == b"a" * 5000
     # The ZIP64 extra field (header id 0x0001) is present in the local header.
     assert b"\x01\x00" in archive_bytes[30:60]
+
+
+def _unzip_test(tmp_path: Path, archive_bytes: bytes) -> str:
+    """What Info-ZIP's ``unzip -t`` says of the archive (it reads the central
+    directory, as desktop tools do); fails unless every entry's CRC checks out."""
+    path = tmp_path / "archive.zip"
+    path.write_bytes(archive_bytes)
+    result = subprocess.run(
+        ["unzip", "-t", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_incompressible_files_are_stored_and_text_is_deflated(
+    storage: LocalStorage, tmp_path: Path
+) -> None:
+    frames = os.urandom(3 * 1024 * 1024)  # like camera frames or compressed images
+    text = b"".join(b"%d,%d,%.3f\n" % (i, i * 7, i / 3) for i in range(100_000))
+    put(storage, "u1/data/run/frames.bin", frames)
+    put(storage, "u1/data/run/table.csv", text)
+    put(storage, "u1/data/run/tiny.txt", b"ok")
+    put(storage, "u1/data/run/empty", b"")
+    archive_bytes = b"".join(zip_stream(storage, "u1/data/run"))
+    with zipfile.ZipFile(io.BytesIO(archive_bytes)) as archive:
+        assert archive.testzip() is None
+        kinds = {info.filename: info.compress_type for info in archive.infolist()}
+        assert archive.read("frames.bin") == frames
+        assert archive.read("table.csv") == text
+        assert archive.read("tiny.txt") == b"ok"
+        csv_size = archive.getinfo("table.csv").compress_size
+    assert kinds == {
+        "frames.bin": zipfile.ZIP_STORED,
+        "table.csv": zipfile.ZIP_DEFLATED,
+        "tiny.txt": zipfile.ZIP_STORED,  # two bytes do not shrink
+        "empty": zipfile.ZIP_STORED,
+    }
+    assert csv_size < len(text) // 2
+    # Stored data costs only the headers: the archive is not larger than its files
+    # by more than a few hundred bytes each.
+    assert len(archive_bytes) - len(frames) - csv_size - 2 < 4 * 200
+    assert "No errors detected" in _unzip_test(tmp_path, archive_bytes)
+
+
+def test_deflate_level_is_the_fast_one(storage: LocalStorage) -> None:
+    text = b"".join(b"line %d of a log, status ok\n" % i for i in range(50_000))
+    put(storage, "u1/log/job/log.txt", text)
+    archive_bytes = b"".join(zip_stream(storage, "u1/log/job"))
+    with zipfile.ZipFile(io.BytesIO(archive_bytes)) as archive:
+        size = archive.getinfo("log.txt").compress_size
+    fast = zlib.compressobj(zipstream.COMPRESS_LEVEL, zlib.DEFLATED, -15)
+    assert size == len(fast.compress(text) + fast.flush())
+
+
+def test_compression_is_decided_from_the_sample() -> None:
+    assert zipstream.compression_for(b"") == zipfile.ZIP_STORED
+    assert zipstream.compression_for(os.urandom(65536)) == zipfile.ZIP_STORED
+    assert zipstream.compression_for(b"abc" * 20000) == zipfile.ZIP_DEFLATED
+    # Half random, half zeros: shrinks by far more than a tenth.
+    assert zipstream.compression_for(os.urandom(30000) + bytes(30000)) == zipfile.ZIP_DEFLATED
+
+
+def test_stored_entries_use_zip64_and_stay_valid(
+    storage: LocalStorage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(zipstream, "ZIP64_THRESHOLD", 0)
+    data = os.urandom(200_000)
+    put(storage, "u1/data/f/a.bin", data)
+    put(storage, "u1/data/f/b.txt", b"b" * 100_000)
+    archive_bytes = b"".join(zip_stream(storage, "u1/data/f", chunk_size=16 * 1024))
+    with zipfile.ZipFile(io.BytesIO(archive_bytes)) as archive:
+        assert archive.getinfo("a.bin").compress_type == zipfile.ZIP_STORED
+        assert archive.read("a.bin") == data
+        assert archive.read("b.txt") == b"b" * 100_000
+    assert b"\x01\x00" in archive_bytes[30:60]
+    _unzip_test(tmp_path, archive_bytes)
+
+
+def test_many_small_files_stream_out_as_they_are_read(tmp_path: Path) -> None:
+    storage = CountingStorage(tmp_path)
+    for index in range(64):
+        put(storage, f"u1/data/small/{index:02}.bin", os.urandom(8 * 1024))
+    storage.bytes_read = 0
+    chunk_size = 64 * 1024
+    stream = zip_stream(storage, "u1/data/small", chunk_size=chunk_size)
+    next(stream)
+    assert storage.bytes_read <= 2 * chunk_size
+    assert max(len(chunk) for chunk in stream) <= 2 * chunk_size
 
 
 def test_vanished_files_are_skipped(storage: LocalStorage) -> None:
