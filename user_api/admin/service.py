@@ -41,7 +41,7 @@ from user_api.auth import service as auth_service
 from user_api.auth.service import AuthenticatedUser
 from user_api.jobs import repository as jobs_repository
 from user_api.jobs import service as jobs_service
-from user_api.limits import UsageLimits, bytes_stored, limits_of
+from user_api.limits import UsageLimits, bytes_stored, limits_of, owner_state
 from user_api.models import Job, User
 from user_api.settings import UserApiSettings
 
@@ -243,14 +243,15 @@ def set_limits(
     return _read_user(session, storage, defaults, user)
 
 
-def account_state(session: Session, subject: str, *, local_auth: bool) -> AccountState:
-    """Whether tokens of the account ``subject`` may be used. An unknown account is
-    refused with local auth (it was deleted); with Cognito it is one the user API
-    has not seen yet, and Cognito itself vouches for it."""
-    user = accounts.get_by_subject(session, subject)
-    if user is None:
-        return AccountState(active=not local_auth)
-    return AccountState(active=user.is_active)
+def account_state(
+    session: Session, subject: str, *, local_auth: bool, defaults: UsageLimits
+) -> AccountState:
+    """Whether tokens (and signed URLs) of the account ``subject`` may be used, and
+    its storage limit, which the worker API holds jobs' results to. An unknown
+    account is refused with local auth (it was deleted); with Cognito it is one the
+    user API has not seen yet, and Cognito itself vouches for it."""
+    state = owner_state(session, subject, defaults, local_auth=local_auth)
+    return AccountState(active=state.active, max_storage_bytes=state.max_storage_bytes)
 
 
 # -- worker accounts ------------------------------------------------------------------
@@ -382,7 +383,7 @@ def list_jobs(
 
 
 def cancel_job(session: Session, *, actor: AuthenticatedUser, job_id: int) -> AdminJob:
-    """Cancel any user's job; a job that already ended is returned unchanged."""
+    """Cancel any user's job; ``JobAlreadyEnded`` (409) for one that already ended."""
     job = jobs_repository.get(session, job_id)
     if job is None:
         raise jobs_service.JobNotFound(f"job {job_id} not found")
