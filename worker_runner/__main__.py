@@ -3,7 +3,8 @@
 SIGTERM or SIGINT stops pulling and lets running jobs finish for up to
 ``SHUTDOWN_GRACE`` seconds before they are stopped and handed back; a second signal
 ends the grace at once. Exit status: 0 after a clean stop, 2 on invalid settings,
-1 when the Docker engine cannot be reached or the credentials are refused.
+1 when the Docker engine cannot be reached, the credentials are refused, or a runner
+with the same account and ``PATH_BASE`` already runs on this host.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from worker_runner.backends.base import BackendError
 from worker_runner.backends.docker import DockerBackend
 from worker_runner.client import AuthenticationFailed, WorkerApiClient, WorkerApiError
 from worker_runner.hardware import detect_hardware
-from worker_runner.loop import Runner
+from worker_runner.loop import Runner, RunnerAlreadyRunning
 from worker_runner.settings import WorkerSettings, describe_validation_error, load_settings
 
 logger = logging.getLogger("worker_runner")
@@ -101,6 +102,9 @@ def run_worker(settings: WorkerSettings) -> int:
     _install_signal_handlers(stop, runner)
     try:
         runner.run(stop)
+    except RunnerAlreadyRunning as exc:
+        logger.error("%s", exc.message)
+        return 1
     finally:
         client.close()
         backend.close()

@@ -33,7 +33,9 @@ jobs handed back (status ``queued``). ``Runner.hurry()`` ends the grace at once.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -101,6 +103,10 @@ FINAL_REPORT_PAUSE_S = 3.0
 
 class JobFailed(RunnerError):
     """The job failed."""
+
+
+class RunnerAlreadyRunning(RunnerError):
+    """Another runner with this account and job folder is running on this host."""
 
 
 class _HandBack(RunnerError):
@@ -345,9 +351,36 @@ class Runner:
             if folders:
                 logger.info("removed %d leftover job folder(s)", len(folders))
 
+    def _lock_identity(self) -> int:
+        """Hold this runner's identity for the life of the process: a second runner
+        with the same account and job folder would remove this one's containers
+        and folders as its leftovers. The lock goes with the process, even after
+        ``kill -9``. Returns the open lock file; raises ``RunnerAlreadyRunning``."""
+        base = self._settings.path_base
+        base.mkdir(parents=True, exist_ok=True)
+        path = base / f".runner-{self._settings.runner_id}.lock"
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise RunnerAlreadyRunning(
+                f"another runner of {self._settings.worker_name} uses {base} on this host "
+                f"(lock {path}); give each runner its own account or PATH_BASE"
+            ) from None
+        return descriptor
+
     def run(self, stop: threading.Event) -> None:
         """Pull and run jobs until ``stop`` is set, then shut down (see the module
-        docstring). Returns when every job is finished or handed back."""
+        docstring). Returns when every job is finished or handed back; raises
+        ``RunnerAlreadyRunning`` at once when a runner of the same identity runs."""
+        lock = self._lock_identity()
+        try:
+            self._run(stop)
+        finally:
+            os.close(lock)
+
+    def _run(self, stop: threading.Event) -> None:
         self._hand_back.clear()
         self.clean_leftovers()
         self._settings.path_base.mkdir(parents=True, exist_ok=True)

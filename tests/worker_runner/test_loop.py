@@ -30,6 +30,7 @@ from worker_runner.loop import (
     LABEL_WORKER,
     Outcome,
     Runner,
+    RunnerAlreadyRunning,
     StatusReporter,
     runtime_details,
 )
@@ -801,6 +802,23 @@ def test_start_removes_leftovers_of_this_worker_only(
     assert not (jobs / "old").exists()
     for kept in ("other", "by-name", "unrelated"):
         assert (jobs / kept).is_dir()
+
+
+def test_a_second_runner_of_the_same_identity_refuses_to_start(
+    api: FakeWorkerApi, settings: WorkerSettings, client: WorkerApiClient
+) -> None:
+    # It would remove the first one's containers and job folders as its leftovers.
+    backend = FakeBackend(default=FakeProgram(duration=30))
+    api.enqueue("q1", job_spec())
+    with running(Runner(settings, client, backend, HOST)):
+        wait_for(lambda: backend.running())
+        second = Runner(settings, client, backend, HOST)
+        with pytest.raises(RunnerAlreadyRunning, match="another runner of worker-1 uses"):
+            second.run(threading.Event())
+        assert backend.running() and not backend.removed
+    # Once the first one stopped, a runner of that identity starts again.
+    with running(Runner(settings, client, backend, HOST)):
+        pass
 
 
 def test_runner_identity_is_per_folder_and_account(tmp_path: Path) -> None:
