@@ -1,21 +1,18 @@
 """Small HTTP glue shared by both APIs: error mapping, credentials extraction,
 internal-key checks, request guards (bounded integers, undecodable paths, body
-size), the OpenAPI security schemes, the server's logging. No routes live here."""
+size), the security schemes declared in OpenAPI, the server's logging. No routes live here."""
 
 from __future__ import annotations
 
 import hmac
 import json
 import logging
-from collections.abc import Callable, Iterable
 from typing import Annotated, Any
 from urllib.parse import unquote_to_bytes
 
-from fastapi import FastAPI, Path, Request
-from fastapi.dependencies.models import Dependant
-from fastapi.openapi.utils import get_openapi
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from labcloud.contract import INTERNAL_API_KEY_HEADER
@@ -79,6 +76,9 @@ INT64_MAX = 2**63 - 1
 """The largest integer a database column holds. Path and query integers are bounded
 by it (or less): a larger value used to reach SQL and fail there with OverflowError
 (a 500); it is now refused with 422 before anything runs."""
+
+MAX_OFFSET = 1_000_000_000
+"""The largest ``offset`` of a listing: past any real number of rows."""
 
 IdPath = Annotated[int, Path(ge=1, le=INT64_MAX, description="A job's numeric id.")]
 """A numeric id in a path (``/jobs/{job_id}``): 1 to 2**63-1."""
@@ -200,84 +200,27 @@ class LimitRequestBody:
             await _refuse(send, 413, message)
 
 
-# -- OpenAPI --------------------------------------------------------------------------
+# -- OpenAPI ------------------------------------------------------------------------
 
-
-BEARER_SCHEME = "bearerAuth"
-INTERNAL_KEY_SCHEME = "internalApiKey"
-
-
-def _calls(dependant: Dependant) -> Iterable[Callable[..., Any]]:
-    for dependency in dependant.dependencies:
-        if dependency.call is not None:
-            yield dependency.call
-        yield from _calls(dependency)
-
-
-def declare_security(
-    app: FastAPI,
-    *,
-    bearer: Iterable[Callable[..., Any]],
-    optional_bearer: Iterable[Callable[..., Any]] = (),
-    internal_key: Iterable[Callable[..., Any]] = (),
-) -> None:
-    """Declare in the OpenAPI document how routes authenticate, so that ``/docs``
-    offers "Authorize" and marks each route that needs a token.
-
-    The credentials are read by plain dependencies (``bearer_token``, which also
-    takes the login cookie), which FastAPI cannot see as security schemes; a route
-    needs the bearer token when any of its dependencies, however deep, is one of
-    ``bearer``, and the internal key when one is in ``internal_key``; a route with
-    one of ``optional_bearer`` works with and without a token."""
-    bearer_calls = set(bearer)
-    optional_calls = set(optional_bearer)
-    internal_calls = set(internal_key)
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = get_openapi(
-            title=app.title,
-            version=app.version,
-            description=app.description,
-            routes=app.routes,
-        )
-        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-        schemes[BEARER_SCHEME] = {
-            "type": "http",
-            "scheme": "bearer",
-            "bearerFormat": "JWT",
-            "description": "An ID token: POST /token (local accounts) or Cognito.",
-        }
-        if internal_calls:
-            schemes[INTERNAL_KEY_SCHEME] = {
-                "type": "apiKey",
-                "in": "header",
-                "name": INTERNAL_API_KEY_HEADER,
-                "description": "The key the two APIs share (INTERNAL_API_KEY_SECRET).",
-            }
-        for route in app.routes:
-            if not isinstance(route, APIRoute) or not route.include_in_schema:
-                continue
-            calls = set(_calls(route.dependant))
-            security: list[dict[str, list[str]]] = []
-            if calls & bearer_calls:
-                security.append({BEARER_SCHEME: []})
-            elif calls & optional_calls:
-                security.extend([{BEARER_SCHEME: []}, {}])
-            if calls & internal_calls:
-                security.append({INTERNAL_KEY_SCHEME: []})
-            if not security:
-                continue
-            operations = schema["paths"][route.path_format]
-            for method in route.methods or ():
-                operation = operations.get(method.lower())
-                if operation is not None:
-                    operation["security"] = security
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+# Credentials are read by ``bearer_token`` (which also takes the login cookie) and
+# ``check_internal_key``; these two schemes only declare them in the OpenAPI
+# document, so that /docs offers "Authorize" and sends the token. A dependency that
+# reads credentials also depends on one of them (``auto_error=False``: they never
+# refuse a request themselves).
+bearer_scheme = HTTPBearer(
+    scheme_name="bearerAuth",
+    bearerFormat="JWT",
+    description="An ID token: POST /token (local accounts) or Cognito.",
+    auto_error=False,
+)
+internal_key_scheme = APIKeyHeader(
+    name=INTERNAL_API_KEY_HEADER,
+    scheme_name="internalApiKey",
+    description="The key the two APIs share (INTERNAL_API_KEY_SECRET).",
+    auto_error=False,
+)
+BearerScheme = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+InternalKeyScheme = Annotated[str | None, Depends(internal_key_scheme)]
 
 
 def install_request_guards(app: FastAPI, *, max_body_bytes: int | None = None) -> None:

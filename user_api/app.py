@@ -19,7 +19,7 @@ from labcloud.db import create_db_engine, make_session_factory, migrate, unit_of
 from labcloud.settings import AuthMode, load_settings
 from labcloud.storage.factory import make_storage
 from labcloud.storage.signing import UrlSigner
-from labcloud.web import declare_security, install_error_handlers, install_request_guards
+from labcloud.web import install_error_handlers, install_request_guards
 from user_api.admin.endpoints import internal_router as admin_internal_router
 from user_api.admin.endpoints import router as admin_router
 from user_api.auth import service as auth_service
@@ -27,12 +27,6 @@ from user_api.auth.endpoints import router as auth_router
 from user_api.catalog.endpoints import router as catalog_router
 from user_api.catalog.store import CatalogStore
 from user_api.clients.worker_api import WorkerApiForwarder
-from user_api.dependencies import (
-    get_caller,
-    get_current_user_before_writes,
-    get_optional_caller,
-    require_internal_key,
-)
 from user_api.files.endpoints import router as files_router
 from user_api.jobs.endpoints import router as jobs_router
 from user_api.notifications.endpoints import router as notifications_router
@@ -148,10 +142,4 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
     app.include_router(admin_router)
     app.include_router(admin_internal_router)
     app.include_router(notifications_router)
-    declare_security(
-        app,
-        bearer=[get_caller, get_current_user_before_writes],
-        optional_bearer=[get_optional_caller],
-        internal_key=[require_internal_key],
-    )
     return app

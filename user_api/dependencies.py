@@ -22,7 +22,13 @@ from labcloud.errors import Forbidden, NotFound
 from labcloud.settings import AuthMode
 from labcloud.storage.base import Storage
 from labcloud.storage.signing import UrlSigner
-from labcloud.web import TOKEN_COOKIE, bearer_token, check_internal_key
+from labcloud.web import (
+    TOKEN_COOKIE,
+    BearerScheme,
+    InternalKeyScheme,
+    bearer_token,
+    check_internal_key,
+)
 from user_api.auth.service import AuthenticatedUser, resolve_caller
 from user_api.catalog.store import CatalogStore
 from user_api.clients.worker_api import WorkerApiForwarder
@@ -96,14 +102,18 @@ def _verify(request: Request) -> Principal:
     return verifier.verify(bearer_token(request))
 
 
-def get_optional_caller(request: Request, session: SessionDep) -> AuthenticatedUser | None:
+def get_optional_caller(
+    request: Request, session: SessionDep, _scheme: BearerScheme = None
+) -> AuthenticatedUser | None:
     """The caller when a token is sent, None for anonymous requests."""
     if "authorization" not in request.headers and TOKEN_COOKIE not in request.cookies:
         return None
     return get_caller(request, session)
 
 
-def get_caller(request: Request, session: SessionDep) -> AuthenticatedUser:
+def get_caller(
+    request: Request, session: SessionDep, _scheme: BearerScheme = None
+) -> AuthenticatedUser:
     """Any authenticated account, whatever its groups."""
     settings: UserApiSettings = request.app.state.settings
     return resolve_caller(
@@ -137,7 +147,7 @@ async def get_current_user(caller: Caller) -> AuthenticatedUser:
 CurrentUser = Annotated[AuthenticatedUser, Depends(get_current_user)]
 
 
-def _caller_in_own_transaction(request: Request) -> AuthenticatedUser:
+def _caller_in_own_transaction(request: Request, _scheme: BearerScheme) -> AuthenticatedUser:
     settings: UserApiSettings = request.app.state.settings
     with unit_of_work(request.app.state.session_factory) as session:
         return resolve_caller(
@@ -169,7 +179,7 @@ async def get_current_admin(caller: Caller) -> AuthenticatedUser:
 CurrentAdmin = Annotated[AuthenticatedUser, Depends(get_current_admin)]
 
 
-async def require_internal_key(request: Request) -> None:
+async def require_internal_key(request: Request, _scheme: InternalKeyScheme = None) -> None:
     settings: UserApiSettings = request.app.state.settings
     check_internal_key(request, settings.internal_api_key_secret.get_secret_value())
 

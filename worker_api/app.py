@@ -35,7 +35,7 @@ from labcloud.auth.local import cognito_verifier, local_jwks_verifier
 from labcloud.db import create_db_engine, make_session_factory, migrate
 from labcloud.settings import AuthMode
 from labcloud.storage import UrlSigner, make_storage
-from labcloud.web import install_error_handlers
+from labcloud.web import install_error_handlers, install_request_guards
 from worker_api.clients.accounts import AccountChecker
 from worker_api.clients.user_api import StatusForwarder
 from worker_api.dependencies import QueueServiceDep
@@ -171,6 +171,7 @@ def create_app(settings: WorkerApiSettings | None = None) -> FastAPI:
     )
     app.state.settings = resolved
     install_error_handlers(app)
+    install_request_guards(app)
 
     @app.get("/access_info", tags=["auth"])
     def get_access_info() -> dict[str, Any]:

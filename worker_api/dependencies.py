@@ -21,7 +21,7 @@ from labcloud.contract import Environment, Group
 from labcloud.db import request_unit_of_work
 from labcloud.errors import Forbidden, Unauthorized
 from labcloud.storage import Storage, UrlSigner
-from labcloud.web import bearer_token, check_internal_key
+from labcloud.web import BearerScheme, InternalKeyScheme, bearer_token, check_internal_key
 from worker_api.clients.accounts import AccountChecker
 from worker_api.files.service import FileService
 from worker_api.queue.service import JobPuller, QueueService
@@ -44,7 +44,7 @@ class AccountDisabled(Unauthorized):
     """This account is disabled."""
 
 
-def current_worker(request: Request) -> Principal:
+def current_worker(request: Request, _scheme: BearerScheme = None) -> Principal:
     """The calling worker, whose account must still be active on the user API
     (``AccountChecker``: cached for ACCOUNT_CHECK_TTL_SECONDS, failing open when the
     user API is down). A sync dependency: verification fetches signing keys and the
@@ -59,7 +59,7 @@ def current_worker(request: Request) -> Principal:
     return principal
 
 
-async def require_internal_key(request: Request) -> None:
+async def require_internal_key(request: Request, _scheme: InternalKeyScheme = None) -> None:
     """Only the user API, holding the internal key, may call the internal routes."""
     check_internal_key(request, get_settings(request).internal_api_key_secret.get_secret_value())
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 
 from labcloud.contract import JobStatus
 from labcloud.settings import AuthMode
+from labcloud.web import MAX_OFFSET, IdPath
 from user_api.admin import service
 from user_api.admin.schemas import (
     AccountState,
@@ -38,7 +39,7 @@ from user_api.limits import default_limits
 router = APIRouter(prefix="/admin", tags=["admin"])
 internal_router = APIRouter(tags=["internal"], include_in_schema=False)
 
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
@@ -172,7 +173,7 @@ def list_jobs(
 
 @router.post("/jobs/{job_id}/cancel")
 def cancel_job(
-    job_id: int, admin: CurrentAdmin, session: SessionDep, forwarder: ForwarderDep
+    job_id: IdPath, admin: CurrentAdmin, session: SessionDep, forwarder: ForwarderDep
 ) -> AdminJob:
     """Cancel any user's job."""
     job = service.cancel_job(session, actor=admin, job_id=job_id)
@@ -196,5 +197,11 @@ def audit_log(
 
 @internal_router.get("/_accounts/{subject}", dependencies=[InternalCaller])
 def account_state(subject: str, session: SessionDep, settings: SettingsDep) -> AccountState:
-    """Whether an account's tokens may still be used (asked by the worker API)."""
-    return service.account_state(session, subject, local_auth=settings.auth is AuthMode.LOCAL)
+    """Whether an account's tokens may still be used, and its storage limit (asked
+    by the worker API)."""
+    return service.account_state(
+        session,
+        subject,
+        local_auth=settings.auth is AuthMode.LOCAL,
+        defaults=default_limits(settings),
+    )

@@ -26,6 +26,7 @@ PasswordForm = Annotated[OAuth2PasswordRequestForm, Depends()]
 
 @router.get("/access_info")
 def access_info(settings: SettingsDep) -> AccessInfo:
+    """How to get a token: the Cognito pool, or the local ``/token`` route."""
     local = settings.auth is AuthMode.LOCAL
     return AccessInfo(
         cognito=CognitoInfo(
@@ -53,6 +54,8 @@ def create_user(
     caller: OptionalCaller,
     groups: Annotated[list[Group] | None, Form()] = None,
 ) -> UserInfo:
+    """Create an account (local auth): anyone may sign up as a plain user when
+    self-signup is on; an admin's token may create an account in any group."""
     user = service.create_account(
         session,
         email=form.username,
@@ -67,6 +70,7 @@ def create_user(
 
 @router.post("/token", status_code=201)
 def token(form: PasswordForm, session: SessionDep, issuer: IssuerDep) -> TokenResponse:
+    """Exchange an email and password for an ID token (local auth)."""
     user = service.authenticate(session, email=form.username, password=form.password)
     id_token, expires_in = service.issue_token(issuer, user)
     return TokenResponse(id_token=id_token, expires_in=expires_in)
@@ -80,6 +84,8 @@ def login(
     issuer: IssuerDep,
     settings: SettingsDep,
 ) -> UserInfo:
+    """Sign in with an email and password; the token is set as an httpOnly cookie,
+    accepted instead of the Authorization header (local auth)."""
     user = service.authenticate(session, email=form.username, password=form.password)
     id_token, expires_in = service.issue_token(issuer, user)
     response.set_cookie(
@@ -95,4 +101,5 @@ def login(
 
 @router.get("/user")
 def current_user(user: CurrentUser) -> UserInfo:
+    """The caller's email and groups."""
     return UserInfo(email=user.email, groups=sorted(user.groups))

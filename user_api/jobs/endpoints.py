@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from labcloud.contract import JobStatus, StatusUpdate
-from labcloud.web import IdPath
+from labcloud.web import MAX_OFFSET, IdPath
 from user_api.dependencies import (
     CatalogStoreDep,
     CurrentUser,
@@ -22,10 +22,6 @@ from user_api.jobs import service
 from user_api.jobs.schemas import JobCreate, JobRead, StatusApplied
 
 router = APIRouter(tags=["jobs"])
-
-# Offsets past any real number of jobs are pointless, and the database's integers
-# end at 2**63: bounded well below both.
-MAX_OFFSET = 1_000_000_000
 
 
 @router.get("/jobs")

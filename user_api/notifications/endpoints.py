@@ -13,6 +13,7 @@ router = APIRouter(tags=["notifications"])
 
 @router.get("/user/notifications")
 def get_notifications(user: CurrentUser, session: SessionDep) -> NotificationSettings:
+    """Whether you get an email when one of your jobs ends."""
     return service.get_notification_settings(session, user=user)
 
 
@@ -20,4 +21,5 @@ def get_notifications(user: CurrentUser, session: SessionDep) -> NotificationSet
 def update_notifications(
     changes: NotificationSettings, user: CurrentUser, session: SessionDep
 ) -> NotificationSettings:
+    """Change whether you get an email when one of your jobs ends."""
     return service.update_notification_settings(session, user=user, changes=changes)

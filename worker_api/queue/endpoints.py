@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Request, Response, status
 
 from labcloud.contract import JobSpecs, JobStatus, QueueJob
+from labcloud.web import INT64_MAX, IdPath
 from worker_api.dependencies import (
     CurrentWorker,
     InternalCaller,
@@ -19,6 +20,16 @@ from worker_api.dependencies import (
 from worker_api.queue.schemas import EnqueuedJob, WorkerOffer, offered_gpus
 
 router = APIRouter(tags=["queue"])
+
+# Bounds of a pull's query (README "Request limits"): beyond any real machine, and
+# inside the database's 64-bit integers and Python's time arithmetic, where larger
+# values used to fail with OverflowError (a 500).
+MAX_OFFER = INT64_MAX
+MAX_AGE_SECONDS = 100 * 365 * 24 * 3600.0
+MAX_NAME_LENGTH = 128
+MAX_GROUPS = 64
+# A status's details are the tail of a job's log; the worker sends them in the URL.
+MAX_RUNTIME_DETAILS = 65536
 internal_router = APIRouter(tags=["internal"], dependencies=[InternalCaller])
 
 
@@ -28,31 +39,41 @@ async def pull_jobs(
     worker: CurrentWorker,
     puller: PullerDep,
     settings: SettingsDep,
-    memory: Annotated[int, Query(ge=0, description="Memory the worker offers, MiB.")],
-    cpu_cores: Annotated[int, Query(ge=1)] = 1,
-    gpu_mem: Annotated[int | None, Query(ge=0, description="GPU memory, MiB.")] = None,
-    gpu_memory: Annotated[
-        int | None, Query(ge=0, description="Alias of gpu_mem (the upstream worker's name).")
+    memory: Annotated[int, Query(ge=0, le=MAX_OFFER, description="Memory the worker offers, MiB.")],
+    cpu_cores: Annotated[int, Query(ge=1, le=MAX_OFFER)] = 1,
+    gpu_mem: Annotated[
+        int | None, Query(ge=0, le=MAX_OFFER, description="GPU memory, MiB.")
     ] = None,
-    gpu_model: str | None = None,
-    gpu_archi: str | None = None,
+    gpu_memory: Annotated[
+        int | None,
+        Query(ge=0, le=MAX_OFFER, description="Alias of gpu_mem (the upstream worker's name)."),
+    ] = None,
+    gpu_model: Annotated[str | None, Query(max_length=MAX_NAME_LENGTH)] = None,
+    gpu_archi: Annotated[str | None, Query(max_length=MAX_NAME_LENGTH)] = None,
     gpus: Annotated[
         int | None,
         Query(
             ge=0,
+            le=MAX_OFFER,
             description=(
                 "Extension: free GPUs offered (default: 1 when gpu_mem > 0, else 0). "
                 "Jobs that need a GPU only go to a pull offering enough of them."
             ),
         ),
     ] = None,
-    groups: Annotated[list[str] | None, Query()] = None,
+    groups: Annotated[list[str] | None, Query(max_length=MAX_GROUPS)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 1,
     older_than: Annotated[
-        float, Query(ge=0, description="Seconds (jobs for any environment).")
+        float,
+        Query(ge=0, le=MAX_AGE_SECONDS, description="Seconds (jobs for any environment)."),
     ] = 0,
     wait: Annotated[
-        float, Query(ge=0, description="Long-poll: seconds to wait for a job (capped).")
+        float,
+        Query(
+            ge=0,
+            le=MAX_AGE_SECONDS,
+            description="Long-poll: seconds to wait for a job (capped).",
+        ),
     ] = 0,
 ) -> dict[str, JobSpecs]:
     """Lease up to ``limit`` matching jobs to the calling worker: ``{queue id: spec}``,
@@ -79,18 +100,18 @@ async def pull_jobs(
 
 
 @router.get("/jobs/{queue_id}/status")
-def job_status(queue_id: int, _worker: CurrentWorker, queue: QueueServiceDep) -> JobStatus:
+def job_status(queue_id: IdPath, _worker: CurrentWorker, queue: QueueServiceDep) -> JobStatus:
     """The job's status, e.g. ``"running"``."""
     return queue.status_of(queue_id)
 
 
 @router.put("/jobs/{queue_id}/status", status_code=status.HTTP_204_NO_CONTENT)
 def report_status(
-    queue_id: int,
+    queue_id: IdPath,
     worker: CurrentWorker,
     queue: QueueServiceDep,
     status_: Annotated[JobStatus, Query(alias="status")],
-    runtime_details: str | None = None,
+    runtime_details: Annotated[str | None, Query(max_length=MAX_RUNTIME_DETAILS)] = None,
 ) -> Response:
     """Report the job's status; the same status again is the keep-alive. 404 means
     the worker no longer holds the job and must abandon it."""
@@ -122,7 +143,7 @@ def enqueue_batch(
 
 @internal_router.delete("/_jobs/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
 def cancel(
-    job_id: int,
+    job_id: IdPath,
     queue: QueueServiceDep,
     discard_outputs: Annotated[
         bool,
