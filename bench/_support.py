@@ -8,6 +8,7 @@ benchmark starts is stopped or dropped when it ends."""
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -22,10 +23,13 @@ if str(REPO_ROOT) not in sys.path:
 
 import docker  # noqa: E402
 
+from labcloud.contract import HardwareSpec  # noqa: E402
 from labcloud.images import DEMO_IMAGE, ensure_demo_image  # noqa: E402
 from tests.databases import temporary_postgres_database  # noqa: E402
 from tests.e2e.stack import Stack  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402
+from worker_runner.hardware import ResourcePool, detect_hardware  # noqa: E402
+from worker_runner.settings import WorkerSettings  # noqa: E402
 
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 CATALOG = REPO_ROOT / "tests" / "data" / "application_config.yaml"
@@ -46,6 +50,7 @@ __all__ = [
     "Stack",
     "database_urls",
     "ensure_image",
+    "job_container_run",
     "job_payload",
     "machine_speed",
     "percentile",
@@ -61,6 +66,47 @@ def ensure_image() -> str:
         return ensure_demo_image(engine)
     finally:
         engine.close()
+
+
+def job_container_run(image: str, command: str, folder: Path, *, slots: int = 1) -> list[str]:
+    """A ``docker run --rm`` command line that gives a container what a runner with
+    default settings and ``slots`` gives a job that names no hardware: ``init``,
+    no network, all capabilities dropped, ``no-new-privileges``, its share of the
+    host's memory (no swap) and cores, the PIDs limit, the job folder at ``/files``.
+
+    A baseline without these would flatter the platform: on the default bridge
+    network a container costs about 73 ms more to start here than with none."""
+    defaults = WorkerSettings.model_fields
+    reservation = ResourcePool(detect_hardware(), slots).reserve(HardwareSpec())
+    assert reservation is not None, "an idle pool always reserves"
+    memory = f"{reservation.memory}m"
+    cpus = min(reservation.cpus, float(os.cpu_count() or 1))
+    return [
+        "docker",
+        "run",
+        "--rm",
+        "--init",
+        "--network",
+        str(defaults["container_network"].default),
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--memory",
+        memory,
+        "--memory-swap",
+        memory,
+        "--cpus",
+        f"{cpus:g}",
+        "--pids-limit",
+        str(defaults["container_pids_limit"].default),
+        "--volume",
+        f"{folder}:/files:rw",
+        image,
+        "/bin/sh",
+        "-c",
+        command,
+    ]
 
 
 def machine_speed() -> float:

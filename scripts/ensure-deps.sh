@@ -22,13 +22,38 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
 }
 
-# Python dependencies.
+# Python dependencies. Poetry goes into a virtual environment of its own (Debian 12
+# refuses `pip install` into the system's Python), linked onto PATH.
 if ! command -v poetry >/dev/null 2>&1; then
   log "installing poetry"
-  python3 -m pip install --quiet poetry
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+    apt_install python3-venv
+  fi
+  as_root python3 -m venv /opt/poetry
+  as_root /opt/poetry/bin/pip install --quiet poetry
+  as_root ln -sf /opt/poetry/bin/poetry /usr/local/bin/poetry
 fi
 log "installing Python dependencies (poetry install)"
 poetry install --quiet
+
+# The `labcloud` command in every shell and folder, as the README writes it: a
+# launcher on PATH that runs this checkout's environment. (`poetry run labcloud`
+# works only inside the checkout; `labcloud runner` and `labcloud admin` are meant
+# to be run from anywhere.) A `labcloud` that is not our launcher is left alone.
+venv=$(poetry env info --path)
+launcher=/usr/local/bin/labcloud
+marker="# LabCloud launcher, written by scripts/ensure-deps.sh"
+if [ -e "$launcher" ] && ! grep -q "^$marker" "$launcher"; then
+  echo "warning: $launcher is not LabCloud's launcher; left alone (use: poetry run labcloud)" >&2
+else
+  printf '#!/bin/sh\n%s of %s\nexec "%s/bin/labcloud" "$@"\n' "$marker" "$PWD" "$venv" \
+    | as_root tee "$launcher.tmp" >/dev/null
+  as_root chmod 755 "$launcher.tmp"
+  as_root mv "$launcher.tmp" "$launcher"
+fi
+
+# curl: the README's example session talks to the API with it.
+command -v curl >/dev/null 2>&1 || apt_install curl
 
 # Docker engine: the runner starts real containers.
 if ! docker info >/dev/null 2>&1; then
@@ -52,6 +77,8 @@ if [ -z "$bb" ] || ldd "$bb" >/dev/null 2>&1; then  # ldd fails on static binari
 fi
 
 if [ "$want_postgres" -eq 1 ]; then
+  # The zip tests check archives with Info-ZIP, as desktop tools read them.
+  command -v unzip >/dev/null 2>&1 || apt_install unzip
   if ! pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1; then
     if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
       log "installing PostgreSQL"
