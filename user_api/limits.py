@@ -5,9 +5,9 @@ An account's own value (``User.max_active_jobs``, ``User.max_storage_bytes``) wi
 means unlimited. Zero is a real limit: nothing may be added. Requests over a limit
 are refused before anything is written, naming the limit and the current use.
 
-Bytes stored are summed from storage on every check rather than kept in a counter:
-jobs' outputs are written by workers straight to storage, so a counter in the
-database could not be kept correct.
+Bytes stored are summed from storage on every check rather than kept in a counter
+(``labcloud.storage.quota``): jobs' outputs are written by the worker API straight
+to storage, so a counter in this database could not be kept correct.
 """
 
 from __future__ import annotations
@@ -20,21 +20,31 @@ from typing import BinaryIO, Protocol
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from labcloud.errors import PayloadTooLarge, TooManyRequests
-from labcloud.storage.base import Entry, EntryType, Storage
-from labcloud.storage.paths import user_root_key
+from labcloud.errors import TooManyRequests
+from labcloud.storage.base import Entry, Storage
+from labcloud.storage.quota import StorageLimitReached, bytes_stored, write_files_within_limit
 from user_api.models import USERS, User
 from user_api.settings import UserApiSettings
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "ActiveJobLimitReached",
+    "OwnerState",
+    "StorageLimitReached",
+    "UsageLimits",
+    "bytes_stored",
+    "default_limits",
+    "limits_of",
+    "owner_state",
+    "reserve_active_job",
+    "storage_limit_lookup",
+    "write_within_storage_limit",
+]
+
 
 class ActiveJobLimitReached(TooManyRequests):
     """Your limit of active jobs is reached: wait for a job to end, or cancel one."""
-
-
-class StorageLimitReached(PayloadTooLarge):
-    """Your storage limit is reached: delete files you no longer need."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +97,30 @@ def storage_limit_of_subject(session: Session, subject: str, defaults: UsageLimi
     return limits_of(user, defaults).max_storage_bytes
 
 
+@dataclass(frozen=True, slots=True)
+class OwnerState:
+    """What the services that hold an account's files need to know of it: may its
+    files still be reached through signed URLs, and how many bytes may it store
+    (None: no limit)."""
+
+    active: bool
+    max_storage_bytes: int | None
+
+
+def owner_state(
+    session: Session, subject: str, defaults: UsageLimits, *, local_auth: bool
+) -> OwnerState:
+    """The state of the account whose files live under ``subject``. An unknown
+    account is inactive with local auth (it was deleted); with Cognito it is one
+    this API has not seen yet, and Cognito itself vouches for it."""
+    user = session.scalars(select(User).where(User.subject == subject)).first()
+    if user is None:
+        return OwnerState(active=not local_auth, max_storage_bytes=defaults.max_storage_bytes)
+    return OwnerState(
+        active=user.is_active, max_storage_bytes=limits_of(user, defaults).max_storage_bytes
+    )
+
+
 def storage_limit_lookup(session: Session, defaults: UsageLimits) -> Callable[[str], int | None]:
     """``storage_limit_of_subject`` bound to a session: for uploads that name their
     owner only by the storage key (signed URLs)."""
@@ -127,61 +161,10 @@ def reserve_active_job(session: Session, user_id: int, limit: int | None) -> Non
 # -- bytes stored ---------------------------------------------------------------------
 
 
-def bytes_stored(storage: Storage, subject: str) -> int:
-    """The total size of the user's files, jobs' results included."""
-    return sum(entry.size for entry in storage.iter_files(user_root_key(subject)))
-
-
-def _size(count: int) -> str:
-    return f"{count:,} bytes"
-
-
-def _stream_size(stream: BinaryIO) -> int | None:
-    """The bytes left in ``stream``, when it can tell without being read (an upload
-    spooled by the form parser can); None otherwise."""
-    try:
-        if not stream.seekable():
-            return None
-        start = stream.tell()
-        end = stream.seek(0, 2)
-        stream.seek(start)
-    except OSError:
-        return None
-    return end - start
-
-
 def write_within_storage_limit(
     storage: Storage, subject: str, key: str, stream: BinaryIO, limit: int | None
 ) -> Entry:
     """Write ``stream`` to ``key`` unless the user's files would then exceed
-    ``limit`` bytes (a file replaced at ``key`` no longer counts).
-
-    The size is checked before writing, and the total again after: two uploads
-    racing each other may both pass the first check, and the one that finds the
-    total over the limit afterwards removes its file, so nothing stays over it."""
-    if limit is None:
-        return storage.write(key, stream)
-    size = _stream_size(stream)
-    existing = storage.stat(key)
-    replaced = existing.size if existing is not None and existing.type is EntryType.FILE else 0
-    used = bytes_stored(storage, subject)
-    after = used - replaced + (size or 0)
-    if after > limit or (size is None and used >= limit):
-        raise StorageLimitReached(
-            f"storage limit reached: you store {_size(used)} of your limit of {_size(limit)}; "
-            + (f"this upload of {_size(size)} " if size is not None else "this upload ")
-            + "would exceed it. Delete files you no longer need."
-        )
-    entry = storage.write(key, stream)
-    total = bytes_stored(storage, subject)
-    if total > limit:
-        # Only in a race with another upload, or a stream of unknown size: the
-        # replaced file (if any) is gone either way, and the limit must hold.
-        storage.delete(key)
-        logger.info("upload to %s removed: %s over the limit of %s", key, total, limit)
-        raise StorageLimitReached(
-            f"storage limit reached: with this upload of {_size(entry.size)} your files "
-            f"would take {_size(total)}, over your limit of {_size(limit)}; "
-            "the upload was not kept"
-        )
-    return entry
+    ``limit`` bytes (see ``labcloud.storage.quota``, which the worker API uses for
+    jobs' results too)."""
+    return write_files_within_limit(storage, subject, [(key, stream)], limit)[0]

@@ -17,16 +17,27 @@ from labcloud.storage.paths import (
     user_relative_path,
     user_root_key,
 )
-from labcloud.storage.signing import SignedTransfer, SignedUrlInvalid, TransferPurpose, UrlSigner
+from labcloud.storage.signing import (
+    Audience,
+    SignedTransfer,
+    SignedUrlInvalid,
+    SignedUrlOwnerInactive,
+    SignedUrlUsed,
+    TransferPurpose,
+    UrlSigner,
+)
 from labcloud.storage.zipstream import zip_stream
 
 __all__ = [
     "CHUNK_SIZE",
+    "Audience",
     "Entry",
     "EntryType",
     "LocalStorage",
     "SignedTransfer",
     "SignedUrlInvalid",
+    "SignedUrlOwnerInactive",
+    "SignedUrlUsed",
     "Storage",
     "TransferPurpose",
     "UnknownArea",

@@ -5,8 +5,14 @@ On local storage the APIs serve ``GET /_signed/{token}`` (download) and
 S3 presigned URL: clients such as the upstream worker follow the URL blindly and
 work against both. A token is::
 
-    base64url(JSON {"k": storage key, "p": purpose, "e": expiry, unix seconds})
+    base64url(JSON {"k": storage key, "p": purpose, "e": expiry, unix seconds,
+                    "a": audience, "n": nonce (uploads only)})
     + "." + base64url(HMAC-SHA256 of the encoded payload)
+
+Both APIs sign with the same key, so each token names the API that issued it (its
+*audience*) and only that API redeems it: an upload URL is good for one upload,
+and the API that hands it out is the one that remembers it was used (by its nonce,
+``UsedUploadTokens`` in each API).
 
 Both parts use the URL-safe alphabet without padding, so a token needs no escaping
 in a path. The signature is checked (in constant time) before anything in the
@@ -20,6 +26,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import secrets
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -48,8 +55,23 @@ class TransferPurpose(StrEnum):
         return "GET" if self is TransferPurpose.DOWNLOAD else "POST"
 
 
+class Audience(StrEnum):
+    """The API that issued a token and alone redeems it."""
+
+    USER_API = "user"
+    WORKER_API = "worker"
+
+
 class SignedUrlInvalid(Forbidden):
     """The signed URL is not valid."""
+
+
+class SignedUrlUsed(Forbidden):
+    """This upload URL has already been used: ask for a new one."""
+
+
+class SignedUrlOwnerInactive(Forbidden):
+    """The account this signed URL belongs to is disabled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +81,13 @@ class SignedTransfer:
     key: str
     purpose: TransferPurpose
     expires_at: int
+    # Unique per upload token: what "used once" is recorded by. None for downloads.
+    nonce: str | None = None
+
+    @property
+    def owner(self) -> str:
+        """The subject whose files the key lies in (its first segment)."""
+        return self.key.split("/", 1)[0]
 
 
 def _encode(data: bytes) -> str:
@@ -83,11 +112,21 @@ class UrlSigner:
     def _signature(self, payload: str) -> bytes:
         return hmac.new(self._key, payload.encode("ascii"), hashlib.sha256).digest()
 
-    def token(self, *, key: str, purpose: TransferPurpose, expires_in: int) -> str:
-        """A token allowing ``purpose`` on ``key`` for ``expires_in`` seconds."""
+    def token(
+        self, *, key: str, purpose: TransferPurpose, expires_in: int, audience: Audience
+    ) -> str:
+        """A token allowing ``purpose`` on ``key`` for ``expires_in`` seconds, to be
+        redeemed at ``audience``."""
         if expires_in <= 0:
             raise ValueError("expires_in must be a positive number of seconds")
-        body = {"k": check_key(key), "p": purpose.value, "e": int(self._clock()) + expires_in}
+        body: dict[str, str | int] = {
+            "k": check_key(key),
+            "p": purpose.value,
+            "e": int(self._clock()) + expires_in,
+            "a": audience.value,
+        }
+        if purpose is not TransferPurpose.DOWNLOAD:
+            body["n"] = secrets.token_urlsafe(12)
         payload = _encode(json.dumps(body, separators=(",", ":")).encode())
         return f"{payload}.{_encode(self._signature(payload))}"
 
@@ -98,6 +137,7 @@ class UrlSigner:
         purpose: TransferPurpose,
         base_url: str,
         expires_in: int,
+        audience: Audience,
         method: str | None = None,
     ) -> SignedRequest:
         """The request that performs ``purpose`` on ``key`` without a bearer token:
@@ -105,7 +145,7 @@ class UrlSigner:
         for an upload. ``method``, when given, must be the purpose's method."""
         if method is not None and method.upper() != purpose.method:
             raise ValueError(f"a {purpose.value} URL is a {purpose.method} request, not {method}")
-        token = self.token(key=key, purpose=purpose, expires_in=expires_in)
+        token = self.token(key=key, purpose=purpose, expires_in=expires_in, audience=audience)
         return SignedRequest(
             method=purpose.method,
             url=f"{base_url.rstrip('/')}{SIGNED_PATH}/{token}",
@@ -113,8 +153,11 @@ class UrlSigner:
             data={},
         )
 
-    def verify_transfer(self, token: str, purposes: Collection[TransferPurpose]) -> SignedTransfer:
-        """Check the token's signature, expiry and purpose (one of ``purposes``)."""
+    def verify_transfer(
+        self, token: str, purposes: Collection[TransferPurpose], *, audience: Audience
+    ) -> SignedTransfer:
+        """Check the token's signature, expiry, audience and purpose (one of
+        ``purposes``)."""
         payload, _, signature = token.partition(".")
         try:
             authentic = bool(payload) and hmac.compare_digest(
@@ -130,19 +173,25 @@ class UrlSigner:
                 key=check_key(str(body["k"])),
                 purpose=TransferPurpose(body["p"]),
                 expires_at=int(body["e"]),
+                nonce=str(body["n"]) if "n" in body else None,
             )
+            issued_for = Audience(body["a"])
+            if transfer.purpose is not TransferPurpose.DOWNLOAD and not transfer.nonce:
+                raise ValueError("an upload token without a nonce")
         except (KeyError, TypeError, ValueError, binascii.Error, UnsafePath):
             # Only a holder of the key can produce a valid signature, so this means
             # a token from an incompatible version rather than an attack.
             raise SignedUrlInvalid("signed URL signature invalid") from None
         if self._clock() >= transfer.expires_at:
             raise SignedUrlInvalid("signed URL expired")
+        if issued_for is not audience:
+            raise SignedUrlInvalid("signed URL was issued by another service")
         if transfer.purpose not in purposes:
             raise SignedUrlInvalid("signed URL is not for this operation")
         return transfer
 
-    def verify(self, token: str, purpose: TransferPurpose) -> str:
+    def verify(self, token: str, purpose: TransferPurpose, *, audience: Audience) -> str:
         """The storage key a valid token for ``purpose`` names; raises
-        ``SignedUrlInvalid`` saying whether it expired, was tampered with or is for
-        another operation."""
-        return self.verify_transfer(token, (purpose,)).key
+        ``SignedUrlInvalid`` saying whether it expired, was tampered with, is for
+        another operation or another service."""
+        return self.verify_transfer(token, (purpose,), audience=audience).key

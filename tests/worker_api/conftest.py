@@ -130,6 +130,8 @@ class FakeUserApi:
     answers: list[int] = field(default_factory=list)
     received: list[tuple[int, dict[str, Any], str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # What GET /_accounts/{subject} answers, by subject ({"active": true} otherwise).
+    accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def acknowledged(self) -> list[tuple[int, str]]:
         """(job_id, status) of the updates answered with success, in order."""
@@ -165,7 +167,9 @@ def _handler(api: FakeUserApi) -> type[BaseHTTPRequestHandler]:
             if self.path == "/.well-known/jwks.json":
                 self._reply(200, json.dumps(api.issuer.jwks()).encode())
             elif self.path.startswith("/_accounts/"):
-                self._reply(200, b'{"active": true}')
+                with api.lock:
+                    answer = api.accounts.get(self.path.removeprefix("/_accounts/"))
+                self._reply(200, json.dumps(answer or {"active": True}).encode())
             else:
                 self._reply(404, b"{}")
 

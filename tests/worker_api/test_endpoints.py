@@ -301,9 +301,7 @@ def test_cancel(client: TestClient, fake_user_api: FakeUserApi) -> None:
 
 def _log_upload(client: TestClient, queue_id: str, headers: dict[str, str]) -> Any:
     return client.post(
-        f"/jobs/{queue_id}/files/url",
-        params={"type": "log", "base_path": "log.txt"},
-        headers=headers,
+        f"/jobs/{queue_id}/files/url", params={"type": "log", "base_path": ""}, headers=headers
     )
 
 
@@ -327,11 +325,12 @@ def test_cancel_keeps_the_partial_log_for_a_grace(
     assert (tmp_path / "data/u1/log/job1/log.txt").read_bytes() == b"partial\n"
     direct = client.post(
         f"/jobs/{queue_id}/files/upload",
-        params={"type": "log", "base_path": "tool.log"},
+        params={"type": "log"},
         files={"file": ("tool.log", b"more\n")},
         headers=worker,
     )
     assert direct.status_code == 201, direct.text
+    assert (tmp_path / "data/u1/log/job1/tool.log").read_bytes() == b"more\n"
     output = client.post(
         f"/jobs/{queue_id}/files/url",
         params={"type": "output", "base_path": "x"},
@@ -506,7 +505,7 @@ def test_upload_results_of_held_jobs_only(
     worker = fake_user_api.headers()
     signed = client.post(
         f"/jobs/{held_job}/files/url",
-        params={"type": "output", "base_path": "sub/result.txt"},
+        params={"type": "output", "base_path": "sub"},
         headers=worker,
     )
     assert signed.status_code == 201, signed.text
@@ -519,12 +518,16 @@ def test_upload_results_of_held_jobs_only(
 
     direct = client.post(
         f"/jobs/{held_job}/files/upload",
-        params={"type": "log", "base_path": "run.log"},
+        params={"type": "log"},
         files={"file": ("run.log", b"log line\n")},
         headers=worker,
     )
     assert direct.status_code == 201, direct.text
-    assert direct.json() == {"path": "run.log", "size": 9}
+    assert direct.json() == {
+        "path": "run.log",
+        "size": 9,
+        "files": [{"path": "run.log", "size": 9}],
+    }
     assert (tmp_path / "data/u1/log/job1/run.log").read_bytes() == b"log line\n"
 
     escape = client.post(
@@ -559,3 +562,194 @@ def test_upload_results_of_held_jobs_only(
         )
         assert response.status_code == 404, route
     assert not (tmp_path / "data/u1/output/job1/x").exists()
+
+
+def _decode_worker_put_file(
+    client: TestClient,
+    queue_id: str,
+    headers: dict[str, str],
+    kind: str,
+    path_api: str,
+    body: bytes,
+) -> Any:
+    """Upload one result as DECODE's worker (v0.3.0, ``JobAPI.put_file``) does: one
+    URL per file with ``base_path`` = the file's folder relative to the ``files_up``
+    root, then the request it got, as keyword arguments, with the part named after
+    the file."""
+    folder, _, name = path_api.rpartition("/")
+    response = client.post(
+        f"/jobs/{queue_id}/files/url", params={"base_path": folder, "type": kind}, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    return client.request(**response.json(), files={"file": (name, body)})
+
+
+def test_base_path_is_a_folder_as_decode_workers_upload(
+    client: TestClient, fake_user_api: FakeUserApi, held_job: str, tmp_path: Path
+) -> None:
+    worker = fake_user_api.headers()
+    results = {
+        "emitter.h5": b"emitters",
+        "model.pt": b"weights",
+        "plots/loss.png": b"png",
+        "plots/deep/er/trace.csv": b"1,2",
+    }
+    for path_api, body in results.items():
+        answer = _decode_worker_put_file(client, held_job, worker, "output", path_api, body)
+        assert answer.status_code == 201, answer.text
+    stored = tmp_path / "data/u1/output/job1"
+    assert {
+        p.relative_to(stored).as_posix(): p.read_bytes() for p in stored.rglob("*") if p.is_file()
+    } == results
+    # The default base_path is the location itself; the direct route means the same.
+    default = client.post(f"/jobs/{held_job}/files/url", params={"type": "log"}, headers=worker)
+    assert default.status_code == 201, default.text
+    assert client.request(**default.json(), files={"file": ("log.txt", b"l")}).status_code == 201
+    direct = client.post(
+        f"/jobs/{held_job}/files/upload",
+        params={"type": "artifact", "base_path": "a/b"},
+        files={"file": ("c.bin", b"c")},
+        headers=worker,
+    )
+    assert direct.status_code == 201, direct.text
+    assert direct.json()["path"] == "a/b/c.bin"
+    assert (tmp_path / "data/u1/log/job1/log.txt").read_bytes() == b"l"
+    assert (tmp_path / "data/u1/artifact/job1/a/b/c.bin").read_bytes() == b"c"
+
+
+@pytest.mark.parametrize(
+    "name", ["", "../escape.txt", "a\\b.txt", "bad\nname", ".labcloud-partial-x", "n" * 256]
+)
+def test_a_missing_or_unsafe_part_name_is_refused(
+    client: TestClient, fake_user_api: FakeUserApi, held_job: str, tmp_path: Path, name: str
+) -> None:
+    worker = fake_user_api.headers()
+    signed = client.post(f"/jobs/{held_job}/files/url", params={"type": "output"}, headers=worker)
+    refused = client.request(**signed.json(), files={"file": (name, b"x")})
+    assert refused.status_code in (400, 422), refused.text
+    direct = client.post(
+        f"/jobs/{held_job}/files/upload",
+        params={"type": "output"},
+        files={"file": (name, b"x")},
+        headers=worker,
+    )
+    assert direct.status_code in (400, 422), direct.text
+    assert not (tmp_path / "data/u1/output").exists()
+    # A refused upload does not use the URL up.
+    assert client.request(**signed.json(), files={"file": ("ok.txt", b"x")}).status_code == 201
+
+
+def test_several_parts_in_one_upload_are_all_stored_or_all_refused(
+    client: TestClient, fake_user_api: FakeUserApi, held_job: str, tmp_path: Path
+) -> None:
+    worker = fake_user_api.headers()
+    parts = [("file", ("a.txt", b"A")), ("file", ("sub/b.txt", b"BB"))]
+    direct = client.post(
+        f"/jobs/{held_job}/files/upload",
+        params={"type": "output", "base_path": "run"},
+        files=parts,
+        headers=worker,
+    )
+    assert direct.status_code == 201, direct.text
+    assert direct.json() == {
+        "path": "run",
+        "size": 3,
+        "files": [{"path": "run/a.txt", "size": 1}, {"path": "run/sub/b.txt", "size": 2}],
+    }
+    signed = client.post(f"/jobs/{held_job}/files/url", params={"type": "log"}, headers=worker)
+    stored = client.request(**signed.json(), files=parts)
+    assert stored.status_code == 201, stored.text
+    assert (tmp_path / "data/u1/output/job1/run/sub/b.txt").read_bytes() == b"BB"
+    assert (tmp_path / "data/u1/log/job1/a.txt").read_bytes() == b"A"
+    assert (tmp_path / "data/u1/log/job1/sub/b.txt").read_bytes() == b"BB"
+
+    for refused_parts in (
+        [("file", ("c.txt", b"1")), ("file", ("c.txt", b"2"))],  # the same name twice
+        [("file", ("d", b"1")), ("file", ("d/e.txt", b"2"))],  # a file and its folder
+        [("file", ("f.txt", b"1")), ("file", ("", b"2"))],  # a part without a name
+        [("file", (f"g{i}.txt", b"x")) for i in range(101)],  # over the bound
+    ):
+        refused = client.post(
+            f"/jobs/{held_job}/files/upload",
+            params={"type": "artifact"},
+            files=refused_parts,
+            headers=worker,
+        )
+        assert refused.status_code in (400, 422), refused.text
+    assert not (tmp_path / "data/u1/artifact").exists()
+
+
+def test_an_upload_url_is_good_for_one_upload(
+    client: TestClient, fake_user_api: FakeUserApi, held_job: str, tmp_path: Path
+) -> None:
+    worker = fake_user_api.headers()
+    signed = client.post(
+        f"/jobs/{held_job}/files/url", params={"type": "output"}, headers=worker
+    ).json()
+    assert client.request(**signed, files={"file": ("r.txt", b"first")}).status_code == 201
+    again = client.request(**signed, files={"file": ("r.txt", b"second")})
+    assert again.status_code == 403
+    assert "already been used" in again.json()["detail"]
+    assert (tmp_path / "data/u1/output/job1/r.txt").read_bytes() == b"first"
+    # Each URL asked for is a new one.
+    fresh = client.post(f"/jobs/{held_job}/files/url", params={"type": "output"}, headers=worker)
+    assert client.request(**fresh.json(), files={"file": ("r.txt", b"2nd")}).status_code == 201
+
+
+def test_signed_urls_stop_working_when_their_owner_is_disabled(
+    make_client: ClientFactory, fake_user_api: FakeUserApi, tmp_path: Path
+) -> None:
+    client = make_client(account_check_ttl_seconds=0)
+    source = tmp_path / "data/u1/data/a.txt"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"input")
+    worker = fake_user_api.headers()
+    queue_id = str(enqueue(client, 1, files_down={"data/a.txt": "u1/data/a.txt"})["id"])
+    pull(client, worker)
+    download = client.get("/files/u1/data/a.txt/url", headers=worker).json()
+    upload = client.post(
+        f"/jobs/{queue_id}/files/url", params={"type": "output"}, headers=worker
+    ).json()
+    assert client.request(**download).content == b"input"
+
+    fake_user_api.accounts["u1"] = {"active": False, "max_storage_bytes": None}
+    refused_download = client.request(**download)
+    assert refused_download.status_code == 403
+    assert "disabled" in refused_download.json()["detail"]
+    refused_upload = client.request(**upload, files={"file": ("r.txt", b"x")})
+    assert refused_upload.status_code == 403
+    assert not (tmp_path / "data/u1/output").exists()
+
+
+def test_results_count_against_the_owners_storage_limit(
+    make_client: ClientFactory, fake_user_api: FakeUserApi, tmp_path: Path
+) -> None:
+    client = make_client(account_check_ttl_seconds=0)
+    own = tmp_path / "data/u1/data/mine.bin"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"m" * 600)
+    fake_user_api.accounts["u1"] = {"active": True, "max_storage_bytes": 1000}
+    worker = fake_user_api.headers()
+    queue_id = str(enqueue(client, 1)["id"])
+    pull(client, worker)
+    fits = client.post(f"/jobs/{queue_id}/files/url", params={"type": "output"}, headers=worker)
+    assert client.request(**fits.json(), files={"file": ("a.bin", b"a" * 300)}).status_code == 201
+    over = client.post(f"/jobs/{queue_id}/files/url", params={"type": "output"}, headers=worker)
+    refused = client.request(**over.json(), files={"file": ("b.bin", b"b" * 300)})
+    assert refused.status_code == 413
+    assert "storage limit reached" in refused.json()["detail"]
+    direct = client.post(
+        f"/jobs/{queue_id}/files/upload",
+        params={"type": "output"},
+        files={"file": ("b.bin", b"b" * 300)},
+        headers=worker,
+    )
+    assert direct.status_code == 413
+    assert not (tmp_path / "data/u1/output/job1/b.bin").exists()
+    # The log still fits (a small allowance beyond the limit), so the job can say why.
+    log = client.post(f"/jobs/{queue_id}/files/url", params={"type": "log"}, headers=worker)
+    assert client.request(**log.json(), files={"file": ("log.txt", b"l" * 500)}).status_code == 201
+    # Once space is freed, the refused URL works: a refusal does not use it up.
+    own.unlink()
+    (tmp_path / "data/u1/log/job1/log.txt").unlink()
+    assert client.request(**over.json(), files={"file": ("b.bin", b"b" * 300)}).status_code == 201

@@ -133,6 +133,8 @@ class AuditEntryRead(BaseModel):
 
 
 class AccountState(BaseModel):
-    """For the worker API: may this account's tokens still be used?"""
+    """For the worker API: may this account's tokens still be used, and how many
+    bytes may its files take (null: no limit)?"""
 
     active: bool
+    max_storage_bytes: int | None = None

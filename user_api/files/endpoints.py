@@ -9,16 +9,50 @@ credential. All routes are sync: storage calls block.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, UploadFile, status
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import APIRouter, File, Request, Response, UploadFile, status
 
 from labcloud.contract import SignedRequest
+from labcloud.db import unit_of_work
+from labcloud.settings import AuthMode
 from labcloud.storage.http import download_response
-from user_api.dependencies import CurrentUser, SessionDep, SettingsDep, SignerDep, StorageDep
+from labcloud.storage.uploads import MAX_UPLOAD_PARTS, check_part_count
+from user_api.dependencies import CurrentUser, SettingsDep, SignerDep, StorageDep
 from user_api.files import service
-from user_api.files.schemas import FileInfo, RenamePayload
-from user_api.limits import default_limits, storage_limit_lookup
+from user_api.files.schemas import FileInfo, RenamePayload, UploadedFiles
+from user_api.limits import OwnerState, default_limits, owner_state
+from user_api.settings import UserApiSettings
 
 router = APIRouter(tags=["files"])
+
+FilesField = Annotated[
+    list[UploadFile],
+    File(
+        description=f"One or more files (at most {MAX_UPLOAD_PARTS}); each part's file "
+        "name, which may be a relative path, names the stored file."
+    ),
+]
+
+
+def _parts(files: list[UploadFile]) -> list[service.IncomingFile]:
+    check_part_count(len(files))
+    return [service.IncomingFile(part.filename, part.file) for part in files]
+
+
+def _owner_lookup(request: Request, settings: UserApiSettings) -> Callable[[str], OwnerState]:
+    """The state of a signed URL's owner, read in a short transaction of its own
+    (the signed routes keep none open while files move)."""
+    defaults = default_limits(settings)
+    local_auth = settings.auth is AuthMode.LOCAL
+
+    def lookup(subject: str) -> OwnerState:
+        with unit_of_work(request.app.state.session_factory) as session:
+            return owner_state(session, subject, defaults, local_auth=local_auth)
+
+    return lookup
+
 
 _DOWNLOAD_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
@@ -66,18 +100,13 @@ def list_files(
 @router.post("/files/{type}/{path:path}/upload", status_code=status.HTTP_201_CREATED)
 @router.post("/files/{type}/upload", status_code=status.HTTP_201_CREATED, include_in_schema=False)
 def upload_file(
-    type: str, file: UploadFile, user: CurrentUser, storage: StorageDep, path: str = ""
-) -> FileInfo:
-    """Upload a file into the folder ``<type>/<path>/`` under its own name;
-    ``type`` is config, data or artifact."""
-    return service.upload_file(
-        storage,
-        user.subject,
-        type,
-        path,
-        filename=file.filename,
-        stream=file.file,
-        max_bytes=user.limits.max_storage_bytes,
+    type: str, file: FilesField, user: CurrentUser, storage: StorageDep, path: str = ""
+) -> UploadedFiles:
+    """Upload files into the folder ``<type>/<path>/``, each under its own name;
+    ``type`` is config, data or artifact. Several parts in the field ``file`` are
+    all stored (a folder upload) or, if one is refused, none."""
+    return service.upload_files(
+        storage, user.subject, type, path, _parts(file), max_bytes=user.limits.max_storage_bytes
     )
 
 
@@ -91,8 +120,8 @@ def get_upload_url(
     settings: SettingsDep,
     path: str = "",
 ) -> SignedRequest:
-    """A short-lived POST that uploads one file (multipart field ``file``) into
-    ``<type>/<path>/`` without the bearer token."""
+    """A short-lived POST, good for one upload, that stores files (multipart field
+    ``file``) in ``<type>/<path>/`` without the bearer token."""
     return service.upload_url(
         storage,
         signer,
@@ -120,32 +149,37 @@ def rename_file(
 
 @router.delete("/files/{path:path}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_file(path: str, user: CurrentUser, storage: StorageDep) -> None:
-    """Delete a file or a folder with everything in it; idempotent."""
+    """Delete a file or a folder with everything in it; 404 when nothing is there."""
     service.delete(storage, user.subject, path)
 
 
 @router.get("/_signed/{token}", response_class=Response, responses=_DOWNLOAD_RESPONSES)
-def signed_download(token: str, storage: StorageDep, signer: SignerDep) -> Response:
-    """Download through a signed URL."""
-    target = service.signed_download_target(storage, signer, token)
+def signed_download(
+    request: Request, token: str, storage: StorageDep, signer: SignerDep, settings: SettingsDep
+) -> Response:
+    """Download through a signed URL, while its owner's account is active."""
+    target = service.signed_download_target(
+        storage, signer, token, owner_of=_owner_lookup(request, settings)
+    )
     return download_response(storage, target.key, filename=target.filename)
 
 
 @router.post("/_signed/{token}", status_code=status.HTTP_201_CREATED)
 def signed_upload(
+    request: Request,
     token: str,
-    file: UploadFile,
+    file: FilesField,
     storage: StorageDep,
     signer: SignerDep,
-    session: SessionDep,
     settings: SettingsDep,
-) -> FileInfo:
-    """Upload through a signed URL (multipart field ``file``)."""
+) -> UploadedFiles:
+    """Upload through a signed URL, once (multipart field ``file``, each part's file
+    name names its file), while its owner's account is active."""
     return service.signed_upload(
         storage,
         signer,
         token,
-        filename=file.filename,
-        stream=file.file,
-        storage_limit_of=storage_limit_lookup(session, default_limits(settings)),
+        _parts(file),
+        owner_of=_owner_lookup(request, settings),
+        session_factory=request.app.state.session_factory,
     )

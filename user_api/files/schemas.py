@@ -24,3 +24,10 @@ class RenamePayload(BaseModel):
     """The new path of a file or empty folder, relative to the user's root."""
 
     path: str = Field(examples=["data/run2/a.tif"])
+
+
+class UploadedFiles(FileInfo):
+    """What an upload stored: the file's info when one was sent (the folder's, with
+    the bytes in all, for several), and ``files``, the info of each."""
+
+    files: list[FileInfo]

@@ -11,29 +11,48 @@ renamed or deleted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from labcloud.contract import UPLOAD_AREAS, FileArea, SignedRequest
-from labcloud.errors import BadRequest, Conflict, MethodNotAllowed, NotFound
+from labcloud.db import unit_of_work, utcnow
+from labcloud.errors import BadRequest, Conflict, LabCloudError, MethodNotAllowed, NotFound
 from labcloud.storage.base import Entry, EntryType, Storage
 from labcloud.storage.paths import (
     area_key,
-    child_key,
     split_user_key,
     user_key,
     user_relative_path,
     user_root_key,
 )
-from labcloud.storage.signing import TransferPurpose, UrlSigner
-from user_api.files.schemas import FileInfo
-from user_api.limits import write_within_storage_limit
+from labcloud.storage.quota import write_files_within_limit
+from labcloud.storage.redeem import claim_upload, release_upload
+from labcloud.storage.signing import (
+    Audience,
+    SignedUrlOwnerInactive,
+    TransferPurpose,
+    UrlSigner,
+)
+from labcloud.storage.uploads import folder_upload_keys
+from user_api.files.schemas import FileInfo, UploadedFiles
+from user_api.limits import OwnerState
+from user_api.models import USED_UPLOAD_TOKENS
 
 _SIZE_SUFFIXES = ("kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB", "RB", "QB")
 # The name offered for a zip of the user's whole root.
 _ROOT_ARCHIVE_NAME = "files"
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingFile:
+    """One multipart part of an upload: its file name and its (spooled) body."""
+
+    filename: str | None
+    stream: BinaryIO
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +143,31 @@ def _file_target(storage: Storage, key: str) -> str:
     return key
 
 
-def _named_target(storage: Storage, folder_key: str, filename: str | None) -> str:
-    """The key of an uploaded file named ``filename`` inside ``folder_key``."""
-    if not filename:
-        raise BadRequest(
-            "the upload has no file name: send the file as multipart field 'file' with a name"
-        )
-    return _file_target(storage, child_key(folder_key, filename))
+def _folder_targets(
+    storage: Storage, folder_key: str, parts: Sequence[IncomingFile]
+) -> list[tuple[str, BinaryIO]]:
+    """Where each uploaded part goes inside ``folder_key`` (under its file name,
+    which may be a relative path), every one checked before anything is written."""
+    keys = folder_upload_keys(folder_key, [part.filename for part in parts])
+    return [
+        (_file_target(storage, key), part.stream) for key, part in zip(keys, parts, strict=True)
+    ]
+
+
+def _uploaded(folder_key: str, entries: list[Entry]) -> UploadedFiles:
+    """The response of an upload: the file when one was sent, the folder (and the
+    bytes in all) for several; ``files`` lists each."""
+    files = [file_info(entry) for entry in entries]
+    if len(files) == 1:
+        return UploadedFiles(**files[0].model_dump(), files=files)
+    total = sum(entry.size for entry in entries)
+    return UploadedFiles(
+        path=_display(folder_key, EntryType.DIRECTORY),
+        type=EntryType.DIRECTORY,
+        size=natural_size(total),
+        size_bytes=total,
+        files=files,
+    )
 
 
 def list_files(
@@ -190,8 +227,31 @@ def download_url(
     """A short-lived GET that downloads ``path`` without the bearer token."""
     target = _existing(storage, subject, path)
     return signer.sign(
-        key=target.key, purpose=TransferPurpose.DOWNLOAD, base_url=base_url, expires_in=expires_in
+        key=target.key,
+        purpose=TransferPurpose.DOWNLOAD,
+        base_url=base_url,
+        expires_in=expires_in,
+        audience=Audience.USER_API,
     )
+
+
+def upload_files(
+    storage: Storage,
+    subject: str,
+    area: str,
+    folder: str,
+    parts: Sequence[IncomingFile],
+    *,
+    max_bytes: int | None = None,
+) -> UploadedFiles:
+    """Store each part as ``<area>/<folder>/<its file name>``, replacing files of
+    those names. ``area`` must be one that takes uploads (config, data, artifact).
+    All parts are stored or none (``labcloud.storage.uploads``); refused with
+    ``StorageLimitReached`` when the user's files would exceed ``max_bytes`` (None:
+    no limit)."""
+    folder_key = _upload_key(subject, area, folder)
+    targets = _folder_targets(storage, folder_key, parts)
+    return _uploaded(folder_key, write_files_within_limit(storage, subject, targets, max_bytes))
 
 
 def upload_file(
@@ -204,12 +264,11 @@ def upload_file(
     stream: BinaryIO,
     max_bytes: int | None = None,
 ) -> FileInfo:
-    """Store ``stream`` as ``<area>/<folder>/<filename>``, replacing a file of that
-    name. ``area`` must be one that takes uploads (config, data, artifact). Refused
-    with ``StorageLimitReached`` when the user's files would exceed ``max_bytes``
-    (None: no limit)."""
-    key = _named_target(storage, _upload_key(subject, area, folder), filename)
-    return file_info(write_within_storage_limit(storage, subject, key, stream, max_bytes))
+    """Store one file as ``<area>/<folder>/<filename>`` (see ``upload_files``)."""
+    uploaded = upload_files(
+        storage, subject, area, folder, [IncomingFile(filename, stream)], max_bytes=max_bytes
+    )
+    return uploaded.files[0]
 
 
 def upload_url(
@@ -222,8 +281,9 @@ def upload_url(
     base_url: str,
     expires_in: int,
 ) -> SignedRequest:
-    """A short-lived POST that stores one file (multipart field ``file``) in
-    ``<area>/<folder>/`` under its own name, without the bearer token."""
+    """A short-lived POST, good for one upload, that stores files (multipart field
+    ``file``) in ``<area>/<folder>/`` under their own names, without the bearer
+    token."""
     folder_key = _upload_key(subject, area, folder)
     existing = storage.stat(folder_key)
     if existing is not None and existing.type is EntryType.FILE:
@@ -234,6 +294,7 @@ def upload_url(
         purpose=TransferPurpose.UPLOAD_INTO,
         base_url=base_url,
         expires_in=expires_in,
+        audience=Audience.USER_API,
     )
 
 
@@ -279,8 +340,9 @@ def rename(storage: Storage, subject: str, path: str, new_path: str) -> FileInfo
 
 
 def delete(storage: Storage, subject: str, path: str) -> None:
-    """Delete a file or a folder with everything in it; nothing there is fine.
-    Area folders and the root cannot be deleted (``MethodNotAllowed``)."""
+    """Delete a file or a folder with everything in it. Raises ``NotFound`` when
+    nothing is there (so a typo is not mistaken for a deletion); area folders and
+    the root cannot be deleted (``MethodNotAllowed``)."""
     if _is_root(path):
         raise MethodNotAllowed("your root folder cannot be deleted")
     key = user_key(subject, path)
@@ -289,13 +351,28 @@ def delete(storage: Storage, subject: str, path: str) -> None:
             f"the area folder {_display(key, EntryType.DIRECTORY)!r} cannot be deleted; "
             "delete what is inside it instead"
         )
+    if storage.stat(key) is None:
+        raise NotFound(f"no file or folder at {_display(key)!r}")
     storage.delete(key)
 
 
-def signed_download_target(storage: Storage, signer: UrlSigner, token: str) -> DownloadTarget:
-    """What a signed download URL names, if it is valid and the thing still exists.
-    Raises ``SignedUrlInvalid`` or ``NotFound``."""
-    key = signer.verify(token, TransferPurpose.DOWNLOAD)
+def _check_owner(owner_of: Callable[[str], OwnerState], key: str) -> OwnerState:
+    state = owner_of(key.split("/", 1)[0])
+    if not state.active:
+        raise SignedUrlOwnerInactive(
+            "the account this link belongs to is disabled: the link no longer works"
+        )
+    return state
+
+
+def signed_download_target(
+    storage: Storage, signer: UrlSigner, token: str, *, owner_of: Callable[[str], OwnerState]
+) -> DownloadTarget:
+    """What a signed download URL names, if it is valid, its owner (``owner_of``
+    the key's subject) still active and the thing still there. Raises
+    ``SignedUrlInvalid``, ``SignedUrlOwnerInactive`` or ``NotFound``."""
+    key = signer.verify(token, TransferPurpose.DOWNLOAD, audience=Audience.USER_API)
+    _check_owner(owner_of, key)
     if storage.stat(key) is None:
         raise NotFound("the file or folder of this link no longer exists")
     name = PurePosixPath(key).name if "/" in key else _ROOT_ARCHIVE_NAME
@@ -306,21 +383,30 @@ def signed_upload(
     storage: Storage,
     signer: UrlSigner,
     token: str,
+    parts: Sequence[IncomingFile],
     *,
-    filename: str | None,
-    stream: BinaryIO,
-    storage_limit_of: Callable[[str], int | None] | None = None,
-) -> FileInfo:
-    """Store an upload sent to a signed URL: at the signed key, or inside the
-    signed folder under the upload's name. Raises ``SignedUrlInvalid``, or
-    ``StorageLimitReached`` when the owner's files would exceed the limit that
-    ``storage_limit_of(subject)`` gives (no limit without it)."""
-    transfer = signer.verify_transfer(token, (TransferPurpose.UPLOAD, TransferPurpose.UPLOAD_INTO))
+    owner_of: Callable[[str], OwnerState],
+    session_factory: sessionmaker[Session],
+) -> UploadedFiles:
+    """Store an upload sent to a signed URL inside the signed folder, each part
+    under its file name, within the owner's storage limit; the URL is then used up
+    (``labcloud.storage.redeem``: recorded in short transactions of their own, so
+    no transaction stays open while files are written). A refused upload (a bad
+    name, over the limit) leaves the URL usable. Raises ``SignedUrlInvalid``,
+    ``SignedUrlUsed``, ``SignedUrlOwnerInactive`` or ``StorageLimitReached``."""
+    transfer = signer.verify_transfer(
+        token, (TransferPurpose.UPLOAD_INTO,), audience=Audience.USER_API
+    )
     # Only keys in a user's areas can be reported back as file info.
     subject = split_user_key(transfer.key).subject
-    if transfer.purpose is TransferPurpose.UPLOAD_INTO:
-        key = _named_target(storage, transfer.key, filename)
-    else:
-        key = _file_target(storage, transfer.key)
-    limit = storage_limit_of(subject) if storage_limit_of is not None else None
-    return file_info(write_within_storage_limit(storage, subject, key, stream, limit))
+    state = _check_owner(owner_of, transfer.key)
+    with unit_of_work(session_factory) as session:
+        claim_upload(session, USED_UPLOAD_TOKENS, transfer, utcnow())
+    try:
+        targets = _folder_targets(storage, transfer.key, parts)
+        entries = write_files_within_limit(storage, subject, targets, state.max_storage_bytes)
+    except LabCloudError:
+        with unit_of_work(session_factory) as session:
+            release_upload(session, USED_UPLOAD_TOKENS, transfer)
+        raise
+    return _uploaded(transfer.key, entries)

@@ -1,10 +1,12 @@
 """Is a worker's account still active? Asked of the user API, which owns accounts.
 
 A token stays valid until it expires, so without this check a disabled account's
-workers could keep pulling jobs for hours. The user API answers
-``GET /_accounts/{subject}`` with ``{"active": bool}``; answers are cached for a
-few seconds (``ACCOUNT_CHECK_TTL_SECONDS``) so that a busy worker does not cost one
-user API call per request.
+workers could keep pulling jobs for hours, and a disabled user's signed URLs would
+keep working. The user API answers ``GET /_accounts/{subject}`` with
+``{"active": bool, "max_storage_bytes": int | null}`` (the limit in force, null for
+none: jobs' results count against it); answers are cached for a few seconds
+(``ACCOUNT_CHECK_TTL_SECONDS``) so that a busy worker does not cost one user API
+call per request.
 
 When the user API cannot answer, the check *fails open*: the last answer known for
 that account is used, or the account is let in when none is known. Refusing every
@@ -30,9 +32,22 @@ from labcloud.contract import INTERNAL_API_KEY_HEADER
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class AccountInfo:
+    """What the user API says about an account. ``max_storage_bytes`` is None when
+    its files have no limit (or the user API does not say)."""
+
+    active: bool
+    max_storage_bytes: int | None = None
+
+
+# What is assumed of an account the user API never answered about (fail open).
+_UNKNOWN = AccountInfo(active=True)
+
+
 @dataclass(slots=True)
 class _Answer:
-    active: bool | None  # None: never answered
+    info: AccountInfo | None  # None: never answered
     checked_at: float
 
 
@@ -60,16 +75,21 @@ class AccountChecker:
 
     def is_active(self, subject: str) -> bool:
         """Whether tokens of the account ``subject`` may be used."""
+        return self.account(subject).active
+
+    def account(self, subject: str) -> AccountInfo:
+        """What the user API says about ``subject`` (cached; see the module
+        docstring for what happens when it cannot answer)."""
         now = self._clock()
         with self._lock:
             known = self._answers.get(subject)
         if known is not None and now - known.checked_at < self._ttl:
             # A remembered failure without any known answer lets the account in.
-            return known.active is not False
+            return known.info if known.info is not None else _UNKNOWN
         try:
-            active = self._ask(subject)
+            info = self._ask(subject)
         except _NoAnswer as exc:
-            last = known.active if known is not None else None
+            last = known.info if known is not None else None
             # Remember the failure too, so an outage costs one call per TTL per account.
             with self._lock:
                 self._answers[subject] = _Answer(last, now)
@@ -77,19 +97,19 @@ class AccountChecker:
                 "cannot check account %s with the user API (%s); %s",
                 subject,
                 exc,
-                "using the last answer: " + ("active" if last else "disabled")
+                "using the last answer: " + ("active" if last.active else "disabled")
                 if last is not None
                 else "letting it in (no answer known)",
             )
-            return last if last is not None else True
+            return last if last is not None else _UNKNOWN
         with self._lock:
-            self._answers[subject] = _Answer(active, now)
-        return active
+            self._answers[subject] = _Answer(info, now)
+        return info
 
     def close(self) -> None:
         self._client.close()
 
-    def _ask(self, subject: str) -> bool:
+    def _ask(self, subject: str) -> AccountInfo:
         try:
             response = self._client.get(
                 f"{self._url}/_accounts/{quote(subject, safe='')}",
@@ -100,12 +120,17 @@ class AccountChecker:
         if response.status_code != 200:
             raise _NoAnswer(f"it answered {response.status_code}")
         try:
-            active = response.json()["active"]
-        except (ValueError, KeyError, TypeError) as exc:
+            body = response.json()
+            active = body["active"]
+            # Older user APIs do not say: no limit known.
+            limit = body.get("max_storage_bytes")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _NoAnswer(f"unexpected answer {response.text[:200]!r}") from exc
-        if not isinstance(active, bool):
+        if not isinstance(active, bool) or not (
+            limit is None or (isinstance(limit, int) and not isinstance(limit, bool))
+        ):
             raise _NoAnswer(f"unexpected answer {response.text[:200]!r}")
-        return active
+        return AccountInfo(active=active, max_storage_bytes=limit)
 
 
 class _NoAnswer(Exception):

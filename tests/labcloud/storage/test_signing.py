@@ -11,7 +11,9 @@ import pytest
 
 from labcloud.errors import Forbidden
 from labcloud.storage.paths import UnsafePath
-from labcloud.storage.signing import SignedUrlInvalid, TransferPurpose, UrlSigner
+from labcloud.storage.signing import Audience, SignedUrlInvalid, TransferPurpose, UrlSigner
+
+AUD = Audience.USER_API
 
 KEY = b"k" * 32
 BASE = "http://api.example.org:8000/"
@@ -34,7 +36,11 @@ def token_of(url: str) -> str:
 def test_download_round_trip() -> None:
     signer = UrlSigner(KEY, clock=Clock())
     request = signer.sign(
-        key="u1/data/run 1/ä.tif", purpose=TransferPurpose.DOWNLOAD, base_url=BASE, expires_in=60
+        key="u1/data/run 1/ä.tif",
+        purpose=TransferPurpose.DOWNLOAD,
+        base_url=BASE,
+        expires_in=60,
+        audience=AUD,
     )
     assert request.model_dump() == {
         "method": "GET",
@@ -44,7 +50,7 @@ def test_download_round_trip() -> None:
     }
     token = token_of(request.url)
     assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+", token)
-    assert signer.verify(token, TransferPurpose.DOWNLOAD) == "u1/data/run 1/ä.tif"
+    assert signer.verify(token, TransferPurpose.DOWNLOAD, audience=AUD) == "u1/data/run 1/ä.tif"
 
 
 def test_upload_is_a_post_with_empty_data() -> None:
@@ -55,9 +61,13 @@ def test_upload_is_a_post_with_empty_data() -> None:
         purpose=TransferPurpose.UPLOAD,
         base_url=BASE,
         expires_in=60,
+        audience=AUD,
     )
     assert (request.method, request.headers, request.data) == ("POST", {}, {})
-    assert signer.verify(token_of(request.url), TransferPurpose.UPLOAD) == "u1/output/job/x"
+    assert (
+        signer.verify(token_of(request.url), TransferPurpose.UPLOAD, audience=AUD)
+        == "u1/output/job/x"
+    )
 
 
 def test_method_must_match_purpose() -> None:
@@ -69,18 +79,21 @@ def test_method_must_match_purpose() -> None:
             purpose=TransferPurpose.DOWNLOAD,
             base_url=BASE,
             expires_in=60,
+            audience=AUD,
         )
 
 
 def test_expiry() -> None:
     clock = Clock()
     signer = UrlSigner(KEY, clock=clock)
-    token = signer.token(key="u1/data/x", purpose=TransferPurpose.DOWNLOAD, expires_in=30)
+    token = signer.token(
+        key="u1/data/x", purpose=TransferPurpose.DOWNLOAD, expires_in=30, audience=AUD
+    )
     clock.now += 29.5
-    assert signer.verify(token, TransferPurpose.DOWNLOAD) == "u1/data/x"
+    assert signer.verify(token, TransferPurpose.DOWNLOAD, audience=AUD) == "u1/data/x"
     clock.now += 0.5
     with pytest.raises(SignedUrlInvalid) as caught:
-        signer.verify(token, TransferPurpose.DOWNLOAD)
+        signer.verify(token, TransferPurpose.DOWNLOAD, audience=AUD)
     assert caught.value.message == "signed URL expired"
     assert caught.value.status_code == 403
     assert isinstance(caught.value, Forbidden)
@@ -88,11 +101,13 @@ def test_expiry() -> None:
 
 def test_wrong_purpose() -> None:
     signer = UrlSigner(KEY)
-    token = signer.token(key="u1/data/x", purpose=TransferPurpose.DOWNLOAD, expires_in=30)
+    token = signer.token(
+        key="u1/data/x", purpose=TransferPurpose.DOWNLOAD, expires_in=30, audience=AUD
+    )
     for purpose in (TransferPurpose.UPLOAD, TransferPurpose.UPLOAD_INTO):
         with pytest.raises(SignedUrlInvalid, match=r"^signed URL is not for this operation$"):
-            signer.verify(token, purpose)
-    transfer = signer.verify_transfer(token, set(TransferPurpose))
+            signer.verify(token, purpose, audience=AUD)
+    transfer = signer.verify_transfer(token, set(TransferPurpose), audience=AUD)
     assert (transfer.key, transfer.purpose) == ("u1/data/x", TransferPurpose.DOWNLOAD)
 
 
@@ -122,15 +137,19 @@ def _forge(token: str, **changes: object) -> str:
 )
 def test_tampering_is_detected(tamper: Callable[[str], str]) -> None:
     signer = UrlSigner(KEY)
-    token = signer.token(key="u1/data/x", purpose=TransferPurpose.DOWNLOAD, expires_in=30)
+    token = signer.token(
+        key="u1/data/x", purpose=TransferPurpose.DOWNLOAD, expires_in=30, audience=AUD
+    )
     with pytest.raises(SignedUrlInvalid, match=r"^signed URL signature invalid$"):
-        signer.verify(tamper(token), TransferPurpose.DOWNLOAD)
+        signer.verify(tamper(token), TransferPurpose.DOWNLOAD, audience=AUD)
 
 
 def test_another_key_does_not_verify() -> None:
-    token = UrlSigner(KEY).token(key="u1/data/x", purpose=TransferPurpose.DOWNLOAD, expires_in=30)
+    token = UrlSigner(KEY).token(
+        key="u1/data/x", purpose=TransferPurpose.DOWNLOAD, expires_in=30, audience=AUD
+    )
     with pytest.raises(SignedUrlInvalid, match="signature invalid"):
-        UrlSigner(b"z" * 32).verify(token, TransferPurpose.DOWNLOAD)
+        UrlSigner(b"z" * 32).verify(token, TransferPurpose.DOWNLOAD, audience=AUD)
 
 
 def test_bad_arguments() -> None:
@@ -138,6 +157,54 @@ def test_bad_arguments() -> None:
         UrlSigner(b"short")
     signer = UrlSigner(KEY)
     with pytest.raises(ValueError, match="positive"):
-        signer.token(key="u1/data/x", purpose=TransferPurpose.DOWNLOAD, expires_in=0)
+        signer.token(key="u1/data/x", purpose=TransferPurpose.DOWNLOAD, expires_in=0, audience=AUD)
     with pytest.raises(UnsafePath):
-        signer.token(key="../x", purpose=TransferPurpose.DOWNLOAD, expires_in=5)
+        signer.token(key="../x", purpose=TransferPurpose.DOWNLOAD, expires_in=5, audience=AUD)
+
+
+def test_a_token_is_redeemed_only_by_the_service_that_issued_it() -> None:
+    signer = UrlSigner(KEY)
+    token = signer.token(
+        key="u1/data", purpose=TransferPurpose.UPLOAD_INTO, expires_in=30, audience=AUD
+    )
+    assert signer.verify(token, TransferPurpose.UPLOAD_INTO, audience=AUD) == "u1/data"
+    with pytest.raises(SignedUrlInvalid, match="issued by another service"):
+        signer.verify(token, TransferPurpose.UPLOAD_INTO, audience=Audience.WORKER_API)
+    # Tokens without an audience (an older version's) are not believed.
+    with pytest.raises(SignedUrlInvalid, match="signature invalid"):
+        signer.verify(_resign(token, a=None), TransferPurpose.UPLOAD_INTO, audience=AUD)
+
+
+def test_upload_tokens_carry_a_nonce_and_downloads_none() -> None:
+    signer = UrlSigner(KEY)
+
+    def transfer(purpose: TransferPurpose) -> str | None:
+        token = signer.token(key="u1/data/x", purpose=purpose, expires_in=30, audience=AUD)
+        return signer.verify_transfer(token, (purpose,), audience=AUD).nonce
+
+    nonces = {transfer(TransferPurpose.UPLOAD_INTO) for _ in range(50)}
+    assert len(nonces) == 50 and None not in nonces
+    assert transfer(TransferPurpose.DOWNLOAD) is None
+    token = signer.token(
+        key="u1/data", purpose=TransferPurpose.UPLOAD_INTO, expires_in=30, audience=AUD
+    )
+    with pytest.raises(SignedUrlInvalid, match="signature invalid"):
+        signer.verify(_resign(token, n=None), TransferPurpose.UPLOAD_INTO, audience=AUD)
+
+
+def _resign(token: str, **changes: object) -> str:
+    """The token with ``changes`` to its payload (None removes a field), signed
+    again with the right key: what an older version would have issued."""
+    import hashlib
+    import hmac
+
+    payload = token.partition(".")[0]
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    for name, value in changes.items():
+        if value is None:
+            body.pop(name, None)
+        else:
+            body[name] = value
+    encoded = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+    signature = hmac.new(KEY, encoded.encode(), hashlib.sha256).digest()
+    return f"{encoded}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import io
 import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
+from labcloud.db import create_db_engine, make_session_factory, migrate
 from labcloud.errors import BadRequest, Conflict, MethodNotAllowed, NotFound
 from labcloud.storage.base import EntryType
 from labcloud.storage.local import LocalStorage
 from labcloud.storage.paths import UnknownArea, UnsafePath
-from labcloud.storage.signing import SignedUrlInvalid, TransferPurpose, UrlSigner
+from labcloud.storage.quota import StorageLimitReached
+from labcloud.storage.signing import (
+    SignedUrlInvalid,
+    SignedUrlOwnerInactive,
+    SignedUrlUsed,
+    UrlSigner,
+)
+from user_api.app import MIGRATIONS
 from user_api.files import service
-from user_api.files.schemas import FileInfo
+from user_api.files.schemas import FileInfo, UploadedFiles
+from user_api.limits import OwnerState
 
 SUBJECT = "u1"
 BASE_URL = "http://127.0.0.1:8000"
@@ -30,17 +42,61 @@ class Clock:
 
 @pytest.fixture
 def storage(tmp_path: Path) -> LocalStorage:
-    return LocalStorage(tmp_path)
+    (tmp_path / "data").mkdir()
+    return LocalStorage(tmp_path / "data")
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    # The real time to start with: used upload URLs are forgotten once expired by
+    # the database's clock.
+    clock = Clock()
+    clock.now = time.time()
+    return clock
 
 
 @pytest.fixture
 def signer(clock: Clock) -> UrlSigner:
     return UrlSigner(b"s" * 32, clock=clock)
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """The user API's database, built by its migrations (for used upload URLs)."""
+    engine = create_db_engine(database_url)
+    migrate(engine, MIGRATIONS)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+class Owners:
+    """The state of accounts, as the files routes read it from the accounts table."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, OwnerState] = {}
+
+    def __call__(self, subject: str) -> OwnerState:
+        return self.states.get(subject, OwnerState(active=True, max_storage_bytes=None))
+
+
+def signed_upload(
+    storage: LocalStorage,
+    signer: UrlSigner,
+    token: str,
+    sessions: sessionmaker[Session],
+    *files: tuple[str | None, bytes],
+    owners: Owners | None = None,
+) -> UploadedFiles:
+    return service.signed_upload(
+        storage,
+        signer,
+        token,
+        [service.IncomingFile(name, io.BytesIO(data)) for name, data in files],
+        owner_of=owners or Owners(),
+        session_factory=sessions,
+    )
 
 
 def upload(storage: LocalStorage, area: str, folder: str, name: str, data: bytes) -> FileInfo:
@@ -145,7 +201,7 @@ def test_users_only_reach_their_own_root(storage: LocalStorage) -> None:
         ("data", "x", "a\\b.txt", UnsafePath, "backslash"),
         ("data", "x", "%2e%2e", UnsafePath, "percent-decoded contains a '..' segment"),
         ("data", "x", "a\x00.txt", UnsafePath, "NUL"),
-        ("data", "x", "", BadRequest, "the upload has no file name"),
+        ("data", "x", "", BadRequest, "has no file name"),
     ],
 )
 def test_bad_uploads_write_nothing(
@@ -241,10 +297,12 @@ def test_delete(storage: LocalStorage) -> None:
     upload(storage, "data", "tree/sub", "a.txt", b"a")
     upload(storage, "data", "", "b.txt", b"b")
     service.delete(storage, SUBJECT, "data/tree")
-    service.delete(storage, SUBJECT, "data/tree")
     service.delete(storage, SUBJECT, "data/b.txt")
-    service.delete(storage, SUBJECT, "data/never")
     assert service.list_files(storage, SUBJECT, "data") == []
+    # Nothing there: 404, so that a mistyped path is not taken for a deletion.
+    for missing in ("data/tree", "data/never", "config/a/b"):
+        with pytest.raises(NotFound, match="no file or folder at"):
+            service.delete(storage, SUBJECT, missing)
     for area_path in ("data", "output/", "log"):
         with pytest.raises(MethodNotAllowed, match="cannot be deleted"):
             service.delete(storage, SUBJECT, area_path)
@@ -269,6 +327,7 @@ def test_download_target(storage: LocalStorage) -> None:
 
 
 def test_download_url_round_trip(storage: LocalStorage, signer: UrlSigner, clock: Clock) -> None:
+    owners = Owners()
     upload(storage, "data", "run", "a.tif", b"a")
     request = service.download_url(
         storage, signer, SUBJECT, "data/run/a.tif", base_url=BASE_URL + "/", expires_in=60
@@ -276,64 +335,139 @@ def test_download_url_round_trip(storage: LocalStorage, signer: UrlSigner, clock
     assert request.method == "GET"
     assert request.model_dump().keys() == {"method", "url", "headers", "data"}
     token = token_of(request.url)
-    target = service.signed_download_target(storage, signer, token)
+    target = service.signed_download_target(storage, signer, token, owner_of=owners)
     assert (target.key, target.filename) == ("u1/data/run/a.tif", "a.tif")
-    with pytest.raises(SignedUrlInvalid, match="not for this operation"):
-        service.signed_upload(storage, signer, token, filename="x", stream=io.BytesIO(b"x"))
+    owners.states[SUBJECT] = OwnerState(active=False, max_storage_bytes=None)
+    with pytest.raises(SignedUrlOwnerInactive, match="disabled"):
+        service.signed_download_target(storage, signer, token, owner_of=owners)
+    owners.states.clear()
     service.delete(storage, SUBJECT, "data/run/a.tif")
     with pytest.raises(NotFound, match="no longer exists"):
-        service.signed_download_target(storage, signer, token)
+        service.signed_download_target(storage, signer, token, owner_of=owners)
     clock.now += 61
     with pytest.raises(SignedUrlInvalid, match="expired"):
-        service.signed_download_target(storage, signer, token)
+        service.signed_download_target(storage, signer, token, owner_of=owners)
     with pytest.raises(NotFound):
         service.download_url(
             storage, signer, SUBJECT, "data/none", base_url=BASE_URL, expires_in=60
         )
 
 
-def test_upload_url_round_trip(storage: LocalStorage, signer: UrlSigner) -> None:
+def test_a_download_url_does_not_upload(
+    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
+) -> None:
+    upload(storage, "data", "", "a.tif", b"a")
+    request = service.download_url(
+        storage, signer, SUBJECT, "data/a.tif", base_url=BASE_URL, expires_in=60
+    )
+    with pytest.raises(SignedUrlInvalid, match="not for this operation"):
+        signed_upload(storage, signer, token_of(request.url), sessions, ("x", b"x"))
+
+
+def _upload_token(storage: LocalStorage, signer: UrlSigner, folder: str = "test/") -> str:
     request = service.upload_url(
-        storage, signer, SUBJECT, "data", "test/", base_url=BASE_URL, expires_in=60
+        storage, signer, SUBJECT, "data", folder, base_url=BASE_URL, expires_in=60
     )
     assert (request.method, request.headers, request.data) == ("POST", {}, {})
-    token = token_of(request.url)
-    info = service.signed_upload(
-        storage, signer, token, filename="data_file1.txt", stream=io.BytesIO(b"contents")
-    )
+    return token_of(request.url)
+
+
+def test_upload_url_round_trip(
+    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
+) -> None:
+    token = _upload_token(storage, signer)
+    info = signed_upload(storage, signer, token, sessions, ("data_file1.txt", b"contents"))
     assert info.path == "data/test/data_file1.txt"
-    # The same link takes several files, each under its own name.
-    service.signed_upload(storage, signer, token, filename="second.txt", stream=io.BytesIO(b"2"))
-    assert paths(service.list_files(storage, SUBJECT, "data/test")) == [
-        "data/test/data_file1.txt",
-        "data/test/second.txt",
-    ]
-    with pytest.raises(UnsafePath):
-        service.signed_upload(
-            storage, signer, token, filename="../../../u2/x", stream=io.BytesIO(b"x")
-        )
-    with pytest.raises(BadRequest, match="no file name"):
-        service.signed_upload(storage, signer, token, filename=None, stream=io.BytesIO(b"x"))
     with pytest.raises(SignedUrlInvalid, match="not for this operation"):
-        service.signed_download_target(storage, signer, token)
+        service.signed_download_target(storage, signer, token, owner_of=Owners())
     with pytest.raises(UnknownArea, match="use one of config, data, artifact"):
         service.upload_url(
             storage, signer, SUBJECT, "output", "x", base_url=BASE_URL, expires_in=60
         )
     with pytest.raises(Conflict, match="is a file, not a folder"):
         service.upload_url(
-            storage, signer, SUBJECT, "data", "test/second.txt", base_url=BASE_URL, expires_in=60
+            storage,
+            signer,
+            SUBJECT,
+            "data",
+            "test/data_file1.txt",
+            base_url=BASE_URL,
+            expires_in=60,
         )
 
 
-def test_signed_upload_to_an_exact_key(storage: LocalStorage, signer: UrlSigner) -> None:
-    # As the worker API signs them: one file at one key.
-    token = signer.token(key="u1/output/job/r.txt", purpose=TransferPurpose.UPLOAD, expires_in=60)
-    info = service.signed_upload(
-        storage, signer, token, filename="ignored", stream=io.BytesIO(b"r")
+def test_an_upload_url_is_good_for_one_upload(
+    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
+) -> None:
+    token = _upload_token(storage, signer)
+    signed_upload(storage, signer, token, sessions, ("first.txt", b"1"))
+    with pytest.raises(SignedUrlUsed, match="already been used"):
+        signed_upload(storage, signer, token, sessions, ("second.txt", b"2"))
+    assert paths(service.list_files(storage, SUBJECT, "data/test")) == ["data/test/first.txt"]
+    # Each URL asked for is a new one, even for the same folder in the same second.
+    signed_upload(storage, signer, _upload_token(storage, signer), sessions, ("second.txt", b"2"))
+
+
+def test_a_refused_signed_upload_leaves_its_url_usable(
+    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
+) -> None:
+    token = _upload_token(storage, signer)
+    owners = Owners()
+    owners.states[SUBJECT] = OwnerState(active=True, max_storage_bytes=4)
+    with pytest.raises(UnsafePath):
+        signed_upload(storage, signer, token, sessions, ("../../../u2/x", b"x"), owners=owners)
+    with pytest.raises(BadRequest, match="no file name"):
+        signed_upload(storage, signer, token, sessions, (None, b"x"), owners=owners)
+    with pytest.raises(StorageLimitReached, match="limit of 4 bytes"):
+        signed_upload(storage, signer, token, sessions, ("big.bin", b"12345"), owners=owners)
+    assert files_on_disk(storage.root) == []
+    signed_upload(storage, signer, token, sessions, ("small.bin", b"1234"), owners=owners)
+    assert (storage.root / "u1/data/test/small.bin").read_bytes() == b"1234"
+
+
+def test_signed_uploads_stop_when_the_owner_is_disabled(
+    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
+) -> None:
+    token = _upload_token(storage, signer)
+    owners = Owners()
+    owners.states[SUBJECT] = OwnerState(active=False, max_storage_bytes=None)
+    with pytest.raises(SignedUrlOwnerInactive):
+        signed_upload(storage, signer, token, sessions, ("a.txt", b"a"), owners=owners)
+    assert files_on_disk(storage.root) == []
+
+
+def test_several_parts_are_a_folder_upload(
+    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
+) -> None:
+    uploaded = service.upload_files(
+        storage,
+        SUBJECT,
+        "data",
+        "set",
+        [
+            service.IncomingFile("a.txt", io.BytesIO(b"a")),
+            service.IncomingFile("sub/b.txt", io.BytesIO(b"bb")),
+        ],
     )
-    assert info.path == "output/job/r.txt"
-    service.make_folder(storage, SUBJECT, "data", "dir")
-    folder_token = signer.token(key="u1/data/dir", purpose=TransferPurpose.UPLOAD, expires_in=60)
-    with pytest.raises(Conflict, match="is a folder"):
-        service.signed_upload(storage, signer, folder_token, filename="x", stream=io.BytesIO(b"x"))
+    assert (uploaded.path, uploaded.type, uploaded.size_bytes) == ("data/set/", "directory", 3)
+    assert paths(uploaded.files) == ["data/set/a.txt", "data/set/sub/b.txt"]
+    token = _upload_token(storage, signer, "signed")
+    signed = signed_upload(storage, signer, token, sessions, ("c.txt", b"c"), ("d/e.txt", b"e"))
+    assert paths(signed.files) == ["data/signed/c.txt", "data/signed/d/e.txt"]
+    # One bad part refuses them all, and nothing is written.
+    before = files_on_disk(storage.root)
+    for parts in (
+        [("x.txt", b"1"), ("x.txt", b"2")],
+        [("y", b"1"), ("y/z.txt", b"2")],
+        [("ok.txt", b"1"), ("../bad.txt", b"2")],
+        [(f"n{i}.txt", b"1") for i in range(101)],
+    ):
+        with pytest.raises(BadRequest):
+            service.upload_files(
+                storage,
+                SUBJECT,
+                "data",
+                "set",
+                [service.IncomingFile(name, io.BytesIO(data)) for name, data in parts],
+            )
+    assert files_on_disk(storage.root) == before
