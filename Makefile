@@ -1,9 +1,12 @@
 # Developer commands. `make up` and `make test` are the README's quickstart.
 .PHONY: up test deps fmt lint typecheck pytest
 
+# Options for `labcloud up`, e.g. make up ARGS="--advertise-address 192.0.2.10".
+ARGS ?=
+
 up:
 	./scripts/ensure-deps.sh
-	poetry run labcloud up
+	poetry run labcloud up $(ARGS)
 
 test:
 	./scripts/ensure-deps.sh --postgres
