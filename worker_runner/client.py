@@ -11,10 +11,12 @@ The client is safe to share between the runner's threads.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -22,6 +24,7 @@ import httpx
 from pydantic import SecretStr, ValidationError
 
 from labcloud.contract import JobStatus, OutputKind, SignedRequest
+from labcloud.storage.paths import PARTIAL_PREFIX
 from worker_runner import RunnerError
 
 logger = logging.getLogger(__name__)
@@ -272,8 +275,11 @@ class WorkerApiClient:
         """Download the input ``uri`` to ``destination`` and return its size.
 
         The body is streamed to a temporary file beside the destination, which is
-        renamed on success, so a partial download never looks complete. ``check`` is
-        called between chunks and may raise to interrupt the transfer."""
+        renamed on success, so a partial download never looks complete. Its name is
+        short and uses the storage's reserved prefix, so it fits beside any name the
+        API accepts (up to 255 bytes) and cannot be one of the job's inputs.
+        ``check`` is called between chunks and may raise to interrupt the
+        transfer."""
         return self._transfer(
             f"download of {uri}", lambda: self._download_once(uri, destination, check)
         )
@@ -283,17 +289,18 @@ class WorkerApiClient:
         if response.status_code != 200:
             raise self._fail(response, f"download URL of {uri}")
         signed = self._signed_request(response, f"download URL of {uri}")
-        partial = destination.with_name(destination.name + ".part")
+        descriptor, temporary = tempfile.mkstemp(dir=destination.parent, prefix=PARTIAL_PREFIX)
+        partial = Path(temporary)
         size = 0
         try:
             with (
+                os.fdopen(descriptor, "wb") as sink,
                 self._signed.stream(
                     signed.method,
                     self._absolute(signed.url),
                     headers=signed.headers,
                     data=signed.data or None,
                 ) as stream,
-                partial.open("wb") as sink,
             ):
                 if stream.status_code >= 400:
                     stream.read()
@@ -310,26 +317,32 @@ class WorkerApiClient:
             partial.unlink(missing_ok=True)
         return size
 
-    def upload(self, queue_id: str, kind: OutputKind, base_path: str, source: Path) -> None:
+    def upload(self, queue_id: str, kind: OutputKind, relative: str, source: Path) -> None:
         """Upload one result file of a job, streamed from disk.
 
-        ``base_path`` is the file's path relative to its ``files_up`` folder."""
+        ``relative`` is the file's path relative to its ``files_up`` folder. As
+        DECODE's worker does, one upload URL is asked for per file, with
+        ``base_path`` = the file's folder, and the multipart part carries the file's
+        name. A refusal raises ``WorkerApiError`` with the answer's status (400: the
+        name, 413: the owner's storage limit)."""
         self._transfer(
-            f"upload of {kind.value}/{base_path}",
-            lambda: self._upload_once(queue_id, kind, base_path, source),
+            f"upload of {kind.value}/{relative}",
+            lambda: self._upload_once(queue_id, kind, relative, source),
         )
 
-    def _upload_once(self, queue_id: str, kind: OutputKind, base_path: str, source: Path) -> None:
+    def _upload_once(self, queue_id: str, kind: OutputKind, relative: str, source: Path) -> None:
+        path = PurePosixPath(relative)
+        folder = "" if str(path.parent) == "." else str(path.parent)
         response = self._call(
             "POST",
             f"/jobs/{quote(queue_id, safe='')}/files/url",
-            params={"type": kind.value, "base_path": base_path},
+            params={"type": kind.value, "base_path": folder},
         )
         if response.status_code == 404:
             raise JobGone(f"job {queue_id} is no longer leased to this worker", status_code=404)
         if response.status_code not in (200, 201):
-            raise self._fail(response, f"upload URL of {kind.value}/{base_path}")
-        signed = self._signed_request(response, f"upload URL of {kind.value}/{base_path}")
+            raise self._fail(response, f"upload URL of {kind.value}/{relative}")
+        signed = self._signed_request(response, f"upload URL of {kind.value}/{relative}")
         form = {key: str(value) for key, value in signed.data.items()}
         try:
             with source.open("rb") as body:
@@ -340,9 +353,9 @@ class WorkerApiClient:
                     self._absolute(signed.url),
                     headers=signed.headers,
                     data=form,
-                    files={"file": (Path(base_path).name, body, "application/octet-stream")},
+                    files={"file": (path.name, body, "application/octet-stream")},
                 )
         except httpx.HTTPError as exc:
-            raise WorkerApiError(f"upload of {kind.value}/{base_path} failed: {exc}") from exc
+            raise WorkerApiError(f"upload of {kind.value}/{relative} failed: {exc}") from exc
         if answer.status_code >= 400:
-            raise self._fail(answer, f"upload of {kind.value}/{base_path}")
+            raise self._fail(answer, f"upload of {kind.value}/{relative}")

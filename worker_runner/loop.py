@@ -63,9 +63,11 @@ from worker_runner.staging import (
     JobFolder,
     StagingError,
     iter_result_files,
+    note_in_log,
     output_folders,
     read_log_tail,
     remove_stale_folders,
+    result_name_problem,
     stage_inputs,
 )
 
@@ -107,6 +109,11 @@ class JobFailed(RunnerError):
 
 class RunnerAlreadyRunning(RunnerError):
     """Another runner with this account and job folder is running on this host."""
+
+
+class _Refused(WorkerApiError):
+    """The worker API refused one result for good: its name (400) or the owner's
+    storage limit (413)."""
 
 
 class _HandBack(RunnerError):
@@ -746,25 +753,57 @@ class Runner:
                 return self._backend.wait(handle, STOP_GRACE_S + LOG_DRAIN_S), True
 
     def _upload_results(self, job: _Job) -> int:
+        """Upload every result, then the log; returns how many files were stored.
+
+        A result whose name storage cannot take (or that the API refuses, 400) is
+        skipped with a line in the log saying why: one odd name must not cost the
+        others. Once the owner's storage limit refuses a result (413), the rest
+        would be refused too: the log (which gets an allowance beyond the limit)
+        is still uploaded, with a line saying what was not kept, and the job fails
+        saying so."""
         assert job.specs is not None
         count = 0
+        over_limit: str | None = None
         for kind, top in output_folders(job.specs, job.folder).items():
-            for base_path, path in iter_result_files(top):
+            for relative, path in iter_result_files(top):
                 self._check(job)
-                self._upload(job, kind, base_path, path)
+                name = f"{kind.value}/{relative}"
+                if over_limit is not None:
+                    note_in_log(job.folder.log, f"not uploaded (storage limit): {name!r}")
+                    continue
+                problem = result_name_problem(relative)
+                if problem is not None:
+                    note_in_log(job.folder.log, f"skipped result {name!r}: {problem}")
+                    continue
+                try:
+                    self._upload(job, kind, relative, path)
+                except _Refused as exc:
+                    if exc.status_code == 413:
+                        over_limit = exc.message
+                        note_in_log(job.folder.log, f"not uploaded: {name!r}: {exc.message}")
+                    else:
+                        note_in_log(job.folder.log, f"skipped result {name!r}: {exc.message}")
+                    continue
                 count += 1
-        self._upload(job, OutputKind.LOG, LOG_NAME, job.folder.log)
+        try:
+            self._upload(job, OutputKind.LOG, LOG_NAME, job.folder.log)
+        except _Refused as exc:
+            raise JobFailed(f"the log was not kept: {exc.message}") from exc
+        if over_limit is not None:
+            raise JobFailed(f"results not all kept: {over_limit}")
         return count + 1
 
-    def _upload(self, job: _Job, kind: OutputKind, base_path: str, path: Path) -> None:
+    def _upload(self, job: _Job, kind: OutputKind, relative: str, path: Path) -> None:
         try:
-            self._client.upload(job.queue_id, kind, base_path, path)
+            self._client.upload(job.queue_id, kind, relative, path)
         except JobGone:
             raise
         except WorkerApiError as exc:
-            raise JobFailed(f"upload failed: {kind.value}/{base_path}: {exc.message}") from exc
+            if exc.status_code in (400, 413, 422):
+                raise _Refused(exc.message, status_code=exc.status_code) from exc
+            raise JobFailed(f"upload failed: {kind.value}/{relative}: {exc.message}") from exc
         except OSError as exc:
-            raise JobFailed(f"upload failed: {kind.value}/{base_path}: {exc}") from exc
+            raise JobFailed(f"upload failed: {kind.value}/{relative}: {exc}") from exc
 
     def _kill(self, job: _Job) -> None:
         if job.handle is None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from labcloud.contract import JobSpecs, OutputKind
+from labcloud.errors import BadRequest
+from labcloud.storage.paths import MAX_KEY_BYTES, normalise_path
 from worker_runner import RunnerError
 from worker_runner.client import JobGone, WorkerApiClient, WorkerApiError
 
@@ -191,6 +193,29 @@ def iter_result_files(top: Path) -> Iterator[tuple[str, Path]]:
                 continue
             if stat.S_ISREG(mode):
                 yield path.relative_to(top).as_posix(), path
+
+
+def result_name_problem(relative: str) -> str | None:
+    """Why the result file at ``relative`` (its path under a ``files_up`` folder, as
+    ``iter_result_files`` gives it) cannot be stored, or None. The same rules as
+    every user path (``labcloud.storage.paths``): no backslash, control character,
+    invalid UTF-8 or reserved name, each name at most 255 bytes and the whole path
+    within the storage's limit; the API refuses such names, so uploading them
+    would only fail."""
+    try:
+        normalise_path(relative)
+    except BadRequest as exc:
+        return exc.message
+    if len(relative.encode("utf-8")) > MAX_KEY_BYTES:
+        return f"path is too long: at most {MAX_KEY_BYTES} bytes in all"
+    return None
+
+
+def note_in_log(log: Path, line: str) -> None:
+    """Append a line of the runner's own to the job's log (which the job's owner
+    reads), marked as such."""
+    with log.open("a", encoding="utf-8", errors="backslashreplace") as sink:
+        sink.write(f"[labcloud] {line}\n")
 
 
 def read_log_tail(path: Path, *, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> str:

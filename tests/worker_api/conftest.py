@@ -173,6 +173,15 @@ def _handler(api: FakeUserApi) -> type[BaseHTTPRequestHandler]:
             else:
                 self._reply(404, b"{}")
 
+        def do_POST(self) -> None:
+            # The token endpoint, for a runner logging in as worker1.
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path == "/token":
+                body = {"id_token": api.token(), "expires_in": 3600}
+                self._reply(201, json.dumps(body).encode())
+            else:
+                self._reply(404, b"{}")
+
         def do_PUT(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with api.lock:

@@ -233,26 +233,66 @@ def test_upload_sends_multipart_without_token(tmp_path: Path) -> None:
                 payload = part.get_payload(decode=True)
                 assert isinstance(payload, bytes)
                 received[name] = payload if name == "file" else payload.decode()
+                if name == "file":
+                    received["filename"] = str(part.get_filename())
             return httpx.Response(204)
         assert request.url.path == "/v1/jobs/q1/files/url"
-        assert dict(request.url.params) == {"type": "output", "base_path": "sub/result.bin"}
+        # As DECODE's worker: base_path is the file's folder, the part names the file
+        # (an S3 presigned POST for "<folder>/${filename}").
+        assert dict(request.url.params) == {"type": "output", "base_path": "sub/deeper"}
         return httpx.Response(
             201,
             json={
                 "method": "POST",
                 "url": "http://storage/bucket",
                 "headers": {},
-                "data": {"key": "u/output/job/sub/result.bin", "policy": "p"},
+                "data": {"key": "u/output/job/sub/deeper/${filename}", "policy": "p"},
             },
         )
 
     with make_client(Recorder(handler)) as client:
-        client.upload("q1", OutputKind.OUTPUT, "sub/result.bin", source)
+        client.upload("q1", OutputKind.OUTPUT, "sub/deeper/result.bin", source)
     assert received == {
-        "key": "u/output/job/sub/result.bin",
+        "key": "u/output/job/sub/deeper/${filename}",
         "policy": "p",
         "file": b"\x00\x01" * 100_000,
+        "filename": "result.bin",
     }
+
+
+def test_a_top_level_result_is_uploaded_into_the_location_itself(tmp_path: Path) -> None:
+    source = tmp_path / "r.txt"
+    source.write_bytes(b"r")
+    asked: list[dict[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "storage":
+            return httpx.Response(204)
+        asked.append(dict(request.url.params))
+        return httpx.Response(
+            201, json={"method": "POST", "url": "http://storage/b", "headers": {}, "data": {}}
+        )
+
+    with make_client(Recorder(handler)) as client:
+        client.upload("q1", OutputKind.LOG, "r.txt", source)
+    assert asked == [{"type": "log", "base_path": ""}]
+
+
+def test_inputs_with_the_longest_names_download(tmp_path: Path) -> None:
+    # The API accepts names of up to 255 bytes; "<name>.part" would be too long.
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "storage":
+            return httpx.Response(200, content=b"long")
+        return httpx.Response(
+            200, json={"method": "GET", "url": "http://storage/x", "headers": {}, "data": {}}
+        )
+
+    for name in ("n" * 255, "é" * 127 + "n"):
+        destination = tmp_path / name
+        with make_client(Recorder(handler)) as client:
+            assert client.download("u/data/x", destination) == 4
+        assert destination.read_bytes() == b"long"
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_relative_signed_url_is_resolved_against_the_api(tmp_path: Path) -> None:

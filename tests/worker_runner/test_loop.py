@@ -185,8 +185,10 @@ class FakeWorkerApi:
             return httpx.Response(200, content=self.inputs[uri])
         if request.method == "POST" and path == "/put":
             assert request.headers["x-signed"] == "yes"
-            form, content = _parse_multipart(request)
-            queue_id, kind, base_path = form["key"].split("|")
+            form, content, filename = _parse_multipart(request)
+            queue_id, kind, folder = form["key"].split("|")
+            # base_path names the folder; the part's file name names the file.
+            base_path = f"{folder}/{filename}" if folder else filename
             with self.lock:
                 self.uploads.append(Upload(queue_id, kind, base_path, content, form))
             return httpx.Response(204)
@@ -210,20 +212,22 @@ def _fits(spec: dict[str, Any], offer: dict[str, str]) -> bool:
     )
 
 
-def _parse_multipart(request: httpx.Request) -> tuple[dict[str, str], bytes]:
+def _parse_multipart(request: httpx.Request) -> tuple[dict[str, str], bytes, str]:
     head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
     message = BytesParser(policy=HTTP).parsebytes(head + request.read())
     form: dict[str, str] = {}
     content = b""
+    filename = ""
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         payload = part.get_payload(decode=True)
         assert isinstance(payload, bytes)
         if name == "file":
             content = payload
+            filename = str(part.get_filename())
         else:
             form[str(name)] = payload.decode()
-    return form, content
+    return form, content, filename
 
 
 def job_spec(
