@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ from uvicorn.config import STARTUP_FAILURE
 logger = logging.getLogger(__name__)
 
 BACKLOG = 2048  # uvicorn's default
+# How long a stopping server lets requests in flight finish. uvicorn's default is
+# forever: a client sending its body slowly, or a long request, kept the server up
+# after SIGTERM for as long as it liked.
+GRACEFUL_SHUTDOWN_SECONDS = 5
 STOP_TIMEOUT = 30.0
 STARTUP_TIMEOUT = 120.0  # for a successor in a rolling restart
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -111,7 +116,13 @@ def _serve_one(
     startup failed: a database that refuses connections, say) exits with uvicorn's
     ``STARTUP_FAILURE``: starting it again would fail the same way, so the
     supervisor stops instead (or, in a reload, keeps the processes it has)."""
-    config = uvicorn.Config(app, factory=True, log_config=log_config, backlog=BACKLOG)
+    config = uvicorn.Config(
+        app,
+        factory=True,
+        log_config=log_config,
+        backlog=BACKLOG,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
     server = _Server(config, ready)
     _stop_with(parent)
     try:
@@ -121,6 +132,7 @@ def _serve_one(
             raise
     if not server.started:
         raise SystemExit(STARTUP_FAILURE)
+    _exit_now(0)
 
 
 @dataclass
@@ -224,6 +236,36 @@ class Supervisor:
         for slot in self._slots:
             slot.sock.close()
         return self.exit_code
+
+
+def _exit_now(code: int) -> None:
+    """End the process once the server stopped, without waiting for threads.
+
+    A request cut off by the graceful timeout may still run in a worker thread (a
+    sync endpoint: validation, a storage call); the interpreter would wait for it at
+    exit. Its transaction was never committed, and the database drops it with the
+    connection."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def serve_one_process(app: Any, *, host: str, port: int, log_config: dict[str, Any]) -> int:
+    """Serve ``app`` from this process until SIGINT/SIGTERM, then stop within about
+    ``GRACEFUL_SHUTDOWN_SECONDS`` whatever its requests are doing."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=log_config,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    code = 0 if server.started else STARTUP_FAILURE
+    _exit_now(code)
+    return code  # not reached; for the type checker and readers
 
 
 def _stop(processes: list[BaseProcess]) -> None:

@@ -6,10 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-import uvicorn
-
 from labcloud.db import is_sqlite
-from labcloud.serve import PortInUse, serve_processes
+from labcloud.serve import PortInUse, serve_one_process, serve_processes
 from labcloud.settings import load_settings
 from labcloud.web import uvicorn_log_config
 from user_api.app import ENV_FILE_VARIABLE, create_app
@@ -36,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     # Given to uvicorn, which applies it in every worker process too.
     log_config = uvicorn_log_config(settings.log_level)
     if args.workers == 1:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=log_config)
-        return 0
+        return serve_one_process(
+            create_app(settings), host=args.host, port=args.port, log_config=log_config
+        )
     if is_sqlite(settings.resolved_database_url):
         parser.error("--workers > 1 needs PostgreSQL (DATABASE_URL): SQLite has one writer")
     if args.env_file:

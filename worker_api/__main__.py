@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-import uvicorn
-
+from labcloud.serve import serve_one_process
 from labcloud.settings import load_settings
 from labcloud.web import uvicorn_log_config
 from worker_api.app import create_app
@@ -21,13 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env-file", help="read settings from this file (default: .env)")
     args = parser.parse_args(argv)
     settings = load_settings(WorkerApiSettings, args.env_file)
-    uvicorn.run(
+    return serve_one_process(
         create_app(settings),
         host=args.host,
         port=args.port,
         log_config=uvicorn_log_config(settings.log_level),
     )
-    return 0
 
 
 if __name__ == "__main__":
