@@ -17,7 +17,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Protocol
 
-import anyio
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -86,13 +85,18 @@ class EmailSender:
 
     async def send_next(self) -> bool:
         """Send one due email; False when none is due."""
-        claimed = await anyio.to_thread.run_sync(self._claim)
+        # Claiming, sending and recording the result are one step that a
+        # cancellation (the API shutting down) waits for: an email handed to Mailjet
+        # is then always recorded as sent and not sent again after the restart, and
+        # one claimed just before the shutdown is not left claimed, unsent, for the
+        # whole lease (the restarted API would wait that long to send it).
+        return await run_to_completion(self._claim_and_deliver)
+
+    def _claim_and_deliver(self) -> bool:
+        claimed = self._claim()
         if claimed is None:
             return False
-        # Sending and recording the result are one step that a cancellation (the
-        # API shutting down) waits for: an email handed to Mailjet is then always
-        # recorded as sent and not sent again after the restart.
-        await run_to_completion(self._deliver, claimed)
+        self._deliver(claimed)
         return True
 
     def _deliver(self, email: ClaimedEmail) -> None:

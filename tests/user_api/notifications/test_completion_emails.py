@@ -3,9 +3,11 @@ background sender, and a local HTTP server standing in for Mailjet's v3.1 API.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -20,10 +22,14 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from labcloud.contract import INTERNAL_API_KEY_HEADER
-from labcloud.db import create_db_engine, make_session_factory
+from labcloud.db import create_db_engine, make_session_factory, utcnow
 from tests.user_api.helpers import signup
+from tests.waiting import wait_for
 from user_api.app import create_app
 from user_api.models import EmailOutbox, EmailStatus
+from user_api.notifications import repository
+from user_api.notifications.mailjet import Delivery, Outcome, OutgoingEmail
+from user_api.notifications.sender import EmailSender
 from user_api.settings import EmailSenderService, UserApiSettings
 
 SENDER = "labcloud@example.org"
@@ -151,11 +157,10 @@ def email_client(email_settings: UserApiSettings) -> Iterator[TestClient]:
         yield test_client
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll ``condition`` (the outbox has no event to wait on) until it holds; the
+    deadline only bounds a test that is failing, on a loaded machine."""
+    wait_for(condition, timeout, interval=0.01)
 
 
 def outbox(client: TestClient) -> list[EmailOutbox]:
@@ -360,9 +365,18 @@ def test_bad_credentials_fail_at_once(
 def test_mailjet_outage_leaves_the_job_status_alone(
     email_settings: UserApiSettings, mailjet: FakeMailjet
 ) -> None:
-    email_settings = email_settings.model_copy(update={"email_max_attempts": 1000})
-    mailjet.stop()  # nothing listens at MAILJET_API_URL any more
-    with TestClient(create_app(email_settings)) as client:
+    # Nothing listens at MAILJET_API_URL: a port held by a socket that never
+    # listens refuses connections, and no other test can start a server on it.
+    mailjet.stop()
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))
+    email_settings = email_settings.model_copy(
+        update={
+            "email_max_attempts": 1000,
+            "mailjet_api_url": f"http://127.0.0.1:{refusing.getsockname()[1]}/",
+        }
+    )
+    with refusing, TestClient(create_app(email_settings)) as client:
         user = signup(client, USER)
         job_id = create_job(client, user, "outage")
         finish(client, job_id)
@@ -483,6 +497,71 @@ def test_shutdown_waits_for_the_email_in_flight(
     with TestClient(create_app(email_settings)):
         time.sleep(0.3)
     assert len(mailjet.received) == 1
+
+
+class RecordingTransport:
+    """Accepts every email (the sender's logic under test, not Mailjet)."""
+
+    def __init__(self) -> None:
+        self.subjects: list[str] = []
+
+    def send(self, message: OutgoingEmail) -> Delivery:
+        self.subjects.append(message.subject)
+        return Delivery(Outcome.SENT)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_shutdown_during_a_claim_sends_the_claimed_email(
+    email_settings: UserApiSettings, mailjet: FakeMailjet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API stops while its sender is claiming an email: the stop waits, and the
+    email is sent and recorded, instead of staying claimed, unsent, for the whole
+    lease (two minutes in which a restarted API does not send it)."""
+    email_settings = email_settings.model_copy(update={"email_max_attempts": 1000})
+    mailjet.fail_next(1000, 503)
+    with TestClient(create_app(email_settings)) as client:
+        user = signup(client, USER)
+        finish(client, create_job(client, user, "claimed"))
+        wait_until(lambda: outbox(client)[0].attempts >= 1)
+    claiming, release = threading.Event(), threading.Event()
+    claim_next = repository.claim_next
+
+    def slow_claim(*args: Any, **kwargs: Any) -> Any:
+        claimed = claim_next(*args, **kwargs)
+        claiming.set()
+        assert release.wait(60)
+        return claimed
+
+    monkeypatch.setattr(repository, "claim_next", slow_claim)
+    engine = create_db_engine(email_settings.resolved_database_url)
+    transport = RecordingTransport()
+    sender = EmailSender(
+        session_factory=make_session_factory(engine),
+        transport=transport,
+        poll_seconds=0.02,
+        max_attempts=1000,
+        retry_max_seconds=0.05,
+    )
+
+    async def stop_while_claiming() -> None:
+        # The retry after the 503 is due within 0.05 s.
+        wait_until(lambda: outbox_of(email_settings)[0].next_attempt_at <= utcnow())
+        task = asyncio.ensure_future(sender.send_next())
+        assert await asyncio.to_thread(claiming.wait, 60)
+        task.cancel()  # the API shuts down
+        await asyncio.sleep(0)  # the task takes the cancellation
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(stop_while_claiming())
+    finally:
+        engine.dispose()
+    assert transport.subjects == ["LabCloud: job 'claimed' finished"]
+    assert [row.status for row in outbox_of(email_settings)] == ["sent"]
 
 
 def test_two_api_processes_never_send_the_same_email(
