@@ -8,10 +8,11 @@ from typing import Any
 
 
 def wait_for(
-    condition: Callable[[], Any], timeout: float = 10, *, interval: float = 0.05, what: str = ""
+    condition: Callable[[], Any], timeout: float = 60, *, interval: float = 0.05, what: str = ""
 ) -> Any:
     """Poll ``condition`` until it returns a truthy value (returned); fail after
-    ``timeout`` seconds."""
+    ``timeout`` seconds. The default is generous because it only bounds a failing
+    test: on a loaded 2-core machine what takes 1 s can take 10."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
