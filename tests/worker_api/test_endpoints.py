@@ -386,7 +386,8 @@ def test_reaper_fails_a_job_whose_worker_went_silent(
     assert put_status(client, queue_id, "running", worker) == 404
     error = fake_user_api.received[-1][1]
     assert error["runtime_details"] == (
-        "worker worker1@example.org sent no keep-alive for 0.2 s (attempt 1 of 1, pulled); giving up"
+        "worker worker1@example.org sent no keep-alive for 0.2 s "
+        "(attempt 1 of 1, pulled); giving up"
     )
 
 
@@ -415,7 +416,8 @@ def test_a_silent_workers_job_is_retried_on_another_worker_then_failed(
         "re-queued for attempt 2 of 2"
     )
     assert details[-1] == (
-        "worker worker2@example.org sent no keep-alive for 0.3 s (attempt 2 of 2, pulled); giving up"
+        "worker worker2@example.org sent no keep-alive for 0.3 s "
+        "(attempt 2 of 2, pulled); giving up"
     )
     assert put_status(client, queue_id, "running", second) == 404
 
