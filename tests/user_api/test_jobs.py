@@ -334,6 +334,50 @@ def test_a_job_whose_result_folder_holds_the_user_s_files_is_refused(
     assert weights.content == b"weights"
 
 
+def test_a_job_s_artifact_folder_takes_no_user_files_while_the_job_exists(
+    client: TestClient, user: dict[str, str]
+) -> None:
+    """Files put into artifact/<job>/ after the job was created would be deleted with
+    the job: every way of writing there is refused while the job exists."""
+    job_id = client.post("/jobs", json=_job("mymodel"), headers=user).json()["id"]
+    _upload(client, user, "data/weights.bin", b"weights")
+    refused = [
+        client.post(
+            "/files/artifact/mymodel/upload", files={"file": ("w.bin", b"w")}, headers=user
+        ),
+        client.post(
+            "/files/artifact/upload", files={"file": ("mymodel/w.bin", b"w")}, headers=user
+        ),
+        client.post("/files/artifact/mymodel/sub/url", headers=user),
+        client.post("/files/artifact/mymodel/sub/", headers=user),
+        client.put(
+            "/files/data/weights.bin", json={"path": "artifact/mymodel/w.bin"}, headers=user
+        ),
+    ]
+    for response in refused:
+        assert response.status_code == 409, response.text
+        assert "holds the results of your job 'mymodel'" in response.json()["detail"]
+    # A signed upload URL for artifact/ cannot put a part there either.
+    signed = client.post("/files/artifact/url", headers=user).json()
+    through_url = client.post(signed["url"], files={"file": ("mymodel/w.bin", b"w")})
+    assert through_url.status_code == 409, through_url.text
+    assert client.get("/files/artifact/mymodel", headers=user).status_code == 404
+    # A similar name is another folder; once the job is deleted its name is free.
+    assert (
+        client.post(
+            "/files/artifact/mymodel-2/upload", files={"file": ("w.bin", b"w")}, headers=user
+        ).status_code
+        == 201
+    )
+    assert client.delete(f"/jobs/{job_id}", headers=user).status_code == 204
+    assert (
+        client.post(
+            "/files/artifact/mymodel/upload", files={"file": ("w.bin", b"w")}, headers=user
+        ).status_code
+        == 201
+    )
+
+
 def _internal_key(client: TestClient) -> dict[str, str]:
     key = client.app.state.settings.internal_api_key_secret.get_secret_value()  # type: ignore[attr-defined]
     return {"x-api-key": key}

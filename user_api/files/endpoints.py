@@ -4,7 +4,10 @@ Route order matters: ``{path:path}`` also matches ``.../download`` and ``.../url
 so those routes come before the plain listing, and among the POST routes the
 trailing-slash form (create a folder) is distinct from ``/upload`` and ``/url``.
 The ``/_signed/{token}`` routes take no bearer token: the signature is the
-credential. All routes are sync: storage calls block.
+credential. All routes are sync: storage calls block. None keeps a database
+transaction open while a file moves (on SQLite that would hold the write lock for
+the whole transfer): the caller is read in a short transaction of its own
+(``CurrentUserBeforeWrites``), and so is anything else a route asks the database.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from labcloud.db import unit_of_work
 from labcloud.settings import AuthMode
 from labcloud.storage.http import download_response
 from labcloud.storage.uploads import MAX_UPLOAD_PARTS, check_part_count
-from user_api.dependencies import CurrentUser, SettingsDep, SignerDep, StorageDep
+from user_api.dependencies import CurrentUserBeforeWrites, SettingsDep, SignerDep, StorageDep
 from user_api.files import service
 from user_api.files.schemas import FileInfo, RenamePayload, UploadedFiles
 from user_api.limits import OwnerState, default_limits, owner_state
@@ -54,6 +57,10 @@ def _owner_lookup(request: Request, settings: UserApiSettings) -> Callable[[str]
     return lookup
 
 
+def _job_named(request: Request) -> service.JobNamed:
+    return service.job_name_lookup(request.app.state.session_factory)
+
+
 _DOWNLOAD_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {
         "description": "The file, or a folder as a ZIP archive, streamed.",
@@ -63,7 +70,7 @@ _DOWNLOAD_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 @router.get("/files/{path:path}/download", response_class=Response, responses=_DOWNLOAD_RESPONSES)
-def download_file(path: str, user: CurrentUser, storage: StorageDep) -> Response:
+def download_file(path: str, user: CurrentUserBeforeWrites, storage: StorageDep) -> Response:
     """Download a file; a folder comes as a ZIP archive."""
     target = service.download_target(storage, user.subject, path)
     return download_response(storage, target.key, filename=target.filename)
@@ -71,7 +78,11 @@ def download_file(path: str, user: CurrentUser, storage: StorageDep) -> Response
 
 @router.get("/files/{path:path}/url")
 def get_download_url(
-    path: str, user: CurrentUser, storage: StorageDep, signer: SignerDep, settings: SettingsDep
+    path: str,
+    user: CurrentUserBeforeWrites,
+    storage: StorageDep,
+    signer: SignerDep,
+    settings: SettingsDep,
 ) -> SignedRequest:
     """A short-lived request that downloads a file or folder without the bearer token."""
     return service.download_url(
@@ -87,7 +98,7 @@ def get_download_url(
 @router.get("/files/{path:path}")
 def list_files(
     path: str,
-    user: CurrentUser,
+    user: CurrentUserBeforeWrites,
     storage: StorageDep,
     show_dirs: bool = True,
     recursive: bool = False,
@@ -100,21 +111,33 @@ def list_files(
 @router.post("/files/{type}/{path:path}/upload", status_code=status.HTTP_201_CREATED)
 @router.post("/files/{type}/upload", status_code=status.HTTP_201_CREATED, include_in_schema=False)
 def upload_file(
-    type: str, file: FilesField, user: CurrentUser, storage: StorageDep, path: str = ""
+    request: Request,
+    type: str,
+    file: FilesField,
+    user: CurrentUserBeforeWrites,
+    storage: StorageDep,
+    path: str = "",
 ) -> UploadedFiles:
     """Upload files into the folder ``<type>/<path>/``, each under its own name;
     ``type`` is config, data or artifact. Several parts in the field ``file`` are
     all stored (a folder upload) or, if one is refused, none."""
     return service.upload_files(
-        storage, user.subject, type, path, _parts(file), max_bytes=user.limits.max_storage_bytes
+        storage,
+        user.subject,
+        type,
+        path,
+        _parts(file),
+        job_named=_job_named(request),
+        max_bytes=user.limits.max_storage_bytes,
     )
 
 
 @router.post("/files/{type}/{path:path}/url", status_code=status.HTTP_201_CREATED)
 @router.post("/files/{type}/url", status_code=status.HTTP_201_CREATED, include_in_schema=False)
 def get_upload_url(
+    request: Request,
     type: str,
-    user: CurrentUser,
+    user: CurrentUserBeforeWrites,
     storage: StorageDep,
     signer: SignerDep,
     settings: SettingsDep,
@@ -130,25 +153,32 @@ def get_upload_url(
         path,
         base_url=settings.public_url,
         expires_in=settings.signed_url_expiry_seconds,
+        job_named=_job_named(request),
     )
 
 
 @router.post("/files/{type}/{path:path}/", status_code=status.HTTP_201_CREATED)
-def create_folder(type: str, path: str, user: CurrentUser, storage: StorageDep) -> FileInfo:
+def create_folder(
+    request: Request, type: str, path: str, user: CurrentUserBeforeWrites, storage: StorageDep
+) -> FileInfo:
     """Create the folder ``<type>/<path>/`` and its parents."""
-    return service.make_folder(storage, user.subject, type, path)
+    return service.make_folder(storage, user.subject, type, path, job_named=_job_named(request))
 
 
 @router.put("/files/{path:path}")
 def rename_file(
-    path: str, payload: RenamePayload, user: CurrentUser, storage: StorageDep
+    request: Request,
+    path: str,
+    payload: RenamePayload,
+    user: CurrentUserBeforeWrites,
+    storage: StorageDep,
 ) -> FileInfo:
     """Rename a file or an empty folder."""
-    return service.rename(storage, user.subject, path, payload.path)
+    return service.rename(storage, user.subject, path, payload.path, job_named=_job_named(request))
 
 
 @router.delete("/files/{path:path}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_file(path: str, user: CurrentUser, storage: StorageDep) -> None:
+def delete_file(path: str, user: CurrentUserBeforeWrites, storage: StorageDep) -> None:
     """Delete a file or a folder with everything in it; 404 when nothing is there."""
     service.delete(storage, user.subject, path)
 
@@ -182,4 +212,5 @@ def signed_upload(
         _parts(file),
         owner_of=_owner_lookup(request, settings),
         session_factory=request.app.state.session_factory,
+        job_named=_job_named(request),
     )

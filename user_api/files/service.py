@@ -39,12 +39,20 @@ from labcloud.storage.signing import (
 )
 from labcloud.storage.uploads import folder_upload_keys
 from user_api.files.schemas import FileInfo, UploadedFiles
+from user_api.jobs import repository as jobs_repository
 from user_api.limits import OwnerState
 from user_api.models import USED_UPLOAD_TOKENS
 
 _SIZE_SUFFIXES = ("kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB", "RB", "QB")
+
+JobNamed = Callable[[str, str], bool]
+"""``job_named(subject, name)``: whether that account has a job called ``name``."""
 # The name offered for a zip of the user's whole root.
 _ROOT_ARCHIVE_NAME = "files"
+
+
+class JobResultsFolder(Conflict):
+    """The folder receives a job's results and is removed with that job."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +126,33 @@ def _upload_key(subject: str, area: str, path: str) -> str:
     return user_key(subject, f"{area}/{path}", allowed_areas=UPLOAD_AREAS)
 
 
+def job_name_lookup(session_factory: sessionmaker[Session]) -> JobNamed:
+    """``JobNamed`` reading the jobs table in a short transaction of its own per
+    question (the files routes keep none open while files move)."""
+
+    def job_named(subject: str, name: str) -> bool:
+        with unit_of_work(session_factory) as session:
+            return jobs_repository.has_job_named(session, subject, name)
+
+    return job_named
+
+
+def _refuse_job_results(key: str, job_named: JobNamed) -> None:
+    """Refuse a write at or under ``artifact/<name>`` while the user has a job called
+    ``name``: that folder receives the job's results and is removed with the job,
+    so a file the user put there would be deleted with it. (Creating a job whose
+    result folders already hold files is refused for the same reason.)"""
+    parts = split_user_key(key)
+    if parts.area is not FileArea.ARTIFACT or not parts.relative:
+        return
+    name = parts.relative.split("/", 1)[0]
+    if job_named(parts.subject, name):
+        raise JobResultsFolder(
+            f"'artifact/{name}/' holds the results of your job {name!r} and is removed "
+            "when that job is deleted; put your files in another folder"
+        )
+
+
 def _check_parents(storage: Storage, key: str) -> None:
     """Refuse ``key`` when one of the folders above it is a file."""
     segments = key.split("/")
@@ -144,11 +179,13 @@ def _file_target(storage: Storage, key: str) -> str:
 
 
 def _folder_targets(
-    storage: Storage, folder_key: str, parts: Sequence[IncomingFile]
+    storage: Storage, folder_key: str, parts: Sequence[IncomingFile], job_named: JobNamed
 ) -> list[tuple[str, BinaryIO]]:
     """Where each uploaded part goes inside ``folder_key`` (under its file name,
     which may be a relative path), every one checked before anything is written."""
     keys = folder_upload_keys(folder_key, [part.filename for part in parts])
+    for key in keys:
+        _refuse_job_results(key, job_named)
     return [
         (_file_target(storage, key), part.stream) for key, part in zip(keys, parts, strict=True)
     ]
@@ -242,15 +279,16 @@ def upload_files(
     folder: str,
     parts: Sequence[IncomingFile],
     *,
+    job_named: JobNamed,
     max_bytes: int | None = None,
 ) -> UploadedFiles:
     """Store each part as ``<area>/<folder>/<its file name>``, replacing files of
     those names. ``area`` must be one that takes uploads (config, data, artifact).
     All parts are stored or none (``labcloud.storage.uploads``); refused with
     ``StorageLimitReached`` when the user's files would exceed ``max_bytes`` (None:
-    no limit)."""
+    no limit), and with ``JobResultsFolder`` inside a job's ``artifact/<name>/``."""
     folder_key = _upload_key(subject, area, folder)
-    targets = _folder_targets(storage, folder_key, parts)
+    targets = _folder_targets(storage, folder_key, parts, job_named)
     return _uploaded(folder_key, write_files_within_limit(storage, subject, targets, max_bytes))
 
 
@@ -262,11 +300,18 @@ def upload_file(
     *,
     filename: str | None,
     stream: BinaryIO,
+    job_named: JobNamed,
     max_bytes: int | None = None,
 ) -> FileInfo:
     """Store one file as ``<area>/<folder>/<filename>`` (see ``upload_files``)."""
     uploaded = upload_files(
-        storage, subject, area, folder, [IncomingFile(filename, stream)], max_bytes=max_bytes
+        storage,
+        subject,
+        area,
+        folder,
+        [IncomingFile(filename, stream)],
+        job_named=job_named,
+        max_bytes=max_bytes,
     )
     return uploaded.files[0]
 
@@ -280,11 +325,13 @@ def upload_url(
     *,
     base_url: str,
     expires_in: int,
+    job_named: JobNamed,
 ) -> SignedRequest:
     """A short-lived POST, good for one upload, that stores files (multipart field
     ``file``) in ``<area>/<folder>/`` under their own names, without the bearer
     token."""
     folder_key = _upload_key(subject, area, folder)
+    _refuse_job_results(folder_key, job_named)
     existing = storage.stat(folder_key)
     if existing is not None and existing.type is EntryType.FILE:
         raise Conflict(f"{_display(folder_key)!r} is a file, not a folder")
@@ -298,9 +345,12 @@ def upload_url(
     )
 
 
-def make_folder(storage: Storage, subject: str, area: str, path: str) -> FileInfo:
+def make_folder(
+    storage: Storage, subject: str, area: str, path: str, *, job_named: JobNamed
+) -> FileInfo:
     """Create ``<area>/<path>/`` and its parents; an existing folder is fine."""
     key = _upload_key(subject, area, path)
+    _refuse_job_results(key, job_named)
     existing = storage.stat(key)
     if existing is not None and existing.type is EntryType.FILE:
         raise Conflict(f"{_display(key)!r} is a file, not a folder")
@@ -308,7 +358,9 @@ def make_folder(storage: Storage, subject: str, area: str, path: str) -> FileInf
     return file_info(storage.make_folder(key))
 
 
-def rename(storage: Storage, subject: str, path: str, new_path: str) -> FileInfo:
+def rename(
+    storage: Storage, subject: str, path: str, new_path: str, *, job_named: JobNamed
+) -> FileInfo:
     """Move a file or an empty folder to ``new_path``, which must lie in an area
     that takes uploads. Raises ``NotFound``, ``MethodNotAllowed`` (an area folder or
     a folder with contents) or ``Conflict`` (``new_path`` exists)."""
@@ -330,6 +382,7 @@ def rename(storage: Storage, subject: str, path: str, new_path: str) -> FileInfo
     target = user_key(subject, new_path, allowed_areas=UPLOAD_AREAS)
     if target == source:
         return file_info(entry)
+    _refuse_job_results(target, job_named)
     if target.startswith(source + "/"):
         raise BadRequest(f"cannot move {_display(source, entry.type)!r} into itself")
     existing = _stat(storage, target)
@@ -387,6 +440,7 @@ def signed_upload(
     *,
     owner_of: Callable[[str], OwnerState],
     session_factory: sessionmaker[Session],
+    job_named: JobNamed,
 ) -> UploadedFiles:
     """Store an upload sent to a signed URL inside the signed folder, each part
     under its file name, within the owner's storage limit; the URL is then used up
@@ -403,7 +457,7 @@ def signed_upload(
     with unit_of_work(session_factory) as session:
         claim_upload(session, USED_UPLOAD_TOKENS, transfer, utcnow())
     try:
-        targets = _folder_targets(storage, transfer.key, parts)
+        targets = _folder_targets(storage, transfer.key, parts, job_named)
         entries = write_files_within_limit(storage, subject, targets, state.max_storage_bytes)
     except LabCloudError:
         with unit_of_work(session_factory) as session:

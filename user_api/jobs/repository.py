@@ -38,6 +38,17 @@ def list_for_user(
     return session.scalars(query).all()
 
 
+def has_job_named(session: Session, subject: str, job_name: str) -> bool:
+    """Whether the account ``subject`` has a job called ``job_name``."""
+    statement = (
+        select(Job.id)
+        .join(User, User.id == Job.user_id)
+        .where(User.subject == subject, Job.job_name == job_name)
+        .limit(1)
+    )
+    return session.scalar(statement) is not None
+
+
 def owner_email(session: Session, job: Job) -> str:
     return session.scalars(select(User.email).where(User.id == job.user_id)).one()
 

@@ -96,13 +96,24 @@ def signed_upload(
         [service.IncomingFile(name, io.BytesIO(data)) for name, data in files],
         owner_of=owners or Owners(),
         session_factory=sessions,
+        job_named=no_jobs,
     )
 
 
 def upload(storage: LocalStorage, area: str, folder: str, name: str, data: bytes) -> FileInfo:
     return service.upload_file(
-        storage, SUBJECT, area, folder, filename=name, stream=io.BytesIO(data)
+        storage,
+        SUBJECT,
+        area,
+        folder,
+        filename=name,
+        stream=io.BytesIO(data),
+        job_named=no_jobs,
     )
+
+
+def no_jobs(subject: str, name: str) -> bool:
+    return False
 
 
 def paths(infos: list[FileInfo]) -> list[str]:
@@ -184,7 +195,15 @@ def test_listing_something_absent_is_404(storage: LocalStorage) -> None:
 
 def test_users_only_reach_their_own_root(storage: LocalStorage) -> None:
     upload(storage, "data", "", "mine.txt", b"u1")
-    service.upload_file(storage, "u2", "data", "", filename="theirs.txt", stream=io.BytesIO(b"u2"))
+    service.upload_file(
+        storage,
+        "u2",
+        "data",
+        "",
+        filename="theirs.txt",
+        stream=io.BytesIO(b"u2"),
+        job_named=no_jobs,
+    )
     assert paths(service.list_files(storage, SUBJECT, "data")) == ["data/mine.txt"]
     with pytest.raises(UnsafePath):
         service.list_files(storage, SUBJECT, "data/../../u2/data")
@@ -220,7 +239,7 @@ def test_bad_uploads_write_nothing(
 
 
 def test_upload_conflicts(storage: LocalStorage) -> None:
-    service.make_folder(storage, SUBJECT, "data", "run1/sub")
+    service.make_folder(storage, SUBJECT, "data", "run1/sub", job_named=no_jobs)
     with pytest.raises(Conflict, match=re.escape("'data/run1/sub/' is a folder")):
         upload(storage, "data", "run1", "sub", b"x")
     upload(storage, "data", "", "plain.txt", b"x")
@@ -231,66 +250,77 @@ def test_upload_conflicts(storage: LocalStorage) -> None:
 
 
 def test_make_folder(storage: LocalStorage) -> None:
-    info = service.make_folder(storage, SUBJECT, "data", "new/nested/")
+    info = service.make_folder(storage, SUBJECT, "data", "new/nested/", job_named=no_jobs)
     assert info == FileInfo(
         path="data/new/nested/", type=EntryType.DIRECTORY, size="", size_bytes=0
     )
-    assert service.make_folder(storage, SUBJECT, "data", "new/nested") == info
+    assert service.make_folder(storage, SUBJECT, "data", "new/nested", job_named=no_jobs) == info
     upload(storage, "data", "", "f", b"x")
     with pytest.raises(Conflict, match=re.escape("'data/f' is a file, not a folder")):
-        service.make_folder(storage, SUBJECT, "data", "f")
+        service.make_folder(storage, SUBJECT, "data", "f", job_named=no_jobs)
     with pytest.raises(UnknownArea, match="config, data, artifact"):
-        service.make_folder(storage, SUBJECT, "output", "x")
+        service.make_folder(storage, SUBJECT, "output", "x", job_named=no_jobs)
 
 
 def test_rename_file(storage: LocalStorage) -> None:
     upload(storage, "data", "test", "one.txt", b"one")
     upload(storage, "data", "test", "two.txt", b"two")
-    renamed = service.rename(storage, SUBJECT, "data/test/one.txt", "artifact/moved/one.txt")
+    renamed = service.rename(
+        storage, SUBJECT, "data/test/one.txt", "artifact/moved/one.txt", job_named=no_jobs
+    )
     assert renamed == FileInfo(
         path="artifact/moved/one.txt", type=EntryType.FILE, size="3 Bytes", size_bytes=3
     )
     assert paths(service.list_files(storage, SUBJECT, "data/test")) == ["data/test/two.txt"]
     # Renaming onto itself changes nothing.
-    assert service.rename(storage, SUBJECT, "data/test/two.txt", "data/test//two.txt").path == (
-        "data/test/two.txt"
-    )
+    assert service.rename(
+        storage, SUBJECT, "data/test/two.txt", "data/test//two.txt", job_named=no_jobs
+    ).path == ("data/test/two.txt")
 
 
 def test_rename_refusals(storage: LocalStorage) -> None:
     upload(storage, "data", "test", "one.txt", b"one")
     upload(storage, "data", "test", "two.txt", b"two")
     storage.write("u1/output/job/result.txt", io.BytesIO(b"r"))  # as a job's result
-    service.make_folder(storage, SUBJECT, "data", "empty")
+    service.make_folder(storage, SUBJECT, "data", "empty", job_named=no_jobs)
     with pytest.raises(NotFound, match=re.escape("'data/none.txt'")):
-        service.rename(storage, SUBJECT, "data/none.txt", "data/x.txt")
+        service.rename(storage, SUBJECT, "data/none.txt", "data/x.txt", job_named=no_jobs)
     with pytest.raises(MethodNotAllowed, match=re.escape("area folder 'data/'")):
-        service.rename(storage, SUBJECT, "data/", "/data/new")
+        service.rename(storage, SUBJECT, "data/", "/data/new", job_named=no_jobs)
     with pytest.raises(MethodNotAllowed, match="root folder"):
-        service.rename(storage, SUBJECT, "/", "data/new")
+        service.rename(storage, SUBJECT, "/", "data/new", job_named=no_jobs)
     with pytest.raises(MethodNotAllowed, match=re.escape("'data/test/' is not empty")):
-        service.rename(storage, SUBJECT, "data/test", "data/other")
+        service.rename(storage, SUBJECT, "data/test", "data/other", job_named=no_jobs)
     with pytest.raises(Conflict, match=re.escape("'data/test/two.txt' already exists")):
-        service.rename(storage, SUBJECT, "data/test/one.txt", "data/test/two.txt")
+        service.rename(
+            storage, SUBJECT, "data/test/one.txt", "data/test/two.txt", job_named=no_jobs
+        )
     with pytest.raises(Conflict, match=re.escape("'config/' already exists")):
-        service.rename(storage, SUBJECT, "data/test/one.txt", "config")
+        service.rename(storage, SUBJECT, "data/test/one.txt", "config", job_named=no_jobs)
     with pytest.raises(UnknownArea, match="use one of config, data, artifact"):
-        service.rename(storage, SUBJECT, "data/test/one.txt", "output/one.txt")
+        service.rename(storage, SUBJECT, "data/test/one.txt", "output/one.txt", job_named=no_jobs)
     with pytest.raises(UnsafePath, match="is absolute"):
-        service.rename(storage, SUBJECT, "data/test/one.txt", "/data/abs.txt")
+        service.rename(storage, SUBJECT, "data/test/one.txt", "/data/abs.txt", job_named=no_jobs)
     with pytest.raises(UnsafePath, match=re.escape("'..' segment")):
-        service.rename(storage, SUBJECT, "data/test/one.txt", "data/../../u2/data/x")
+        service.rename(
+            storage, SUBJECT, "data/test/one.txt", "data/../../u2/data/x", job_named=no_jobs
+        )
     with pytest.raises(BadRequest, match="into itself"):
-        service.rename(storage, SUBJECT, "data/empty", "data/empty/inner")
+        service.rename(storage, SUBJECT, "data/empty", "data/empty/inner", job_named=no_jobs)
     with pytest.raises(Conflict, match=re.escape("'data/test/one.txt' is a file, not a folder")):
-        service.rename(storage, SUBJECT, "data/test/two.txt", "data/test/one.txt/two.txt")
+        service.rename(
+            storage, SUBJECT, "data/test/two.txt", "data/test/one.txt/two.txt", job_named=no_jobs
+        )
     before = files_on_disk(storage.root)
     assert "u1/data/test/one.txt" in before
     # An empty folder moves; a job's result may be kept as an artifact.
-    assert service.rename(storage, SUBJECT, "data/empty", "data/full").path == "data/full/"
-    assert service.rename(storage, SUBJECT, "output/job/result.txt", "artifact/r.txt").path == (
-        "artifact/r.txt"
+    assert (
+        service.rename(storage, SUBJECT, "data/empty", "data/full", job_named=no_jobs).path
+        == "data/full/"
     )
+    assert service.rename(
+        storage, SUBJECT, "output/job/result.txt", "artifact/r.txt", job_named=no_jobs
+    ).path == ("artifact/r.txt")
 
 
 def test_delete(storage: LocalStorage) -> None:
@@ -366,7 +396,14 @@ def test_a_download_url_does_not_upload(
 
 def _upload_token(storage: LocalStorage, signer: UrlSigner, folder: str = "test/") -> str:
     request = service.upload_url(
-        storage, signer, SUBJECT, "data", folder, base_url=BASE_URL, expires_in=60
+        storage,
+        signer,
+        SUBJECT,
+        "data",
+        folder,
+        base_url=BASE_URL,
+        expires_in=60,
+        job_named=no_jobs,
     )
     assert (request.method, request.headers, request.data) == ("POST", {}, {})
     return token_of(request.url)
@@ -382,7 +419,14 @@ def test_upload_url_round_trip(
         service.signed_download_target(storage, signer, token, owner_of=Owners())
     with pytest.raises(UnknownArea, match="use one of config, data, artifact"):
         service.upload_url(
-            storage, signer, SUBJECT, "output", "x", base_url=BASE_URL, expires_in=60
+            storage,
+            signer,
+            SUBJECT,
+            "output",
+            "x",
+            base_url=BASE_URL,
+            expires_in=60,
+            job_named=no_jobs,
         )
     with pytest.raises(Conflict, match="is a file, not a folder"):
         service.upload_url(
@@ -393,6 +437,7 @@ def test_upload_url_round_trip(
             "test/data_file1.txt",
             base_url=BASE_URL,
             expires_in=60,
+            job_named=no_jobs,
         )
 
 
@@ -448,6 +493,7 @@ def test_several_parts_are_a_folder_upload(
             service.IncomingFile("a.txt", io.BytesIO(b"a")),
             service.IncomingFile("sub/b.txt", io.BytesIO(b"bb")),
         ],
+        job_named=no_jobs,
     )
     assert (uploaded.path, uploaded.type, uploaded.size_bytes) == ("data/set/", "directory", 3)
     assert paths(uploaded.files) == ["data/set/a.txt", "data/set/sub/b.txt"]
@@ -469,5 +515,6 @@ def test_several_parts_are_a_folder_upload(
                 "data",
                 "set",
                 [service.IncomingFile(name, io.BytesIO(data)) for name, data in parts],
+                job_named=no_jobs,
             )
     assert files_on_disk(storage.root) == before
