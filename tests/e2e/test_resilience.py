@@ -302,15 +302,15 @@ def test_cancel_running_job_stops_container_and_keeps_partial_log(stack: Stack) 
 
 
 def test_cancel_after_finish_changes_nothing(stack: Stack) -> None:
-    """A finished job stays as it is, results included."""
+    """Cancelling a finished job is refused (409) and changes nothing, results included."""
     with stack.user(_email()) as client:
         job_id = _submit(client, "done", "nap", NAP_SECONDS="0")
         finished = _wait_status(client, job_id, {"finished", "error"}, 60)
         assert finished["status"] == "finished"
 
         response = client.post(f"/jobs/{job_id}/cancel")
-        assert response.status_code == 200, response.text
-        assert response.json() == finished
+        assert response.status_code == 409, response.text
+        assert "already ended (status finished)" in response.json()["detail"]
         time.sleep(0.5)
         assert _job(client, job_id) == finished
         log = client.get("/files/log/done/log.txt/download")

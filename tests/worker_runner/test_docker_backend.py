@@ -3,6 +3,8 @@ locally (no registry needed). Skipped (by tests/conftest.py) when no engine answ
 
 from __future__ import annotations
 
+import posixpath
+import re
 import signal
 import subprocess
 import sys
@@ -319,7 +321,10 @@ class StubApi:
             if req.method == "GET":
                 return httpx.Response(200, content=b"payload\n")
             body = req.read()
-            name = req.url.params["name"]
+            # The URL names the folder (DECODE's base_path); the part names the file.
+            filename = re.search(rb'filename="([^"]*)"', body)
+            assert filename is not None, body[:200]
+            name = posixpath.join(req.url.params["name"], filename.group(1).decode())
             self.uploads[name] = body[body.index(b"\r\n\r\n") + 4 : body.rindex(b"\r\n--")]
             return httpx.Response(204)
         if path == "/jobs":

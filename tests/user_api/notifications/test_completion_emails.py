@@ -273,9 +273,10 @@ def test_failed_job_email_quotes_the_log_escaped(
 def test_canceled_job_sends_one_email(email_client: TestClient, mailjet: FakeMailjet) -> None:
     user = signup(email_client, USER)
     job_id = create_job(email_client, user, "run-3")
-    for _ in range(2):
-        response = email_client.post(f"/jobs/{job_id}/cancel", headers=user)
-        assert response.json()["status"] == "canceled"
+    response = email_client.post(f"/jobs/{job_id}/cancel", headers=user)
+    assert response.json()["status"] == "canceled"
+    # A second cancel is refused (the job has ended) and queues no second email.
+    assert email_client.post(f"/jobs/{job_id}/cancel", headers=user).status_code == 409
     assert not report(email_client, job_id, "error", "the worker saw it late")
 
     wait_until(lambda: len(mailjet.received) == 1)
