@@ -79,6 +79,14 @@ def _begin_immediate(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def first_statement_locks_writers(factory: sessionmaker[Session]) -> bool:
+    """Whether a transaction of ``factory`` takes the database's write lock at its
+    first statement, reads included (SQLite, see ``_begin_immediate``); on
+    PostgreSQL reads lock nothing."""
+    bind = factory.kw.get("bind")
+    return bind is not None and bind.dialect.name == "sqlite"
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 

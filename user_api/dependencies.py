@@ -17,7 +17,12 @@ from sqlalchemy.orm import Session
 from labcloud.auth import Principal, TokenVerifier
 from labcloud.auth.local import LocalTokenIssuer
 from labcloud.contract import Group
-from labcloud.db import after_commit, request_unit_of_work, unit_of_work
+from labcloud.db import (
+    after_commit,
+    first_statement_locks_writers,
+    request_unit_of_work,
+    unit_of_work,
+)
 from labcloud.errors import Forbidden, NotFound
 from labcloud.settings import AuthMode
 from labcloud.storage.base import Storage
@@ -147,27 +152,55 @@ async def get_current_user(caller: Caller) -> AuthenticatedUser:
 CurrentUser = Annotated[AuthenticatedUser, Depends(get_current_user)]
 
 
-def _caller_in_own_transaction(request: Request, _scheme: BearerScheme) -> AuthenticatedUser:
+def _resolve(request: Request, session: Session) -> AuthenticatedUser:
     settings: UserApiSettings = request.app.state.settings
+    return resolve_caller(
+        session,
+        _verify(request),
+        local=settings.auth is AuthMode.LOCAL,
+        default_limits=default_limits(settings),
+    )
+
+
+def _caller_in_own_transaction(request: Request, _scheme: BearerScheme) -> AuthenticatedUser:
     with unit_of_work(request.app.state.session_factory) as session:
-        return resolve_caller(
-            session,
-            _verify(request),
-            local=settings.auth is AuthMode.LOCAL,
-            default_limits=default_limits(settings),
-        )
+        return _resolve(request, session)
+
+
+def _caller_before_writes(
+    request: Request, session: SessionDep, _scheme: BearerScheme
+) -> AuthenticatedUser:
+    # On PostgreSQL a read locks nothing, so the request's own transaction serves
+    # (one transaction fewer per request); ``session`` starts none until it is used.
+    if first_statement_locks_writers(request.app.state.session_factory):
+        return _caller_in_own_transaction(request, _scheme)
+    return _resolve(request, session)
 
 
 async def get_current_user_before_writes(
-    caller: Annotated[AuthenticatedUser, Depends(_caller_in_own_transaction)],
+    caller: Annotated[AuthenticatedUser, Depends(_caller_before_writes)],
 ) -> AuthenticatedUser:
-    """``CurrentUser`` read in a short transaction of its own, not in the request's:
-    a route can then do slow checks (storage look-ups) before its unit of work
-    starts, which on SQLite takes the database's write lock."""
+    """``CurrentUser`` read without taking SQLite's write lock (in a short
+    transaction of its own there): a route can then do slow checks (storage
+    look-ups) before its unit of work takes the lock."""
     return await get_current_user(caller)
 
 
 CurrentUserBeforeWrites = Annotated[AuthenticatedUser, Depends(get_current_user_before_writes)]
+
+
+async def get_current_user_outside_transactions(
+    caller: Annotated[AuthenticatedUser, Depends(_caller_in_own_transaction)],
+) -> AuthenticatedUser:
+    """``CurrentUser`` read in a short transaction that ends before the route runs,
+    for routes that move files: they hold no database connection (nor SQLite's
+    write lock) while a file streams."""
+    return await get_current_user(caller)
+
+
+CurrentUserOutsideTransactions = Annotated[
+    AuthenticatedUser, Depends(get_current_user_outside_transactions)
+]
 
 
 async def get_current_admin(caller: Caller) -> AuthenticatedUser:

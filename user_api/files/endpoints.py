@@ -7,7 +7,7 @@ The ``/_signed/{token}`` routes take no bearer token: the signature is the
 credential. All routes are sync: storage calls block. None keeps a database
 transaction open while a file moves (on SQLite that would hold the write lock for
 the whole transfer): the caller is read in a short transaction of its own
-(``CurrentUserBeforeWrites``), and so is anything else a route asks the database.
+(``CurrentUserOutsideTransactions``), and so is anything else a route asks the database.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from labcloud.db import unit_of_work
 from labcloud.settings import AuthMode
 from labcloud.storage.http import download_response
 from labcloud.storage.uploads import MAX_UPLOAD_PARTS, check_part_count
-from user_api.dependencies import CurrentUserBeforeWrites, SettingsDep, SignerDep, StorageDep
+from user_api.dependencies import CurrentUserOutsideTransactions, SettingsDep, SignerDep, StorageDep
 from user_api.files import service
 from user_api.files.schemas import FileInfo, RenamePayload, UploadedFiles
 from user_api.limits import OwnerState, default_limits, owner_state
@@ -70,7 +70,7 @@ _DOWNLOAD_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 @router.get("/files/{path:path}/download", response_class=Response, responses=_DOWNLOAD_RESPONSES)
-def download_file(path: str, user: CurrentUserBeforeWrites, storage: StorageDep) -> Response:
+def download_file(path: str, user: CurrentUserOutsideTransactions, storage: StorageDep) -> Response:
     """Download a file; a folder comes as a ZIP archive."""
     target = service.download_target(storage, user.subject, path)
     return download_response(storage, target.key, filename=target.filename)
@@ -79,7 +79,7 @@ def download_file(path: str, user: CurrentUserBeforeWrites, storage: StorageDep)
 @router.get("/files/{path:path}/url")
 def get_download_url(
     path: str,
-    user: CurrentUserBeforeWrites,
+    user: CurrentUserOutsideTransactions,
     storage: StorageDep,
     signer: SignerDep,
     settings: SettingsDep,
@@ -98,7 +98,7 @@ def get_download_url(
 @router.get("/files/{path:path}")
 def list_files(
     path: str,
-    user: CurrentUserBeforeWrites,
+    user: CurrentUserOutsideTransactions,
     storage: StorageDep,
     show_dirs: bool = True,
     recursive: bool = False,
@@ -114,7 +114,7 @@ def upload_file(
     request: Request,
     type: str,
     file: FilesField,
-    user: CurrentUserBeforeWrites,
+    user: CurrentUserOutsideTransactions,
     storage: StorageDep,
     path: str = "",
 ) -> UploadedFiles:
@@ -137,7 +137,7 @@ def upload_file(
 def get_upload_url(
     request: Request,
     type: str,
-    user: CurrentUserBeforeWrites,
+    user: CurrentUserOutsideTransactions,
     storage: StorageDep,
     signer: SignerDep,
     settings: SettingsDep,
@@ -159,7 +159,11 @@ def get_upload_url(
 
 @router.post("/files/{type}/{path:path}/", status_code=status.HTTP_201_CREATED)
 def create_folder(
-    request: Request, type: str, path: str, user: CurrentUserBeforeWrites, storage: StorageDep
+    request: Request,
+    type: str,
+    path: str,
+    user: CurrentUserOutsideTransactions,
+    storage: StorageDep,
 ) -> FileInfo:
     """Create the folder ``<type>/<path>/`` and its parents."""
     return service.make_folder(storage, user.subject, type, path, job_named=_job_named(request))
@@ -170,7 +174,7 @@ def rename_file(
     request: Request,
     path: str,
     payload: RenamePayload,
-    user: CurrentUserBeforeWrites,
+    user: CurrentUserOutsideTransactions,
     storage: StorageDep,
 ) -> FileInfo:
     """Rename a file or an empty folder."""
@@ -178,7 +182,7 @@ def rename_file(
 
 
 @router.delete("/files/{path:path}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_file(path: str, user: CurrentUserBeforeWrites, storage: StorageDep) -> None:
+def delete_file(path: str, user: CurrentUserOutsideTransactions, storage: StorageDep) -> None:
     """Delete a file or a folder with everything in it; 404 when nothing is there."""
     service.delete(storage, user.subject, path)
 
