@@ -22,6 +22,17 @@ def undocumented_operations(schema: dict[str, Any]) -> list[str]:
     ]
 
 
+def unsecured_operations(schema: dict[str, Any], *, public: set[str]) -> list[str]:
+    """``METHOD path`` of each operation that declares no security scheme, except on
+    the ``public`` paths."""
+    return [
+        f"{method.upper()} {path}"
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+        if "security" not in operation and path not in public
+    ]
+
+
 def _kind(parameter: dict[str, Any]) -> str | None:
     schema = parameter.get("schema", {})
     for option in [schema, *schema.get("anyOf", [])]:

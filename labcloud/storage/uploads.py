@@ -10,7 +10,7 @@ with 400 before anything is written. No part is ever dropped silently.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from labcloud.errors import BadRequest, Conflict
 from labcloud.storage.base import EntryType, Storage
@@ -67,13 +67,21 @@ def folder_upload_keys(folder_key: str, filenames: Sequence[str | None]) -> list
     return keys
 
 
-def check_file_target(storage: Storage, key: str, *, first_checked_depth: int = 2) -> None:
-    """Refuse ``key`` when a folder is there (a file cannot replace it) or a file
-    is where one of its folders would be. Folders above ``first_checked_depth``
-    segments (a user's root and area by default) are not looked at."""
-    existing = storage.stat(key)
-    if existing is not None and existing.type is EntryType.DIRECTORY:
-        raise Conflict(f"{key!r} is a folder; a file cannot replace it")
+def _as_key(key: str, _type: EntryType) -> str:
+    return key
+
+
+def check_parents(
+    storage: Storage,
+    key: str,
+    *,
+    first_checked_depth: int = 2,
+    display: Callable[[str, EntryType], str] = _as_key,
+) -> None:
+    """Refuse ``key`` when a file is where one of its folders would be. Folders
+    above ``first_checked_depth`` segments (a user's root and area by default) are
+    not looked at; ``display`` names a key in the message (the key itself by
+    default)."""
     segments = key.split("/")
     for depth in range(first_checked_depth, len(segments)):
         ancestor = "/".join(segments[:depth])
@@ -81,4 +89,21 @@ def check_file_target(storage: Storage, key: str, *, first_checked_depth: int = 
         if entry is None:
             return
         if entry.type is EntryType.FILE:
-            raise Conflict(f"{ancestor!r} is a file, not a folder")
+            raise Conflict(f"{display(ancestor, EntryType.FILE)!r} is a file, not a folder")
+
+
+def check_file_target(
+    storage: Storage,
+    key: str,
+    *,
+    first_checked_depth: int = 2,
+    display: Callable[[str, EntryType], str] = _as_key,
+) -> None:
+    """Refuse ``key`` when a folder is there (a file cannot replace it) or a file
+    is where one of its folders would be (``check_parents``)."""
+    existing = storage.stat(key)
+    if existing is not None and existing.type is EntryType.DIRECTORY:
+        raise Conflict(
+            f"{display(key, EntryType.DIRECTORY)!r} is a folder; a file cannot replace it"
+        )
+    check_parents(storage, key, first_checked_depth=first_checked_depth, display=display)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from tests.openapi_probe import numeric_probes, undocumented_operations
+from tests.openapi_probe import numeric_probes, undocumented_operations, unsecured_operations
 from tests.worker_api.conftest import FakeUserApi
 from tests.worker_api.test_endpoints import INTERNAL, client, make_client  # noqa: F401
 
@@ -25,13 +25,7 @@ def test_every_operation_is_described_and_declares_its_auth(client: TestClient) 
         "description": "The key the two APIs share (INTERNAL_API_KEY_SECRET).",
     }
     assert undocumented_operations(schema) == []
-    unsecured = [
-        f"{method} {path}"
-        for path, operations in schema["paths"].items()
-        for method, operation in operations.items()
-        if "security" not in operation and path not in PUBLIC
-    ]
-    assert unsecured == []
+    assert unsecured_operations(schema, public=PUBLIC) == []
     assert schema["paths"]["/_jobs"]["post"]["security"] == [{"internalApiKey": []}]
 
 

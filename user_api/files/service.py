@@ -37,7 +37,7 @@ from labcloud.storage.signing import (
     TransferPurpose,
     UrlSigner,
 )
-from labcloud.storage.uploads import folder_upload_keys
+from labcloud.storage.uploads import check_file_target, check_parents, folder_upload_keys
 from user_api.files.schemas import FileInfo, UploadedFiles
 from user_api.jobs import repository as jobs_repository
 from user_api.limits import OwnerState
@@ -154,27 +154,15 @@ def _refuse_job_results(key: str, job_named: JobNamed) -> None:
 
 
 def _check_parents(storage: Storage, key: str) -> None:
-    """Refuse ``key`` when one of the folders above it is a file."""
-    segments = key.split("/")
-    # segments[0] is the user's root, segments[1] the area: check from the area down.
-    for depth in range(2, len(segments)):
-        ancestor = "/".join(segments[:depth])
-        entry = storage.stat(ancestor)
-        if entry is None:
-            return
-        if entry.type is EntryType.FILE:
-            raise Conflict(f"{_display(ancestor)!r} is a file, not a folder")
+    """Refuse ``key`` when one of the folders above it (from the area down) is a
+    file."""
+    check_parents(storage, key, display=_display)
 
 
 def _file_target(storage: Storage, key: str) -> str:
     """Check that a file may be written at ``key``: no folder there, no file
     above it."""
-    existing = storage.stat(key)
-    if existing is not None and existing.type is EntryType.DIRECTORY:
-        raise Conflict(
-            f"{_display(key, EntryType.DIRECTORY)!r} is a folder; a file cannot replace it"
-        )
-    _check_parents(storage, key)
+    check_file_target(storage, key, display=_display)
     return key
 
 
