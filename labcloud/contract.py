@@ -208,12 +208,53 @@ class SignedRequest(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+class FailureKind(StrEnum):
+    """Why a job did not finish, as far as LabCloud can tell."""
+
+    # The tool failed: non-zero exit, out of its memory limit, bad results.
+    USER_ERROR = "user_error"
+    # LabCloud or the host failed: image pull, storage, the engine, a refused queue.
+    SYSTEM_ERROR = "system_error"
+    CANCELED = "canceled"
+    TIMED_OUT = "timed_out"
+    # The worker holding it went silent and the job could not be retried.
+    LOST = "lost"
+
+
+# The most characters of log kept in an outcome (the whole log is a file).
+OUTCOME_LOG_TAIL_CHARS = 4000
+
+
+class Outcome(_Wire):
+    """Extension: how one attempt of a job ended, beside the free-text
+    ``runtime_details``. Sent by the runner with a terminal status, completed by the
+    worker API (attempt number, ``lost``), stored and shown by the user API."""
+
+    exit_code: int | None = None
+    # None when the job finished.
+    failure: FailureKind | None = None
+    # 1 for the first run; a job re-queued after its worker was lost runs again.
+    attempt: int | None = Field(default=None, ge=1)
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    log_tail: str | None = Field(default=None, max_length=OUTCOME_LOG_TAIL_CHARS)
+
+
+class StatusReport(_Wire):
+    """Extension: the optional JSON body of a worker's ``PUT /jobs/{id}/status``
+    (DECODE's worker sends none; its query parameters stay the status)."""
+
+    outcome: Outcome | None = None
+
+
 class StatusUpdate(_Wire):
     """Body of the worker API's callback ``PUT /_job_status`` on the user API."""
 
     job_id: int
     status: JobStatus
     runtime_details: str | None = None
+    # Extension: set with terminal statuses.
+    outcome: Outcome | None = None
 
 
 class Group(StrEnum):
