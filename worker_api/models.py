@@ -147,7 +147,11 @@ class QueuedJob(Base):
 
 class StatusOutbox(Base):
     """A status change the user API has not acknowledged yet. Rows are sent in id
-    order and deleted once acknowledged, so a change survives restarts of either API."""
+    order and deleted once acknowledged, so a change survives restarts of either API.
+
+    ``outcome`` is how the attempt ended (``labcloud.contract.Outcome`` as JSON),
+    set with terminal statuses; NULL for the others and for a worker that sent none
+    and was not given up by the reaper."""
 
     __tablename__ = "status_outbox"
 
@@ -155,6 +159,7 @@ class StatusOutbox(Base):
     job_id: Mapped[int] = mapped_column(Integer)
     status: Mapped[JobStatus] = mapped_column(StatusType())
     runtime_details: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
     __table_args__ = (CheckConstraint(STATUS_CHECK, name="status"),)

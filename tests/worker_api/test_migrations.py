@@ -142,3 +142,29 @@ def test_requirements_left_unset_become_zero(fresh_engine: Engine) -> None:
             text("SELECT job_id, cpu_cores, memory, gpu_mem FROM queued_jobs ORDER BY job_id")
         ).all()
     assert [tuple(row) for row in rows] == [(1, 0, 0, 0), (2, 0, 16000, 0)]
+
+
+def test_outcome_column_keeps_pending_status_changes(fresh_engine: Engine) -> None:
+    """Status changes waiting in the outbox when 0005 runs stay there, without an
+    outcome; a downgrade keeps them too and drops only the column."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    pending = text(
+        "INSERT INTO status_outbox (job_id, status, runtime_details, created_at) "
+        "VALUES (7, 'running', 'step 2', CURRENT_TIMESTAMP)"
+    )
+    with fresh_engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+        connection.execute(pending)
+    migrate(fresh_engine, MIGRATIONS)
+    with fresh_engine.begin() as connection:
+        rows = connection.execute(
+            text("SELECT job_id, status, runtime_details, outcome FROM status_outbox")
+        ).all()
+        assert [tuple(row) for row in rows] == [(7, "running", "step 2", None)]
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0004")
+    assert "outcome" not in {c["name"] for c in inspect(fresh_engine).get_columns("status_outbox")}
+    with fresh_engine.connect() as connection:
+        assert connection.execute(text("SELECT job_id FROM status_outbox")).scalars().all() == [7]
