@@ -264,4 +264,13 @@ class Group(StrEnum):
     ADMINS = "admins"
 
 
+# The user API's admin routes show it; ``labcloud admin`` filters by it.
+class AccountStatus(StrEnum):
+    """Where an account stands: waiting for approval, usable, or disabled."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    DISABLED = "disabled"
+
+
 INTERNAL_API_KEY_HEADER = "x-api-key"

@@ -8,15 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from labcloud.contract import AccountStatus as AccountStatus  # re-exported for this domain
 from labcloud.contract import Environment, Group, JobStatus
-
-
-class AccountStatus(StrEnum):
-    """Where an account stands: waiting for approval, usable, or disabled."""
-
-    PENDING = "pending"
-    ACTIVE = "active"
-    DISABLED = "disabled"
 
 
 class AuditAction(StrEnum):
