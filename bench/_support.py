@@ -24,7 +24,7 @@ if str(REPO_ROOT) not in sys.path:
 import docker  # noqa: E402
 
 from labcloud.contract import HardwareSpec  # noqa: E402
-from labcloud.images import DEMO_IMAGE, ensure_demo_image  # noqa: E402
+from labcloud_cli.images import DEMO_IMAGE, ensure_demo_image  # noqa: E402
 from tests.databases import temporary_postgres_database  # noqa: E402
 from tests.e2e.stack import Stack  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402

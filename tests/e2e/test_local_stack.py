@@ -16,7 +16,7 @@ import docker
 import httpx
 import pytest
 
-from labcloud.images import ensure_demo_image
+from labcloud_cli.images import ensure_demo_image
 from tests.databases import temporary_postgres_database
 from tests.e2e.stack import Stack
 from tests.waiting import wait_for

@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from labcloud.images import ensure_demo_image
+from labcloud_cli.images import ensure_demo_image
 from tests.databases import temporary_postgres_database
 from tests.e2e.stack import Process, Stack, wait_ready
 from tests.waiting import wait_for

@@ -12,7 +12,7 @@ import docker
 import docker.errors
 import pytest
 
-from labcloud.images import (
+from labcloud_cli.images import (
     DEMO_CONTEXT,
     build_local_busybox_base,
     ensure_demo_image,

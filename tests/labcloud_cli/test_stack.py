@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from labcloud import cli
 from labcloud.auth.passwords import generate_password, password_problem
+from labcloud_cli.stack import setup
 from tests.e2e.stack import free_port
 from tests.waiting import wait_for
 from worker_runner.settings import load_settings
@@ -54,7 +54,7 @@ def test_generated_passwords_always_pass_the_rule(tmp_path: Path) -> None:
     # token_urlsafe(18) is all letters once in ~150 draws: 3,000 starts of the old
     # code contained one with near certainty (1 - (149/150)^3000 > 0.999999999).
     for index in range(3000):
-        secrets = cli._persistent_secrets(tmp_path / str(index))
+        secrets = setup.persistent_secrets(tmp_path / str(index))
         assert password_problem(secrets["admin_password"]) is None, secrets["admin_password"]
     assert all(password_problem(generate_password()) is None for _ in range(3000))
     assert len(generate_password()) == 24
@@ -65,12 +65,12 @@ def test_generated_passwords_always_pass_the_rule(tmp_path: Path) -> None:
 def test_a_refused_admin_password_left_by_a_failed_start_is_replaced(tmp_path: Path) -> None:
     (tmp_path / "admin_password").write_text("onlyLettersFromAnEarlierStart\n")
     (tmp_path / "internal_api_key").write_text("kept-as-it-is\n")
-    secrets = cli._persistent_secrets(tmp_path)
+    secrets = setup.persistent_secrets(tmp_path)
     assert password_problem(secrets["admin_password"]) is None
     assert (tmp_path / "admin_password").read_text() == secrets["admin_password"]
     assert secrets["internal_api_key"] == "kept-as-it-is"
     # A good one is never replaced: the admin account was created with it.
-    assert cli._persistent_secrets(tmp_path)["admin_password"] == secrets["admin_password"]
+    assert setup.persistent_secrets(tmp_path)["admin_password"] == secrets["admin_password"]
 
 
 # -- ports already taken --------------------------------------------------------------

@@ -3,8 +3,11 @@ with approval): its commands, tables, files and exit codes."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from labcloud import admin_cli, cli
 from labcloud.auth.local import generate_private_key_pem
+from labcloud_cli.admin.commands import parse_size
+from labcloud_cli.errors import ExitCode
+from labcloud_cli.main import main
+from labcloud_cli.output import human_bytes, table
 from tests.e2e.stack import Process, free_port, wait_ready
 from worker_runner.settings import load_settings
 
@@ -85,7 +91,7 @@ class Admin:
 
     def __call__(self, *args: str) -> Result:
         self.capsys.readouterr()
-        code = admin_cli.main(["--url", self.server.url, "--email", ADMIN, *args])
+        code = main(["admin", "--url", self.server.url, "--email", ADMIN, *args])
         captured = self.capsys.readouterr()
         return Result(code, captured.out, captured.err)
 
@@ -139,7 +145,7 @@ def test_users_table_and_approval(server: Server, admin: Admin) -> None:
     assert column_of(everyone, "ACTIVE JOBS", ADMIN, right=True) == "0 / 100"
 
     refused = admin("approve", "nobody@example.org")
-    assert refused.code == admin_cli.EXIT_REFUSED
+    assert refused.code == ExitCode.REFUSED
     assert refused.err.strip() == "refused: no account with email 'nobody@example.org'"
 
 
@@ -149,7 +155,10 @@ def test_groups_limits_disable_enable(server: Server, admin: Admin) -> None:
     out = admin.ok("groups", "cli-bob@example.org", "users", "admins")
     assert out.startswith("groups of cli-bob@example.org: admins, users")
     assert httpx.get(f"{server.url}/admin/queue", headers=bob).status_code == 200
-    assert admin("groups", "cli-bob@example.org", "wizards").code == admin_cli.EXIT_USAGE
+    wizards = admin("groups", "cli-bob@example.org", "wizards")
+    assert wizards.code == ExitCode.USAGE
+    # The choices are the contract's groups, named in the error.
+    assert "invalid choice: 'wizards' (choose from users, workers, cloud, admins)" in wizards.err
     admin.ok("groups", "cli-bob@example.org", "users")
 
     out = admin.ok("limits", "cli-bob@example.org", "--jobs", "3", "--bytes", "1.5GiB")
@@ -157,9 +166,9 @@ def test_groups_limits_disable_enable(server: Server, admin: Admin) -> None:
     assert column_of(out.split("\n\n", 1)[1], "ACTIVE JOBS", "cli-bob@", right=True) == "0 / 3"
     out = admin.ok("limits", "cli-bob@example.org", "--jobs", "default")
     assert "active jobs 100 (the default), storage 1.5 GiB" in out
-    assert admin("limits", "cli-bob@example.org").code == admin_cli.EXIT_USAGE
-    assert admin("limits", "cli-bob@example.org", "--bytes", "lots").code == admin_cli.EXIT_USAGE
-    assert admin("limits", "cli-bob@example.org", "--jobs", "-1").code == admin_cli.EXIT_USAGE
+    assert admin("limits", "cli-bob@example.org").code == ExitCode.USAGE
+    assert admin("limits", "cli-bob@example.org", "--bytes", "lots").code == ExitCode.USAGE
+    assert admin("limits", "cli-bob@example.org", "--jobs", "-1").code == ExitCode.USAGE
 
     assert admin.ok("disable", "cli-bob@example.org").startswith("disabled cli-bob@example.org")
     assert httpx.get(f"{server.url}/user", headers=bob).status_code == 401
@@ -193,14 +202,14 @@ def test_worker_create(server: Server, admin: Admin, tmp_path: Path) -> None:
 
     # An existing file is never overwritten, and no account is created for it.
     exists = admin("worker-create", "cli-gpu-2", "--env-file", str(env_file))
-    assert exists.code == admin_cli.EXIT_USAGE
+    assert exists.code == ExitCode.USAGE
     assert "exists" in exists.err
     assert "cli-gpu-2" not in admin.ok("users", "--search", "cli-gpu")
 
     printed = admin.ok("worker-create", "cli-gpu-3")
     assert "USERNAME=cli-gpu-3@" in printed
     assert "PASSWORD=" in printed
-    assert admin("worker-create", "cli-gpu-3").code == admin_cli.EXIT_REFUSED
+    assert admin("worker-create", "cli-gpu-3").code == ExitCode.REFUSED
 
 
 def test_queue_jobs_cancel_catalog(server: Server, admin: Admin) -> None:
@@ -233,7 +242,7 @@ def test_queue_jobs_cancel_catalog(server: Server, admin: Admin) -> None:
     )
     missing = admin("cancel", "999999")
     assert (missing.code, missing.err.strip()) == (1, "refused: job 999999 not found")
-    assert admin("cancel", "seven").code == admin_cli.EXIT_USAGE
+    assert admin("cancel", "seven").code == ExitCode.USAGE
     assert "cancel_job" in admin.ok("audit", "--limit", "1")
 
     catalog = admin.ok("catalog")
@@ -247,7 +256,7 @@ def test_exit_codes_and_credentials(
 ) -> None:
     monkeypatch.setenv("LABCLOUD_ADMIN_PASSWORD", "wrong-password-1")
     wrong = admin("users")
-    assert wrong.code == admin_cli.EXIT_REFUSED
+    assert wrong.code == ExitCode.REFUSED
     assert f"login as {ADMIN} failed" in wrong.err
 
     password_file = tmp_path / "password"
@@ -255,37 +264,92 @@ def test_exit_codes_and_credentials(
     assert admin("--password-file", str(password_file), "catalog").code == 0
     empty = tmp_path / "empty"
     empty.write_text("")
-    assert admin("--password-file", str(empty), "catalog").code == admin_cli.EXIT_USAGE
+    assert admin("--password-file", str(empty), "catalog").code == ExitCode.USAGE
     missing = admin("--password-file", str(tmp_path / "nope"), "catalog")
-    assert missing.code == admin_cli.EXIT_USAGE
+    assert missing.code == ExitCode.USAGE
     monkeypatch.delenv("LABCLOUD_ADMIN_PASSWORD")
     no_password = admin("catalog")
-    assert no_password.code == admin_cli.EXIT_USAGE
+    assert no_password.code == ExitCode.USAGE
     assert "LABCLOUD_ADMIN_PASSWORD" in no_password.err
 
     monkeypatch.setenv("LABCLOUD_ADMIN_PASSWORD", PASSWORD)
-    unreachable = admin_cli.main(
-        ["--url", f"http://127.0.0.1:{free_port()}", "--email", ADMIN, "users"]
+    unreachable = main(
+        ["admin", "--url", f"http://127.0.0.1:{free_port()}", "--email", ADMIN, "users"]
     )
-    assert unreachable == admin_cli.EXIT_UNREACHABLE
+    assert unreachable == ExitCode.UNREACHABLE
     monkeypatch.delenv("LABCLOUD_URL", raising=False)
-    assert admin_cli.main(["--email", ADMIN, "users"]) == admin_cli.EXIT_USAGE
-    assert admin("no-such-command").code == admin_cli.EXIT_USAGE
+    assert main(["admin", "--email", ADMIN, "users"]) == ExitCode.USAGE
+    assert admin("no-such-command").code == ExitCode.USAGE
     assert admin("--help").code == 0
-    # `labcloud admin ...` is the same program.
+    # --url and --email from the environment.
     monkeypatch.setenv("LABCLOUD_URL", server.url)
     monkeypatch.setenv("LABCLOUD_ADMIN_EMAIL", ADMIN)
-    assert cli.main(["admin", "catalog"]) == 0
-    assert cli.main(["admin", "approve", "nobody@example.org"]) == admin_cli.EXIT_REFUSED
+    assert main(["admin", "catalog"]) == 0
+    assert main(["admin", "approve", "nobody@example.org"]) == ExitCode.REFUSED
 
 
 def test_table_and_sizes() -> None:
-    text = admin_cli.table(["NAME", "N"], [["a", 1], ["long name", 1234]], numeric=1)
+    text = table(["NAME", "N"], [["a", 1], ["long name", 1234]], numeric=1)
     assert text.splitlines() == ["NAME          N", "a             1", "long name  1234"]
-    assert admin_cli.parse_size("100GiB") == 100 * 1024**3
-    assert admin_cli.parse_size("1.5 GB") == 1_500_000_000
-    assert admin_cli.parse_size("512") == 512
-    assert admin_cli.parse_size("default") is None
-    assert admin_cli.human_bytes(None) == "unlimited"
-    assert admin_cli.human_bytes(1023) == "1023 B"
-    assert admin_cli.human_bytes(1536) == "1.5 KiB"
+    assert parse_size("100GiB") == 100 * 1024**3
+    assert parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size("512") == 512
+    assert parse_size("default") is None
+    assert human_bytes(None) == "unlimited"
+    assert human_bytes(1023) == "1023 B"
+    assert human_bytes(1536) == "1.5 KiB"
+
+
+def test_json_output_is_the_servers_answer(server: Server, admin: Admin, tmp_path: Path) -> None:
+    signup(server, "cli-dora@example.org")
+    [dora] = json.loads(admin.ok("--json", "users", "--search", "cli-dora@"))
+    assert dora["email"] == "cli-dora@example.org"
+    assert dora["status"] == "pending"
+    assert dora["groups"] == ["users"]
+    assert json.loads(admin.ok("--json", "users", "--search", "no-such-person")) == []
+    changed = json.loads(admin.ok("--json", "limits", "cli-dora@example.org", "--jobs", "7"))
+    assert changed["own_limits"]["max_active_jobs"] == 7
+    assert set(json.loads(admin.ok("--json", "queue"))) >= {"by_status", "oldest_queued"}
+    assert json.loads(admin.ok("--json", "catalog"))["path"] == str(CATALOG)
+    # With --env-file the password goes into the file only, never to the output.
+    env_file = tmp_path / "dora-runner.env"
+    created = json.loads(
+        admin.ok("--json", "worker-create", "cli-gpu-9", "--env-file", str(env_file))
+    )
+    assert created == {
+        "email": created["email"],
+        "groups": ["workers"],
+        "env_file": str(env_file),
+    }
+    assert created["email"].startswith("cli-gpu-9@")
+    assert load_settings(env_file).password.get_secret_value() not in json.dumps(created)
+
+
+def test_the_command_names_no_service_internals() -> None:
+    # The CLI talks HTTP and starts services as processes: importing every module of
+    # it loads none of the services' packages.
+    code = (
+        "import pkgutil, sys, labcloud_cli\n"
+        "for module in pkgutil.walk_packages(labcloud_cli.__path__, 'labcloud_cli.'):\n"
+        "    if module.name != 'labcloud_cli.__main__':\n"
+        "        __import__(module.name)\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules}))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    for service in ("user_api", "worker_api", "worker_runner"):
+        assert f"'{service}'" not in loaded
+    assert "'labcloud_cli'" in loaded
+
+
+def test_python_dash_m_is_the_labcloud_command() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "labcloud_cli", "admin", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert shown.startswith("usage: labcloud admin ")
+    assert "worker-create" in shown

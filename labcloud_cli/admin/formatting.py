@@ -1,0 +1,111 @@
+"""The admin commands' answers as text: tables of accounts, jobs and audit entries,
+the queue overview and the catalog status."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from labcloud_cli.admin.client import Json
+from labcloud_cli.output import duration, human_bytes, local_time, table
+
+
+def users_table(users: list[Json]) -> str:
+    rows = []
+    for user in users:
+        limits = user["limits"]
+        jobs_limit = limits["max_active_jobs"]
+        rows.append(
+            [
+                user["email"],
+                user["status"],
+                ",".join(user["groups"]),
+                local_time(user["created_at"]),
+                f"{user['active_jobs']} / {'unlimited' if jobs_limit is None else jobs_limit}",
+                f"{human_bytes(user['bytes_stored'])} / {human_bytes(limits['max_storage_bytes'])}",
+            ]
+        )
+    return table(["EMAIL", "STATUS", "GROUPS", "CREATED", "ACTIVE JOBS", "STORED"], rows, 2)
+
+
+def limits_summary(user: Json) -> str:
+    """``active jobs 3, storage 1.5 GiB (the default)``: the limits in force, marking
+    those the account takes from the server's defaults."""
+    own, in_force = user["own_limits"], user["limits"]
+    jobs = _limit(own["max_active_jobs"], in_force["max_active_jobs"], str)
+    storage = _limit(own["max_storage_bytes"], in_force["max_storage_bytes"], human_bytes)
+    return f"active jobs {jobs}, storage {storage}"
+
+
+def _limit(own: int | None, in_force: int | None, show: Callable[[int], str]) -> str:
+    shown = "unlimited" if in_force is None else show(in_force)
+    return shown if own is not None else f"{shown} (the default)"
+
+
+def jobs_table(jobs: list[Json]) -> str:
+    rows = [
+        [
+            job["id"],
+            job["job_name"],
+            job["owner"],
+            job["status"],
+            job["application"],
+            job["environment"] or "any",
+            local_time(job["date_created"]),
+        ]
+        for job in jobs
+    ]
+    return table(["ID", "NAME", "OWNER", "STATUS", "APPLICATION", "ENV", "CREATED"], rows)
+
+
+def queue_overview(overview: Json) -> str:
+    parts = [
+        "Jobs by status",
+        table(["STATUS", "JOBS"], list(overview["by_status"].items()), 1),
+    ]
+    for title, key, label in (
+        ("Active jobs by environment", "by_environment", "ENVIRONMENT"),
+        ("Active jobs by application", "by_application", "APPLICATION"),
+    ):
+        rows = [[name, c["queued"], c["running"]] for name, c in overview[key].items()]
+        parts += ["", title, table([label, "QUEUED", "RUNNING"], rows, 2) if rows else "  none"]
+    oldest = overview["oldest_queued"]
+    parts.append("")
+    if oldest:
+        parts.append(
+            f"Oldest queued job: {oldest['id']} ({oldest['job_name']}, {oldest['owner']}), "
+            f"waiting {duration(oldest['age_seconds'])}"
+        )
+    else:
+        parts.append("No job is waiting for a worker.")
+    return "\n".join(parts)
+
+
+def catalog_status(status: Json) -> str:
+    lines = [
+        f"file       {status['path']}",
+        f"version    {status['version']}",
+        f"loaded at  {local_time(status['loaded_at'])}",
+    ]
+    if status.get("last_error"):
+        lines.append(
+            f"last error {local_time(status.get('last_error_at'))} (the version above stays)"
+        )
+        lines.extend(f"  {line}" for line in str(status["last_error"]).splitlines())
+    else:
+        lines.append("last error none")
+    return "\n".join(lines)
+
+
+def audit_table(entries: list[Json]) -> str:
+    rows = [
+        [
+            local_time(entry["at"]),
+            entry["actor"],
+            entry["action"],
+            entry["target"],
+            json.dumps(entry["details"], sort_keys=True) if entry["details"] else "",
+        ]
+        for entry in entries
+    ]
+    return table(["AT", "ACTOR", "ACTION", "TARGET", "DETAILS"], rows)

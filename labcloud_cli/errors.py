@@ -1,0 +1,40 @@
+"""Exit codes and the errors that choose them, shared by every subcommand that talks to
+a server.
+
+    LabCloudCliError
+    ├── UsageError   the command line is wrong          exit 2
+    └── Refused      the server answered with an error  exit 1
+
+A server that cannot be reached surfaces as ``httpx.TransportError`` (exit 3).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What ``labcloud`` returns to the shell."""
+
+    OK = 0
+    REFUSED = 1
+    USAGE = 2
+    UNREACHABLE = 3
+
+
+class LabCloudCliError(Exception):
+    """A command could not be carried out."""
+
+    exit_code = ExitCode.REFUSED
+
+
+class UsageError(LabCloudCliError):
+    """The command line is wrong."""
+
+    exit_code = ExitCode.USAGE
+
+
+class Refused(LabCloudCliError):
+    """The server answered with an error; the message is the server's."""
+
+    exit_code = ExitCode.REFUSED
