@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ActiveJobLimitReached",
+    "JobOwner",
     "OwnerState",
     "StorageLimitReached",
     "UsageLimits",
@@ -37,6 +38,7 @@ __all__ = [
     "default_limits",
     "limits_of",
     "owner_state",
+    "release_active_job",
     "reserve_active_job",
     "storage_limit_lookup",
     "write_within_storage_limit",
@@ -145,7 +147,7 @@ def reserve_active_job(session: Session, user_id: int, limit: int | None) -> Non
     One guarded ``UPDATE`` of the account's counter: the row lock it takes until
     commit serialises two submissions of the same user, so both cannot see "one
     slot left", and its cost does not grow with the number of jobs queued. The
-    transition that ends a job gives the slot back (``jobs.repository``)."""
+    transition that ends a job gives the slot back (``release_active_job``)."""
     if limit is None:
         result = session.execute(_TAKE_SLOT, {"user_id": user_id})
     else:
@@ -156,6 +158,31 @@ def reserve_active_job(session: Session, user_id: int, limit: int | None) -> Non
             f"active job limit reached: {active} of {limit} active jobs (queued or running); "
             "wait for one to end or cancel one"
         )
+
+
+_FREE_SLOT = (
+    update(USERS)
+    .where(USERS.c.id == bindparam("user_id"))
+    .values(active_jobs=USERS.c.active_jobs - 1)
+    .returning(USERS.c.email, USERS.c.email_notifications)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class JobOwner:
+    """Who is told that a job ended: read by the statement that freed its slot."""
+
+    email: str
+    email_notifications: bool
+
+
+def release_active_job(session: Session, user_id: int) -> JobOwner:
+    """Count one active job less for the user (a job of theirs has just ended).
+
+    The same statement returns the owner's address and email preference, so ending
+    a job and announcing it need no separate read of the account."""
+    email, notifications = session.execute(_FREE_SLOT, {"user_id": user_id}).one()
+    return JobOwner(email=email, email_notifications=bool(notifications))
 
 
 # -- bytes stored ---------------------------------------------------------------------

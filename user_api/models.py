@@ -89,6 +89,10 @@ class Job(Base):
     paths_out: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     runtime_details: Mapped[str | None] = mapped_column(Text)
+    # How the job's last attempt ended (``labcloud.contract.Outcome`` as JSON), set
+    # with its terminal status; None while it is active, and for jobs that ended
+    # before outcomes were recorded.
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     date_created: Mapped[datetime] = mapped_column(default=utcnow)
     date_started: Mapped[datetime | None]
     date_finished: Mapped[datetime | None]

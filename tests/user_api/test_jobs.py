@@ -11,7 +11,7 @@ from sqlalchemy import select
 from labcloud.contract import QueueJob
 from labcloud.storage.base import Entry, Storage
 from tests.user_api.helpers import login, signup
-from user_api.jobs import service as jobs_service
+from user_api.jobs.resolvers import catalog as catalog_resolver
 from user_api.jobs.schemas import MAX_INPUT_IDS
 from user_api.models import Job, WorkerOutbox
 
@@ -457,7 +457,7 @@ def test_a_request_body_over_the_limit_is_413(client: TestClient, user: dict[str
 def test_inputs_expanding_to_too_many_files_are_413(
     client: TestClient, user: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(jobs_service, "MAX_INPUT_FILES", 2)
+    monkeypatch.setattr(catalog_resolver, "MAX_INPUT_FILES", 2)
     response = client.post("/jobs", json=_job(), headers=user)  # data/set holds 2 files
     assert response.status_code == 201, response.text
     body = _job("more", attributes={"files_down": {"data_ids": ["set", "single.txt"]}})

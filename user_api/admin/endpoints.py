@@ -27,12 +27,10 @@ from user_api.catalog.store import CatalogStatus
 from user_api.dependencies import (
     CatalogStoreDep,
     CurrentAdmin,
-    ForwarderDep,
     InternalCaller,
     SessionDep,
     SettingsDep,
     StorageDep,
-    after_commit,
 )
 from user_api.limits import default_limits
 
@@ -172,13 +170,9 @@ def list_jobs(
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel_job(
-    job_id: IdPath, admin: CurrentAdmin, session: SessionDep, forwarder: ForwarderDep
-) -> AdminJob:
+def cancel_job(job_id: IdPath, admin: CurrentAdmin, session: SessionDep) -> AdminJob:
     """Cancel any user's job."""
-    job = service.cancel_job(session, actor=admin, job_id=job_id)
-    after_commit(session, forwarder.wake)
-    return job
+    return service.cancel_job(session, actor=admin, job_id=job_id)
 
 
 @router.get("/catalog")

@@ -39,8 +39,8 @@ from user_api.admin.schemas import (
 from user_api.auth import repository as accounts
 from user_api.auth import service as auth_service
 from user_api.auth.service import AuthenticatedUser
-from user_api.jobs import repository as jobs_repository
 from user_api.jobs import service as jobs_service
+from user_api.jobs.lifecycle import Cause
 from user_api.limits import UsageLimits, bytes_stored, limits_of, owner_state
 from user_api.models import Job, User
 from user_api.settings import UserApiSettings
@@ -383,21 +383,19 @@ def list_jobs(
 
 
 def cancel_job(session: Session, *, actor: AuthenticatedUser, job_id: int) -> AdminJob:
-    """Cancel any user's job; ``JobAlreadyEnded`` (409) for one that already ended."""
-    job = jobs_repository.get(session, job_id)
-    if job is None:
-        raise jobs_service.JobNotFound(f"job {job_id} not found")
+    """Cancel any user's job; ``JobAlreadyEnded`` (409) for one that already ended.
+    The audit entry is written in the transaction of the cancellation."""
+    job = jobs_service.get_any_job(session, job_id=job_id)
     before = job.status
-    job = jobs_service.cancel_any_job(session, job_id=job_id)
+    jobs_service.cancel(session, job, cause=Cause.ADMIN_CANCEL)
     owner = repository.owner_email(session, job)
-    if job.status != before:
-        _audit(
-            session,
-            actor,
-            AuditAction.CANCEL_JOB,
-            f"job {job.id}",
-            {"owner": owner, "job_name": job.job_name, "status_before": before},
-        )
+    _audit(
+        session,
+        actor,
+        AuditAction.CANCEL_JOB,
+        f"job {job.id}",
+        {"owner": owner, "job_name": job.job_name, "status_before": before},
+    )
     return _admin_job(job, owner)
 
 

@@ -12,11 +12,9 @@ from user_api.dependencies import (
     CatalogStoreDep,
     CurrentUser,
     CurrentUserBeforeWrites,
-    ForwarderDep,
     InternalCaller,
     SessionDep,
     StorageDep,
-    after_commit,
 )
 from user_api.jobs import service
 from user_api.jobs.schemas import JobCreate, JobRead, StatusApplied
@@ -53,18 +51,15 @@ def create_job(
     session: SessionDep,
     catalog: CatalogStoreDep,
     storage: StorageDep,
-    forwarder: ForwarderDep,
 ) -> JobRead:
     """Start a job of a catalog entrypoint on your files. 400 for unknown inputs or
     applications, 409 for a name already used or result folders that already hold
     files, 413/422 for a request over the limits."""
     # The caller is read apart from this request's transaction, so the inputs are
     # checked before the session writes anything (see service.create_job).
-    job = service.create_job(
+    return service.create_job(
         session, user=user, payload=payload, catalog=catalog.current, storage=storage
     )
-    after_commit(session, forwarder.wake)
-    return job
 
 
 @router.get("/jobs/{job_id}")
@@ -74,13 +69,9 @@ def get_job(job_id: IdPath, user: CurrentUser, session: SessionDep) -> JobRead:
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel_job(
-    job_id: IdPath, user: CurrentUser, session: SessionDep, forwarder: ForwarderDep
-) -> JobRead:
+def cancel_job(job_id: IdPath, user: CurrentUser, session: SessionDep) -> JobRead:
     """Cancel one of your active jobs (extension); 409 when it has already ended."""
-    job = service.cancel_job(session, user=user, job_id=job_id)
-    after_commit(session, forwarder.wake)
-    return job
+    return service.cancel_job(session, user=user, job_id=job_id)
 
 
 @router.delete("/jobs/{job_id}", status_code=204)
@@ -89,12 +80,10 @@ def delete_job(
     user: CurrentUser,
     session: SessionDep,
     storage: StorageDep,
-    forwarder: ForwarderDep,
 ) -> Response:
     """Cancel the job if it is still active, then remove it and its output/, log/
     and artifact/ folders."""
     service.delete_job(session, user=user, job_id=job_id, storage=storage)
-    after_commit(session, forwarder.wake)
     return Response(status_code=204)
 
 

@@ -1,9 +1,11 @@
 """SQL for jobs and the worker outbox. Status changes are guarded compare-and-set
-updates: the row count says whether the transition happened."""
+updates: the row they return says whether the transition happened."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
@@ -11,7 +13,23 @@ from sqlalchemy.orm import Session
 
 from labcloud.contract import JobStatus, allowed_sources
 from labcloud.db import utcnow
+from labcloud.outbox import note_written
 from user_api.models import JOBS, WORKER_OUTBOX, Job, OutboxKind, User, WorkerOutbox
+
+
+@dataclass(frozen=True, slots=True)
+class MovedJob:
+    """A job as its guarded status update left it: what the consequences of the
+    move (slot, completion email) need, returned by the update itself."""
+
+    id: int
+    user_id: int
+    job_name: str
+    application: dict[str, Any]
+    date_created: datetime
+    date_started: datetime | None
+    date_finished: datetime | None
+    runtime_details: str | None
 
 
 def get_for_user(session: Session, job_id: int, user_id: int) -> Job | None:
@@ -47,6 +65,33 @@ def has_job_named(session: Session, subject: str, job_name: str) -> bool:
         .limit(1)
     )
     return session.scalar(statement) is not None
+
+
+def status_of(session: Session, job_id: int) -> JobStatus | None:
+    """The job's status; None when there is no such job."""
+    status = session.scalar(select(JOBS.c.status).where(JOBS.c.id == job_id))
+    return JobStatus(status) if status is not None else None
+
+
+_MOVED_COLUMNS = tuple(JOBS.c[field] for field in MovedJob.__dataclass_fields__)
+
+
+def move(
+    session: Session, job_id: int, target: JobStatus, values: dict[str, Any]
+) -> MovedJob | None:
+    """Set ``status = target`` and ``values`` on the job if its current status may
+    move to ``target`` (``allowed_sources``); None when it may not, or there is no
+    such job. One statement, on the table: no object in the session is updated."""
+    row = session.execute(
+        update(JOBS)
+        .where(
+            JOBS.c.id == job_id,
+            JOBS.c.status.in_([source.value for source in allowed_sources(target)]),
+        )
+        .values(status=target.value, **values)
+        .returning(*_MOVED_COLUMNS)
+    ).first()
+    return MovedJob(*row) if row is not None else None
 
 
 def owner_email(session: Session, job: Job) -> str:
@@ -112,7 +157,10 @@ def delete_job(session: Session, job_id: int) -> None:
 def add_outbox(
     session: Session, job_id: int, kind: OutboxKind, payload: dict[str, Any] | None
 ) -> None:
+    """Write a message for the worker API; the commit of this transaction wakes the
+    relays that deliver it (``labcloud.outbox``)."""
     session.execute(_INSERT_OUTBOX, {"job_id": job_id, "kind": kind.value, "payload": payload})
+    note_written(session, WorkerOutbox.__tablename__)
 
 
 def drop_pending_enqueue(session: Session, job_id: int) -> bool:

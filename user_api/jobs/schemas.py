@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from labcloud.contract import Environment, HardwareSpec, JobStatus
+from labcloud.contract import Environment, HardwareSpec, JobStatus, Outcome
 
 # Job names become folder names (output/<job_name>/), so they must be one safe segment.
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,127}$")
@@ -142,6 +142,9 @@ class JobRead(BaseModel):
     date_started: datetime | None
     date_finished: datetime | None
     runtime_details: str | None
+    # Extension: how the job's last attempt ended (exit code, failure kind, attempt,
+    # times, log tail); None while it is active and for jobs that ended without one.
+    outcome: Outcome | None = None
     paths_out: PathsOut
 
 

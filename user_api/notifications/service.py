@@ -3,8 +3,8 @@ choice to receive them or not.
 
 Whether emails are on, and the frontend the links point to, travel with every
 session of the app (``Session.info``, set once by ``enable_completion_emails``):
-the jobs service calls ``enqueue_completion_email`` wherever a job ends without
-having to carry the email settings through every route."""
+the job lifecycle (``user_api.jobs.lifecycle``) calls ``queue_completion_email``
+when a job ends without having to carry the email settings through every route."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.contract import JobStatus
+from labcloud.outbox import note_written
 from user_api.auth.service import AuthenticatedUser
-from user_api.models import Job
+from user_api.models import EmailOutbox, Job
 from user_api.notifications import repository
 from user_api.notifications.schemas import NotificationSettings
 from user_api.notifications.templates import JobFacts, render_completion_email
@@ -39,53 +40,58 @@ def enable_completion_emails(sessions: sessionmaker[Session], config: Completion
     sessions.configure(info=info)
 
 
-def enqueue_completion_email(session: Session, job: Job) -> bool:
-    """Queue the email announcing that ``job`` ended, in the caller's transaction.
+def queue_completion_email(session: Session, job: JobFacts, recipient: str) -> bool:
+    """Queue the email announcing that ``job`` ended to ``recipient``, in the
+    caller's transaction (the one that ended the job).
 
-    Call it right after the job's guarded move to a terminal status succeeded.
-    Nothing is written when emails are off, when the owner turned them off, or when
-    the job was already announced (the outbox holds one row per job). Returns True
-    when a row was written."""
+    The caller has checked that the owner wants such emails. Nothing is written
+    when emails are off, or when the job was already announced (the outbox holds one
+    row per job). Returns True when a row was written; its commit wakes the sender."""
     config: CompletionEmails | None = session.info.get(_INFO_KEY)
-    if config is None:
+    if config is None or not job.status.is_terminal:
         return False
-    # The status update ran as a bulk UPDATE: reload what it changed.
-    session.refresh(job)
-    status = JobStatus(job.status)
-    if not status.is_terminal:
-        return False
-    owner = repository.owner(session, job.user_id)
-    if owner is None or not owner.email_notifications:
-        return False
-    application = job.application
-    email = render_completion_email(
-        JobFacts(
-            id=job.id,
-            name=job.job_name,
-            application=str(application.get("application", "")),
-            version=str(application.get("version", "")),
-            entrypoint=str(application.get("entrypoint", "")),
-            status=status,
-            date_created=job.date_created,
-            date_started=job.date_started,
-            date_finished=job.date_finished,
-            runtime_details=job.runtime_details,
-        ),
-        frontend_url=config.frontend_url,
-    )
+    email = render_completion_email(job, frontend_url=config.frontend_url)
     added = repository.add_once(
         session,
         {
             "job_id": job.id,
-            "recipient": owner.email,
+            "recipient": recipient,
             "subject": email.subject,
             "html": email.html,
             "text": email.text,
         },
     )
     if added:
-        logger.info("job %s: completion email to %s queued", job.id, owner.email)
+        note_written(session, EmailOutbox.__tablename__)
+        logger.info("job %s: completion email to %s queued", job.id, recipient)
     return added
+
+
+def enqueue_completion_email(session: Session, job: Job) -> bool:
+    """``queue_completion_email`` for a loaded ``job`` whose terminal status was set
+    by a bulk update: reads the job and its owner again. Kept for the worker
+    outbox's give-up until it ends jobs through ``user_api.jobs.lifecycle``, which
+    needs neither read."""
+    if session.info.get(_INFO_KEY) is None:
+        return False
+    session.refresh(job)
+    owner = repository.owner(session, job.user_id)
+    if owner is None or not owner.email_notifications:
+        return False
+    application = job.application
+    facts = JobFacts(
+        id=job.id,
+        name=job.job_name,
+        application=str(application.get("application", "")),
+        version=str(application.get("version", "")),
+        entrypoint=str(application.get("entrypoint", "")),
+        status=JobStatus(job.status),
+        date_created=job.date_created,
+        date_started=job.date_started,
+        date_finished=job.date_finished,
+        runtime_details=job.runtime_details,
+    )
+    return queue_completion_email(session, facts, owner.email)
 
 
 def get_notification_settings(session: Session, *, user: AuthenticatedUser) -> NotificationSettings:

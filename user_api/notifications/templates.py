@@ -9,7 +9,7 @@ import html
 from dataclasses import dataclass
 from datetime import datetime
 
-from labcloud.contract import JobStatus
+from labcloud.contract import FailureKind, JobStatus
 
 # How much of a failed job's log the email quotes: enough to see the error, small
 # enough for any mail client.
@@ -20,6 +20,14 @@ _OUTCOME: dict[JobStatus, str] = {
     JobStatus.FINISHED: "finished",
     JobStatus.ERROR: "failed",
     JobStatus.CANCELED: "was canceled",
+}
+
+# A failed job's ``Outcome.failure`` in the owner's words.
+_FAILURE: dict[FailureKind, str] = {
+    FailureKind.USER_ERROR: "the job's program failed",
+    FailureKind.SYSTEM_ERROR: "LabCloud or its host failed",
+    FailureKind.TIMED_OUT: "it ran past its time limit",
+    FailureKind.LOST: "its worker stopped answering",
 }
 
 
@@ -37,6 +45,9 @@ class JobFacts:
     date_started: datetime | None
     date_finished: datetime | None
     runtime_details: str | None
+    # From the job's outcome, when the worker reported one.
+    exit_code: int | None = None
+    failure: FailureKind | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +72,10 @@ def render_completion_email(job: JobFacts, *, frontend_url: str | None) -> Rende
         ("Status", job.status.value),
         ("Duration", format_duration(job.date_started or job.date_created, job.date_finished)),
     ]
+    if job.failure in _FAILURE:
+        facts.append(("Why", _FAILURE[job.failure]))
+    if job.exit_code is not None:
+        facts.append(("Exit code", str(job.exit_code)))
     return RenderedEmail(
         subject=subject,
         text=_text(job, outcome, facts, link, tail),
