@@ -7,34 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from labcloud.contract import JobStatus, StatusUpdate
-from labcloud.db import create_db_engine, make_session_factory, unit_of_work
-from tests.user_api.helpers import signup
+from labcloud.contract import FailureKind, JobStatus, Outcome, StatusUpdate
+from labcloud.db import unit_of_work
+from tests.user_api.jobs.conftest import OWNER, create_job
 from user_api.jobs import service
 from user_api.models import EmailOutbox
-from user_api.notifications.service import CompletionEmails, enable_completion_emails
-from user_api.settings import UserApiSettings
-
-
-@pytest.fixture
-def engine(user_settings: UserApiSettings) -> Iterator[Engine]:
-    engine = create_db_engine(user_settings.resolved_database_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    """Sessions of the app's database that queue completion emails (the app under
-    test runs without an email sender, so nothing sends them meanwhile)."""
-    factory = make_session_factory(engine)
-    enable_completion_emails(factory, CompletionEmails(frontend_url=None))
-    return factory
 
 
 @contextmanager
@@ -55,24 +36,46 @@ def _statements(engine: Engine) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-def test_a_terminal_update_with_an_email_costs_at_most_three_statements(
-    client: TestClient, engine: Engine, sessions: sessionmaker[Session]
-) -> None:
-    headers = signup(client, "ada@example.org")
-    body = {
-        "job_name": "counted",
-        "application": {"application": "demo", "version": "latest", "entrypoint": "wordcount"},
-    }
-    job_id = client.post("/jobs", json=body, headers=headers).json()["id"]
-    with unit_of_work(sessions) as session:
-        service.apply_status_update(session, StatusUpdate(job_id=job_id, status=JobStatus.RUNNING))
-
+def _update(
+    engine: Engine, sessions: sessionmaker[Session], update: StatusUpdate
+) -> tuple[bool, list[str]]:
     with _statements(engine) as statements, unit_of_work(sessions) as session:
-        applied = service.apply_status_update(
-            session, StatusUpdate(job_id=job_id, status=JobStatus.FINISHED)
-        )
-    assert applied.applied
+        applied = service.apply_status_update(session, update).applied
+    return applied, statements
+
+
+def test_a_terminal_update_with_an_email_costs_at_most_three_statements(
+    client: TestClient, owner: dict[str, str], engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    # Before the job lifecycle it cost six: the job read, the guarded update, the
+    # slot's update, the job read again, the owner's address read, the email insert.
+    job_id = create_job(client, owner)
+    applied, statements = _update(
+        engine, sessions, StatusUpdate(job_id=job_id, status=JobStatus.RUNNING)
+    )
+    assert applied and len(statements) == 1, statements
+
+    outcome = Outcome(exit_code=2, failure=FailureKind.USER_ERROR, attempt=1)
+    applied, statements = _update(
+        engine,
+        sessions,
+        StatusUpdate(
+            job_id=job_id, status=JobStatus.ERROR, runtime_details="boom", outcome=outcome
+        ),
+    )
+    assert applied
+    assert len(statements) <= 3, "\n".join(statements)
     with sessions() as session:
         [email] = session.scalars(select(EmailOutbox)).all()
-    assert email.job_id == job_id and email.recipient == "ada@example.org"
-    assert len(statements) <= 3, "\n".join(statements)
+    assert email.job_id == job_id and email.recipient == OWNER
+
+
+def test_only_an_ignored_update_reads_the_job(
+    client: TestClient, owner: dict[str, str], engine: Engine, sessions: sessionmaker[Session]
+) -> None:
+    job_id = create_job(client, owner)
+    applied, statements = _update(
+        engine, sessions, StatusUpdate(job_id=job_id, status=JobStatus.QUEUED)
+    )
+    assert not applied  # queued -> queued is no move
+    assert len(statements) == 2, statements  # the guarded update, then the read
