@@ -6,11 +6,11 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, inspect, select, text, update
 
 from labcloud.db import build_database_url, create_db_engine, migrate
 from user_api.app import MIGRATIONS
-from user_api.models import Base
+from user_api.models import Base, Job
 
 
 def test_migrations_match_models(database_url: str) -> None:
@@ -67,5 +67,40 @@ def test_active_jobs_counter_is_filled_from_existing_jobs(database_url: str) -> 
             rows = connection.execute(text("SELECT id, active_jobs FROM users")).all()
         counted = {int(user_id): int(active) for user_id, active in rows}
         assert counted == {1: 3, 2: 0, 3: 0}
+    finally:
+        engine.dispose()
+
+
+def test_jobs_from_before_outcomes_keep_their_rows(database_url: str) -> None:
+    """0005 adds ``jobs.outcome``: jobs already there have none, new ones store it."""
+    engine = create_db_engine(build_database_url(database_url))
+    try:
+        _upgrade(engine, "0004")
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO users (id, subject, email, groups, is_active, created_at) "
+                    "VALUES (1, 's1', 'u1@example.org', '[\"users\"]', true, CURRENT_TIMESTAMP)"
+                )
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, user_id, job_name, priority, application, attributes, "
+                    "hardware, entrypoint_snapshot, paths_out, status, runtime_details, "
+                    "date_created) VALUES (1, 1, 'old', 0, '{}', '{}', '{}', '{}', '{}', "
+                    "'error', 'exit code 1', CURRENT_TIMESTAMP)"
+                )
+            )
+        migrate(engine, MIGRATIONS)
+        with engine.begin() as connection:
+            old = connection.execute(
+                text("SELECT status, runtime_details, outcome FROM jobs")
+            ).one()
+            assert tuple(old) == ("error", "exit code 1", None)
+            connection.execute(
+                update(Job).where(Job.id == 1).values(outcome={"exit_code": 1, "attempt": 1})
+            )
+            stored = connection.execute(select(Job.outcome).where(Job.id == 1)).scalar_one()
+        assert stored == {"exit_code": 1, "attempt": 1}
     finally:
         engine.dispose()
