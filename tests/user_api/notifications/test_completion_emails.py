@@ -3,7 +3,6 @@ background sender, and a local HTTP server standing in for Mailjet's v3.1 API.""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -22,14 +21,11 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from labcloud.contract import INTERNAL_API_KEY_HEADER
-from labcloud.db import create_db_engine, make_session_factory, utcnow
+from labcloud.db import create_db_engine, make_session_factory
 from tests.user_api.helpers import signup
 from tests.waiting import wait_for
 from user_api.app import create_app
 from user_api.models import EmailOutbox, EmailStatus
-from user_api.notifications import repository
-from user_api.notifications.mailjet import Delivery, Outcome, OutgoingEmail
-from user_api.notifications.sender import EmailSender
 from user_api.settings import EmailSenderService, UserApiSettings
 
 SENDER = "labcloud@example.org"
@@ -270,6 +266,30 @@ def test_failed_job_email_quotes_the_log_escaped(
     assert "exit code 3" in message["TextPart"]
 
 
+def test_failed_job_email_says_why_with_the_exit_code(
+    email_client: TestClient, mailjet: FakeMailjet
+) -> None:
+    user = signup(email_client, USER)
+    job_id = create_job(email_client, user, "run-exit")
+    assert report(email_client, job_id, "running")
+    settings: UserApiSettings = email_client.app.state.settings  # type: ignore[attr-defined]
+    outcome = {"exit_code": 137, "failure": "user_error", "attempt": 1, "log_tail": "killed"}
+    response = email_client.put(
+        "/_job_status",
+        json={"job_id": job_id, "status": "error", "runtime_details": "killed", "outcome": outcome},
+        headers={INTERNAL_API_KEY_HEADER: settings.internal_api_key_secret.get_secret_value()},
+    )
+    assert response.status_code == 200 and response.json()["applied"], response.text
+
+    wait_until(lambda: len(mailjet.received) == 1)
+    message = mailjet.received[0].message
+    for part in (message["TextPart"], message["HTMLPart"]):
+        assert "Exit code" in part and "137" in part
+        assert "the job&#x27;s program failed" in part or "the job's program failed" in part
+    job = email_client.get(f"/jobs/{job_id}", headers=user).json()
+    assert job["outcome"]["exit_code"] == 137 and job["outcome"]["failure"] == "user_error"
+
+
 def test_canceled_job_sends_one_email(email_client: TestClient, mailjet: FakeMailjet) -> None:
     user = signup(email_client, USER)
     job_id = create_job(email_client, user, "run-3")
@@ -498,71 +518,6 @@ def test_shutdown_waits_for_the_email_in_flight(
     with TestClient(create_app(email_settings)):
         time.sleep(0.3)
     assert len(mailjet.received) == 1
-
-
-class RecordingTransport:
-    """Accepts every email (the sender's logic under test, not Mailjet)."""
-
-    def __init__(self) -> None:
-        self.subjects: list[str] = []
-
-    def send(self, message: OutgoingEmail) -> Delivery:
-        self.subjects.append(message.subject)
-        return Delivery(Outcome.SENT)
-
-    def close(self) -> None:
-        pass
-
-
-def test_a_shutdown_during_a_claim_sends_the_claimed_email(
-    email_settings: UserApiSettings, mailjet: FakeMailjet, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The API stops while its sender is claiming an email: the stop waits, and the
-    email is sent and recorded, instead of staying claimed, unsent, for the whole
-    lease (two minutes in which a restarted API does not send it)."""
-    email_settings = email_settings.model_copy(update={"email_max_attempts": 1000})
-    mailjet.fail_next(1000, 503)
-    with TestClient(create_app(email_settings)) as client:
-        user = signup(client, USER)
-        finish(client, create_job(client, user, "claimed"))
-        wait_until(lambda: outbox(client)[0].attempts >= 1)
-    claiming, release = threading.Event(), threading.Event()
-    claim_next = repository.claim_next
-
-    def slow_claim(*args: Any, **kwargs: Any) -> Any:
-        claimed = claim_next(*args, **kwargs)
-        claiming.set()
-        assert release.wait(60)
-        return claimed
-
-    monkeypatch.setattr(repository, "claim_next", slow_claim)
-    engine = create_db_engine(email_settings.resolved_database_url)
-    transport = RecordingTransport()
-    sender = EmailSender(
-        session_factory=make_session_factory(engine),
-        transport=transport,
-        poll_seconds=0.02,
-        max_attempts=1000,
-        retry_max_seconds=0.05,
-    )
-
-    async def stop_while_claiming() -> None:
-        # The retry after the 503 is due within 0.05 s.
-        wait_until(lambda: outbox_of(email_settings)[0].next_attempt_at <= utcnow())
-        task = asyncio.ensure_future(sender.send_next())
-        assert await asyncio.to_thread(claiming.wait, 60)
-        task.cancel()  # the API shuts down
-        await asyncio.sleep(0)  # the task takes the cancellation
-        release.set()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    try:
-        asyncio.run(stop_while_claiming())
-    finally:
-        engine.dispose()
-    assert transport.subjects == ["LabCloud: job 'claimed' finished"]
-    assert [row.status for row in outbox_of(email_settings)] == ["sent"]
 
 
 def test_two_api_processes_never_send_the_same_email(
