@@ -18,7 +18,8 @@ from labcloud.auth.local import LocalTokenIssuer, cognito_verifier
 from labcloud.db import create_db_engine, make_session_factory, migrate, unit_of_work
 from labcloud.settings import AuthMode, load_settings
 from labcloud.storage.factory import make_storage
-from labcloud.storage.signing import UrlSigner
+from labcloud.storage.signing import Audience, UrlSigner
+from labcloud.storage.transfers import LocalTransfers
 from labcloud.web import install_error_handlers, install_request_guards
 from user_api.admin.endpoints import internal_router as admin_internal_router
 from user_api.admin.endpoints import router as admin_router
@@ -99,8 +100,14 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
         app.state.session_factory = sessions
         app.state.issuer = issuer
         app.state.verifier = verifier
-        app.state.storage = make_storage(settings)
-        app.state.signer = UrlSigner(settings.url_signing_key)
+        app.state.storage = make_storage(
+            settings,
+            transfers=LocalTransfers(
+                UrlSigner(settings.url_signing_key),
+                base_url=settings.public_url,
+                audience=Audience.USER_API,
+            ),
+        )
         app.state.catalog_store = catalog_store
         app.state.forwarder = forwarder
         tasks = [

@@ -26,7 +26,7 @@ from labcloud.db import (
 from labcloud.errors import Forbidden, NotFound
 from labcloud.settings import AuthMode
 from labcloud.storage.base import Storage
-from labcloud.storage.signing import UrlSigner
+from labcloud.storage.local import LocalStorage, signed_url_storage
 from labcloud.web import (
     TOKEN_COOKIE,
     BearerScheme,
@@ -68,12 +68,13 @@ async def get_storage(request: Request) -> Storage:
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
-async def get_signer(request: Request) -> UrlSigner:
-    signer: UrlSigner = request.app.state.signer
-    return signer
+async def get_signed_url_storage(request: Request) -> LocalStorage:
+    """The storage, for the routes that redeem its signed URLs: 404 unless it is a
+    local storage (which signs them for this API)."""
+    return signed_url_storage(request.app.state.storage)
 
 
-SignerDep = Annotated[UrlSigner, Depends(get_signer)]
+SignedUrlStorageDep = Annotated[LocalStorage, Depends(get_signed_url_storage)]
 
 
 async def get_catalog_store(request: Request) -> CatalogStore:
@@ -230,7 +231,7 @@ __all__ = [
     "OptionalCaller",
     "SessionDep",
     "SettingsDep",
-    "SignerDep",
+    "SignedUrlStorageDep",
     "StorageDep",
     "after_commit",
 ]

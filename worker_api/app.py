@@ -6,7 +6,7 @@
 - ``engine``, ``session_factory``: the queue database (migrated at start)
 - ``verifier``: the ``TokenVerifier`` for workers' bearer tokens; tests may replace
   it after start-up
-- ``storage`` (``Storage``), ``signer`` (``UrlSigner``)
+- ``storage`` (``Storage``), whose signed URLs (local storage) name this API
 - ``queue_policy`` (``QueuePolicy``), ``queue_signals`` (``QueueSignals``)
 - ``job_wakeup``, ``status_wakeup`` (``Wakeup``): a job was enqueued / a status
   change awaits delivery
@@ -34,7 +34,7 @@ from labcloud.auth import TokenVerifier
 from labcloud.auth.local import cognito_verifier, local_jwks_verifier
 from labcloud.db import create_db_engine, make_session_factory, migrate
 from labcloud.settings import AuthMode
-from labcloud.storage import UrlSigner, make_storage
+from labcloud.storage import Audience, LocalTransfers, UrlSigner, make_storage
 from labcloud.web import install_error_handlers, install_request_guards
 from worker_api.clients.accounts import AccountChecker
 from worker_api.clients.user_api import StatusForwarder
@@ -105,8 +105,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.engine = engine
         state.session_factory = factory
         state.verifier = make_verifier(settings)
-        state.storage = make_storage(settings)
-        state.signer = UrlSigner(settings.url_signing_key)
+        state.storage = make_storage(
+            settings,
+            transfers=LocalTransfers(
+                UrlSigner(settings.url_signing_key),
+                base_url=settings.public_url,
+                audience=Audience.WORKER_API,
+            ),
+        )
         state.queue_policy = policy
         state.queue_signals = signals
         state.job_wakeup = job_wakeup

@@ -1,4 +1,5 @@
-"""Request-scoped dependencies: the unit of work, the caller, the services.
+"""Request-scoped dependencies: the unit of work, the caller, the services, the
+storage and the account checker.
 
 Dependencies that only read ``app.state`` are ``async def``: FastAPI runs sync
 dependencies in the thread pool, and a hop per dependency is a measurable share of
@@ -20,10 +21,9 @@ from labcloud.auth import Principal, TokenVerifier
 from labcloud.contract import Environment, Group
 from labcloud.db import request_unit_of_work
 from labcloud.errors import Forbidden, Unauthorized
-from labcloud.storage import Storage, UrlSigner
+from labcloud.storage import LocalStorage, Storage, signed_url_storage
 from labcloud.web import BearerScheme, InternalKeyScheme, bearer_token, check_internal_key
 from worker_api.clients.accounts import AccountChecker
-from worker_api.files.service import FileService
 from worker_api.queue.service import JobPuller, QueueService
 from worker_api.settings import WorkerApiSettings
 
@@ -84,9 +84,15 @@ async def get_storage(request: Request) -> Storage:
     return storage
 
 
-def get_signer(request: Request) -> UrlSigner:
-    signer: UrlSigner = request.app.state.signer
-    return signer
+async def get_signed_url_storage(request: Request) -> LocalStorage:
+    """The storage, for the routes that redeem its signed URLs: 404 unless it is a
+    local storage (which signs them for this API)."""
+    return signed_url_storage(request.app.state.storage)
+
+
+async def get_account_checker(request: Request) -> AccountChecker:
+    checker: AccountChecker = request.app.state.account_checker
+    return checker
 
 
 async def get_puller(request: Request) -> JobPuller:
@@ -100,23 +106,7 @@ async def get_queue_service(request: Request, session: SessionDep) -> QueueServi
 
 
 StorageDep = Annotated[Storage, Depends(get_storage)]
-SignerDep = Annotated[UrlSigner, Depends(get_signer)]
+SignedUrlStorageDep = Annotated[LocalStorage, Depends(get_signed_url_storage)]
+AccountsDep = Annotated[AccountChecker, Depends(get_account_checker)]
 PullerDep = Annotated[JobPuller, Depends(get_puller)]
 QueueServiceDep = Annotated[QueueService, Depends(get_queue_service)]
-
-
-def make_file_service(request: Request, session: Session) -> FileService:
-    settings = get_settings(request)
-    return FileService(
-        session,
-        get_signer(request),
-        public_url=settings.public_url,
-        expires_in=settings.signed_url_expiry_seconds,
-    )
-
-
-async def get_file_service(request: Request, session: SessionDep) -> FileService:
-    return make_file_service(request, session)
-
-
-FileServiceDep = Annotated[FileService, Depends(get_file_service)]

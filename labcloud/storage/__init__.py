@@ -1,9 +1,15 @@
-"""Storage of users' files and jobs' results: the interface, the local folder
-implementation, safe paths, signed URLs and streamed transfers."""
+"""Storage of users' files and jobs' results: the interface (files, and transfer
+requests that move them without the API's bearer token), the local folder
+implementation with its signed URLs, safe paths and streamed transfers."""
 
 from labcloud.storage.base import CHUNK_SIZE, Entry, EntryType, Storage
 from labcloud.storage.factory import make_storage
-from labcloud.storage.local import LocalStorage
+from labcloud.storage.local import (
+    LocalStorage,
+    SignedUrlsNotServed,
+    TransfersUnavailable,
+    signed_url_storage,
+)
 from labcloud.storage.paths import (
     UnknownArea,
     UnsafePath,
@@ -26,6 +32,8 @@ from labcloud.storage.signing import (
     TransferPurpose,
     UrlSigner,
 )
+from labcloud.storage.transfers import LocalTransfers, UploadTooLarge, upload_targets
+from labcloud.storage.uploads import IncomingFile
 from labcloud.storage.zipstream import zip_stream
 
 __all__ = [
@@ -33,15 +41,20 @@ __all__ = [
     "Audience",
     "Entry",
     "EntryType",
+    "IncomingFile",
     "LocalStorage",
+    "LocalTransfers",
     "SignedTransfer",
     "SignedUrlInvalid",
     "SignedUrlOwnerInactive",
     "SignedUrlUsed",
+    "SignedUrlsNotServed",
     "Storage",
     "TransferPurpose",
+    "TransfersUnavailable",
     "UnknownArea",
     "UnsafePath",
+    "UploadTooLarge",
     "UrlSigner",
     "UserKeyParts",
     "area_key",
@@ -49,7 +62,9 @@ __all__ = [
     "child_key",
     "make_storage",
     "normalise_path",
+    "signed_url_storage",
     "split_user_key",
+    "upload_targets",
     "user_key",
     "user_relative_path",
     "user_root_key",

@@ -5,6 +5,12 @@ A *key* is a normalised, relative POSIX path under the storage root, such as
 ``labcloud.storage.paths`` after validation, so implementations may trust them.
 A folder is a key under which other keys exist (S3 has no real folders; the local
 implementation has real directories).
+
+Besides moving bytes itself, a storage hands out *transfer requests*: the
+``{"method", "url", "headers", "data"}`` of a request that moves a file without the
+API's bearer token (``labcloud.contract.SignedRequest``). S3 presigns them; local
+storage signs URLs to the API it serves (``labcloud.storage.transfers``). Callers
+authorise the transfer first and never build such a URL themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
+
+from labcloud.contract import SignedRequest
 
 CHUNK_SIZE = 1024 * 1024
 
@@ -72,6 +80,25 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Delete a file or a folder with everything under it; idempotent."""
+
+    @abc.abstractmethod
+    def download_request(self, key: str, *, expires_in: int) -> SignedRequest:
+        """A GET, good for ``expires_in`` seconds, that downloads the file at ``key``
+        (local storage also sends a folder, as a zip)."""
+
+    @abc.abstractmethod
+    def upload_request(self, key: str, *, expires_in: int, max_bytes: int | None) -> SignedRequest:
+        """A POST, good for ``expires_in`` seconds, that stores one file at exactly
+        ``key``: the client adds the file as the multipart field ``file`` (after the
+        form fields in ``data``). It carries at most ``max_bytes`` (None: no cap)."""
+
+    @abc.abstractmethod
+    def upload_into_request(
+        self, folder_key: str, *, expires_in: int, max_bytes: int | None
+    ) -> SignedRequest:
+        """Like ``upload_request``, but the file goes into the folder ``folder_key``
+        under the multipart part's file name (S3: a presigned POST for the key
+        ``<folder>/${filename}``)."""
 
     def local_path(self, key: str) -> Path | None:
         """The file's path on this machine, when the storage is local (lets the

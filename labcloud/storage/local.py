@@ -5,6 +5,10 @@ and every path is resolved, symbolic links included, and refused when it lands
 outside the root: a link placed in a user's folder by hand cannot expose the rest of
 the machine. Symbolic links are never created by this class; listings show links
 that stay inside the root but do not descend into linked folders (no loops).
+
+Transfer requests are LabCloud's signed URLs to the API this storage serves, given
+as its ``LocalTransfers`` (``labcloud.storage.transfers``); a storage built without
+one (a tool, a test) moves files but hands out no requests.
 """
 
 from __future__ import annotations
@@ -19,24 +23,80 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from labcloud.contract import SignedRequest
 from labcloud.errors import BadRequest, Conflict, NotFound
 from labcloud.storage.base import CHUNK_SIZE, Entry, EntryType, Storage
 from labcloud.storage.paths import PARTIAL_PREFIX, UnsafePath, check_key
+from labcloud.storage.signing import TransferPurpose
+from labcloud.storage.transfers import LocalTransfers
 
 logger = logging.getLogger(__name__)
 
 _FILE_MODE = 0o644
 
 
-class LocalStorage(Storage):
-    """Files under one local folder, addressed by storage keys."""
+class TransfersUnavailable(RuntimeError):
+    """This storage was built without the API that serves its signed URLs."""
 
-    def __init__(self, root: Path) -> None:
+
+class SignedUrlsNotServed(NotFound):
+    """This server's storage does not use LabCloud's signed URLs."""
+
+
+class LocalStorage(Storage):
+    """Files under one local folder, addressed by storage keys; its transfer
+    requests are signed URLs to the API of ``transfers``."""
+
+    def __init__(self, root: Path, *, transfers: LocalTransfers | None = None) -> None:
         self._root = root.resolve()
+        self._transfers = transfers
 
     @property
     def root(self) -> Path:
         return self._root
+
+    @property
+    def signs_urls(self) -> bool:
+        """Whether this storage hands out signed URLs (it was given transfers)."""
+        return self._transfers is not None
+
+    @property
+    def transfers(self) -> LocalTransfers:
+        """How this storage signs transfers, and checks the tokens that come back."""
+        if self._transfers is None:
+            raise TransfersUnavailable(
+                "this local storage was built without transfers (LocalTransfers): "
+                "it hands out no signed URLs"
+            )
+        return self._transfers
+
+    # -- transfer requests -------------------------------------------------------
+
+    def download_request(self, key: str, *, expires_in: int) -> SignedRequest:
+        return self.transfers.request(
+            self._checked(key), TransferPurpose.DOWNLOAD, expires_in=expires_in
+        )
+
+    def upload_request(self, key: str, *, expires_in: int, max_bytes: int | None) -> SignedRequest:
+        return self.transfers.request(
+            self._checked(key), TransferPurpose.UPLOAD, expires_in=expires_in, max_bytes=max_bytes
+        )
+
+    def upload_into_request(
+        self, folder_key: str, *, expires_in: int, max_bytes: int | None
+    ) -> SignedRequest:
+        return self.transfers.request(
+            self._checked(folder_key),
+            TransferPurpose.UPLOAD_INTO,
+            expires_in=expires_in,
+            max_bytes=max_bytes,
+        )
+
+    def _checked(self, key: str) -> str:
+        """``key``, refused when it resolves outside the root (the signed route
+        checks again when the URL is used)."""
+        self._path(key)
+        return key
 
     # -- paths -------------------------------------------------------------------
 
@@ -238,6 +298,15 @@ class LocalStorage(Storage):
                 path.unlink()
         except FileNotFoundError:
             return
+
+
+def signed_url_storage(storage: Storage) -> LocalStorage:
+    """``storage``, for the ``/_signed/{token}`` routes that redeem its URLs; raises
+    ``SignedUrlsNotServed`` (404) when it is not a local storage that signs them
+    (S3 checks its own presigned requests, and LabCloud serves no such route)."""
+    if not isinstance(storage, LocalStorage) or not storage.signs_urls:
+        raise SignedUrlsNotServed()
+    return storage
 
 
 def _rename_no_replace(source: Path, target: Path, target_key: str) -> None:

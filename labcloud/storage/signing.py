@@ -6,13 +6,17 @@ S3 presigned URL: clients such as the upstream worker follow the URL blindly and
 work against both. A token is::
 
     base64url(JSON {"k": storage key, "p": purpose, "e": expiry, unix seconds,
-                    "a": audience, "n": nonce (uploads only)})
+                    "a": audience, "n": nonce (uploads only),
+                    "m": most bytes one upload may carry (uploads only, optional)})
     + "." + base64url(HMAC-SHA256 of the encoded payload)
 
 Both APIs sign with the same key, so each token names the API that issued it (its
 *audience*) and only that API redeems it: an upload URL is good for one upload,
 and the API that hands it out is the one that remembers it was used (by its nonce,
 ``UsedUploadTokens`` in each API).
+
+Issuing these URLs is local storage's part of ``Storage``'s transfer requests
+(``labcloud.storage.transfers``); this module only signs and checks tokens.
 
 Both parts use the URL-safe alphabet without padding, so a token needs no escaping
 in a path. The signature is checked (in constant time) before anything in the
@@ -83,6 +87,8 @@ class SignedTransfer:
     expires_at: int
     # Unique per upload token: what "used once" is recorded by. None for downloads.
     nonce: str | None = None
+    # The most bytes one upload through the token may carry; None: no cap.
+    max_bytes: int | None = None
 
     @property
     def owner(self) -> str:
@@ -99,6 +105,12 @@ def _decode(text: str) -> bytes:
     return base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True)
 
 
+def _size(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"not a size: {value!r}")
+    return value
+
+
 class UrlSigner:
     """Signs and verifies transfer tokens with one secret key (both APIs derive it
     from the internal key, see ``ServiceSettings.url_signing_key``)."""
@@ -113,12 +125,21 @@ class UrlSigner:
         return hmac.new(self._key, payload.encode("ascii"), hashlib.sha256).digest()
 
     def token(
-        self, *, key: str, purpose: TransferPurpose, expires_in: int, audience: Audience
+        self,
+        *,
+        key: str,
+        purpose: TransferPurpose,
+        expires_in: int,
+        audience: Audience,
+        max_bytes: int | None = None,
     ) -> str:
         """A token allowing ``purpose`` on ``key`` for ``expires_in`` seconds, to be
-        redeemed at ``audience``."""
+        redeemed at ``audience``; an upload through it may carry at most
+        ``max_bytes`` (None: no cap)."""
         if expires_in <= 0:
             raise ValueError("expires_in must be a positive number of seconds")
+        if max_bytes is not None and (purpose is TransferPurpose.DOWNLOAD or max_bytes < 0):
+            raise ValueError("max_bytes is a non-negative size, for upload tokens only")
         body: dict[str, str | int] = {
             "k": check_key(key),
             "p": purpose.value,
@@ -127,6 +148,8 @@ class UrlSigner:
         }
         if purpose is not TransferPurpose.DOWNLOAD:
             body["n"] = secrets.token_urlsafe(12)
+        if max_bytes is not None:
+            body["m"] = max_bytes
         payload = _encode(json.dumps(body, separators=(",", ":")).encode())
         return f"{payload}.{_encode(self._signature(payload))}"
 
@@ -139,13 +162,21 @@ class UrlSigner:
         expires_in: int,
         audience: Audience,
         method: str | None = None,
+        max_bytes: int | None = None,
     ) -> SignedRequest:
         """The request that performs ``purpose`` on ``key`` without a bearer token:
         a GET for a download; a POST to which the client adds multipart ``file``
-        for an upload. ``method``, when given, must be the purpose's method."""
+        for an upload (of at most ``max_bytes``, None: no cap). ``method``, when
+        given, must be the purpose's method."""
         if method is not None and method.upper() != purpose.method:
             raise ValueError(f"a {purpose.value} URL is a {purpose.method} request, not {method}")
-        token = self.token(key=key, purpose=purpose, expires_in=expires_in, audience=audience)
+        token = self.token(
+            key=key,
+            purpose=purpose,
+            expires_in=expires_in,
+            audience=audience,
+            max_bytes=max_bytes,
+        )
         return SignedRequest(
             method=purpose.method,
             url=f"{base_url.rstrip('/')}{SIGNED_PATH}/{token}",
@@ -174,6 +205,7 @@ class UrlSigner:
                 purpose=TransferPurpose(body["p"]),
                 expires_at=int(body["e"]),
                 nonce=str(body["n"]) if "n" in body else None,
+                max_bytes=_size(body["m"]) if "m" in body else None,
             )
             issued_for = Audience(body["a"])
             if transfer.purpose is not TransferPurpose.DOWNLOAD and not transfer.nonce:

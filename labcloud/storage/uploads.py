@@ -11,6 +11,8 @@ with 400 before anything is written. No part is ever dropped silently.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
 
 from labcloud.errors import BadRequest, Conflict
 from labcloud.storage.base import EntryType, Storage
@@ -24,6 +26,14 @@ MAX_UPLOAD_PARTS = 100
 
 class UploadRefused(BadRequest):
     """The upload request is not valid."""
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingFile:
+    """One multipart part of an upload: its file name and its (spooled) body."""
+
+    filename: str | None
+    stream: BinaryIO
 
 
 def check_part_count(count: int) -> None:

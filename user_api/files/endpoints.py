@@ -21,9 +21,14 @@ from labcloud.contract import SignedRequest
 from labcloud.db import unit_of_work
 from labcloud.settings import AuthMode
 from labcloud.storage.http import download_response
-from labcloud.storage.uploads import MAX_UPLOAD_PARTS, check_part_count
-from user_api.dependencies import CurrentUserOutsideTransactions, SettingsDep, SignerDep, StorageDep
-from user_api.files import service
+from labcloud.storage.uploads import MAX_UPLOAD_PARTS, IncomingFile, check_part_count
+from user_api.dependencies import (
+    CurrentUserOutsideTransactions,
+    SettingsDep,
+    SignedUrlStorageDep,
+    StorageDep,
+)
+from user_api.files import service, signed
 from user_api.files.schemas import FileInfo, RenamePayload, UploadedFiles
 from user_api.limits import OwnerState, default_limits, owner_state
 from user_api.settings import UserApiSettings
@@ -39,9 +44,9 @@ FilesField = Annotated[
 ]
 
 
-def _parts(files: list[UploadFile]) -> list[service.IncomingFile]:
+def _parts(files: list[UploadFile]) -> list[IncomingFile]:
     check_part_count(len(files))
-    return [service.IncomingFile(part.filename, part.file) for part in files]
+    return [IncomingFile(part.filename, part.file) for part in files]
 
 
 def _owner_lookup(request: Request, settings: UserApiSettings) -> Callable[[str], OwnerState]:
@@ -81,17 +86,11 @@ def get_download_url(
     path: str,
     user: CurrentUserOutsideTransactions,
     storage: StorageDep,
-    signer: SignerDep,
     settings: SettingsDep,
 ) -> SignedRequest:
     """A short-lived request that downloads a file or folder without the bearer token."""
     return service.download_url(
-        storage,
-        signer,
-        user.subject,
-        path,
-        base_url=settings.public_url,
-        expires_in=settings.signed_url_expiry_seconds,
+        storage, user.subject, path, expires_in=settings.signed_url_expiry_seconds
     )
 
 
@@ -139,7 +138,6 @@ def get_upload_url(
     type: str,
     user: CurrentUserOutsideTransactions,
     storage: StorageDep,
-    signer: SignerDep,
     settings: SettingsDep,
     path: str = "",
 ) -> SignedRequest:
@@ -147,12 +145,11 @@ def get_upload_url(
     ``file``) in ``<type>/<path>/`` without the bearer token."""
     return service.upload_url(
         storage,
-        signer,
         user.subject,
         type,
         path,
-        base_url=settings.public_url,
         expires_in=settings.signed_url_expiry_seconds,
+        max_bytes=user.limits.max_storage_bytes,
         job_named=_job_named(request),
     )
 
@@ -189,11 +186,11 @@ def delete_file(path: str, user: CurrentUserOutsideTransactions, storage: Storag
 
 @router.get("/_signed/{token}", response_class=Response, responses=_DOWNLOAD_RESPONSES)
 def signed_download(
-    request: Request, token: str, storage: StorageDep, signer: SignerDep, settings: SettingsDep
+    request: Request, token: str, storage: SignedUrlStorageDep, settings: SettingsDep
 ) -> Response:
     """Download through a signed URL, while its owner's account is active."""
-    target = service.signed_download_target(
-        storage, signer, token, owner_of=_owner_lookup(request, settings)
+    target = signed.signed_download_target(
+        storage, token, owner_of=_owner_lookup(request, settings)
     )
     return download_response(storage, target.key, filename=target.filename)
 
@@ -203,15 +200,13 @@ def signed_upload(
     request: Request,
     token: str,
     file: FilesField,
-    storage: StorageDep,
-    signer: SignerDep,
+    storage: SignedUrlStorageDep,
     settings: SettingsDep,
 ) -> UploadedFiles:
     """Upload through a signed URL, once (multipart field ``file``, each part's file
     name names its file), while its owner's account is active."""
-    return service.signed_upload(
+    return signed.signed_upload(
         storage,
-        signer,
         token,
         _parts(file),
         owner_of=_owner_lookup(request, settings),

@@ -7,6 +7,10 @@ every refusal (an unsafe path, an area that takes no uploads, a file where a fol
 should be) happens before anything is written. The five area folders always exist
 as far as users can tell, whether or not storage holds them yet; they cannot be
 renamed or deleted.
+
+Transfers without the bearer token are the storage's transfer requests: this module
+authorises them and asks the storage, which signs (local) or presigns (S3) them. The
+``/_signed/{token}`` routes that redeem local storage's URLs are ``user_api.files.signed``.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import BinaryIO
 from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.contract import UPLOAD_AREAS, FileArea, SignedRequest
-from labcloud.db import unit_of_work, utcnow
-from labcloud.errors import BadRequest, Conflict, LabCloudError, MethodNotAllowed, NotFound
+from labcloud.db import unit_of_work
+from labcloud.errors import BadRequest, Conflict, MethodNotAllowed, NotFound
 from labcloud.storage.base import Entry, EntryType, Storage
 from labcloud.storage.paths import (
     area_key,
@@ -30,37 +34,25 @@ from labcloud.storage.paths import (
     user_root_key,
 )
 from labcloud.storage.quota import write_files_within_limit
-from labcloud.storage.redeem import claim_upload, release_upload
-from labcloud.storage.signing import (
-    Audience,
-    SignedUrlOwnerInactive,
-    TransferPurpose,
-    UrlSigner,
+from labcloud.storage.uploads import (
+    IncomingFile,
+    check_file_target,
+    check_parents,
+    folder_upload_keys,
 )
-from labcloud.storage.uploads import check_file_target, check_parents, folder_upload_keys
 from user_api.files.schemas import FileInfo, UploadedFiles
 from user_api.jobs import repository as jobs_repository
-from user_api.limits import OwnerState
-from user_api.models import USED_UPLOAD_TOKENS
 
 _SIZE_SUFFIXES = ("kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB", "RB", "QB")
 
 JobNamed = Callable[[str, str], bool]
 """``job_named(subject, name)``: whether that account has a job called ``name``."""
 # The name offered for a zip of the user's whole root.
-_ROOT_ARCHIVE_NAME = "files"
+ROOT_ARCHIVE_NAME = "files"
 
 
 class JobResultsFolder(Conflict):
     """The folder receives a job's results and is removed with that job."""
-
-
-@dataclass(frozen=True, slots=True)
-class IncomingFile:
-    """One multipart part of an upload: its file name and its (spooled) body."""
-
-    filename: str | None
-    stream: BinaryIO
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,20 +158,28 @@ def _file_target(storage: Storage, key: str) -> str:
     return key
 
 
+def check_upload_targets(
+    storage: Storage, targets: list[tuple[str, BinaryIO]], job_named: JobNamed
+) -> list[tuple[str, BinaryIO]]:
+    """``targets`` (storage key, body), each checked before anything is written:
+    not in a job's results folder, no folder in the way, no file above it."""
+    for key, _ in targets:
+        _refuse_job_results(key, job_named)
+        _file_target(storage, key)
+    return targets
+
+
 def _folder_targets(
     storage: Storage, folder_key: str, parts: Sequence[IncomingFile], job_named: JobNamed
 ) -> list[tuple[str, BinaryIO]]:
     """Where each uploaded part goes inside ``folder_key`` (under its file name,
     which may be a relative path), every one checked before anything is written."""
     keys = folder_upload_keys(folder_key, [part.filename for part in parts])
-    for key in keys:
-        _refuse_job_results(key, job_named)
-    return [
-        (_file_target(storage, key), part.stream) for key, part in zip(keys, parts, strict=True)
-    ]
+    targets = [(key, part.stream) for key, part in zip(keys, parts, strict=True)]
+    return check_upload_targets(storage, targets, job_named)
 
 
-def _uploaded(folder_key: str, entries: list[Entry]) -> UploadedFiles:
+def uploaded_files(folder_key: str, entries: list[Entry]) -> UploadedFiles:
     """The response of an upload: the file when one was sent, the folder (and the
     bytes in all) for several; ``files`` lists each."""
     files = [file_info(entry) for entry in entries]
@@ -225,7 +225,7 @@ def _existing(storage: Storage, subject: str, path: str) -> DownloadTarget:
         key = user_root_key(subject)
         if storage.stat(key) is None:
             raise NotFound("you have no files yet")
-        return DownloadTarget(key, _ROOT_ARCHIVE_NAME)
+        return DownloadTarget(key, ROOT_ARCHIVE_NAME)
     key = user_key(subject, path)
     if storage.stat(key) is None:
         if _is_area(key):
@@ -240,24 +240,11 @@ def download_target(storage: Storage, subject: str, path: str) -> DownloadTarget
     return _existing(storage, subject, path)
 
 
-def download_url(
-    storage: Storage,
-    signer: UrlSigner,
-    subject: str,
-    path: str,
-    *,
-    base_url: str,
-    expires_in: int,
-) -> SignedRequest:
-    """A short-lived GET that downloads ``path`` without the bearer token."""
+def download_url(storage: Storage, subject: str, path: str, *, expires_in: int) -> SignedRequest:
+    """A short-lived GET that downloads ``path`` without the bearer token (the
+    storage's transfer request)."""
     target = _existing(storage, subject, path)
-    return signer.sign(
-        key=target.key,
-        purpose=TransferPurpose.DOWNLOAD,
-        base_url=base_url,
-        expires_in=expires_in,
-        audience=Audience.USER_API,
-    )
+    return storage.download_request(target.key, expires_in=expires_in)
 
 
 def upload_files(
@@ -277,7 +264,9 @@ def upload_files(
     no limit), and with ``JobResultsFolder`` inside a job's ``artifact/<name>/``."""
     folder_key = _upload_key(subject, area, folder)
     targets = _folder_targets(storage, folder_key, parts, job_named)
-    return _uploaded(folder_key, write_files_within_limit(storage, subject, targets, max_bytes))
+    return uploaded_files(
+        folder_key, write_files_within_limit(storage, subject, targets, max_bytes)
+    )
 
 
 def upload_file(
@@ -306,31 +295,26 @@ def upload_file(
 
 def upload_url(
     storage: Storage,
-    signer: UrlSigner,
     subject: str,
     area: str,
     folder: str,
     *,
-    base_url: str,
     expires_in: int,
+    max_bytes: int | None,
     job_named: JobNamed,
 ) -> SignedRequest:
     """A short-lived POST, good for one upload, that stores files (multipart field
     ``file``) in ``<area>/<folder>/`` under their own names, without the bearer
-    token."""
+    token: the storage's transfer request, carrying at most ``max_bytes`` (the
+    user's storage limit; None: no limit). Where the upload lands, the limit is
+    checked again against what the user then stores."""
     folder_key = _upload_key(subject, area, folder)
     _refuse_job_results(folder_key, job_named)
     existing = storage.stat(folder_key)
     if existing is not None and existing.type is EntryType.FILE:
         raise Conflict(f"{_display(folder_key)!r} is a file, not a folder")
     _check_parents(storage, folder_key)
-    return signer.sign(
-        key=folder_key,
-        purpose=TransferPurpose.UPLOAD_INTO,
-        base_url=base_url,
-        expires_in=expires_in,
-        audience=Audience.USER_API,
-    )
+    return storage.upload_into_request(folder_key, expires_in=expires_in, max_bytes=max_bytes)
 
 
 def make_folder(
@@ -395,60 +379,3 @@ def delete(storage: Storage, subject: str, path: str) -> None:
     if storage.stat(key) is None:
         raise NotFound(f"no file or folder at {_display(key)!r}")
     storage.delete(key)
-
-
-def _check_owner(owner_of: Callable[[str], OwnerState], key: str) -> OwnerState:
-    state = owner_of(key.split("/", 1)[0])
-    if not state.active:
-        raise SignedUrlOwnerInactive(
-            "the account this link belongs to is disabled: the link no longer works"
-        )
-    return state
-
-
-def signed_download_target(
-    storage: Storage, signer: UrlSigner, token: str, *, owner_of: Callable[[str], OwnerState]
-) -> DownloadTarget:
-    """What a signed download URL names, if it is valid, its owner (``owner_of``
-    the key's subject) still active and the thing still there. Raises
-    ``SignedUrlInvalid``, ``SignedUrlOwnerInactive`` or ``NotFound``."""
-    key = signer.verify(token, TransferPurpose.DOWNLOAD, audience=Audience.USER_API)
-    _check_owner(owner_of, key)
-    if storage.stat(key) is None:
-        raise NotFound("the file or folder of this link no longer exists")
-    name = PurePosixPath(key).name if "/" in key else _ROOT_ARCHIVE_NAME
-    return DownloadTarget(key, name)
-
-
-def signed_upload(
-    storage: Storage,
-    signer: UrlSigner,
-    token: str,
-    parts: Sequence[IncomingFile],
-    *,
-    owner_of: Callable[[str], OwnerState],
-    session_factory: sessionmaker[Session],
-    job_named: JobNamed,
-) -> UploadedFiles:
-    """Store an upload sent to a signed URL inside the signed folder, each part
-    under its file name, within the owner's storage limit; the URL is then used up
-    (``labcloud.storage.redeem``: recorded in short transactions of their own, so
-    no transaction stays open while files are written). A refused upload (a bad
-    name, over the limit) leaves the URL usable. Raises ``SignedUrlInvalid``,
-    ``SignedUrlUsed``, ``SignedUrlOwnerInactive`` or ``StorageLimitReached``."""
-    transfer = signer.verify_transfer(
-        token, (TransferPurpose.UPLOAD_INTO,), audience=Audience.USER_API
-    )
-    # Only keys in a user's areas can be reported back as file info.
-    subject = split_user_key(transfer.key).subject
-    state = _check_owner(owner_of, transfer.key)
-    with unit_of_work(session_factory) as session:
-        claim_upload(session, USED_UPLOAD_TOKENS, transfer, utcnow())
-    try:
-        targets = _folder_targets(storage, transfer.key, parts, job_named)
-        entries = write_files_within_limit(storage, subject, targets, state.max_storage_bytes)
-    except LabCloudError:
-        with unit_of_work(session_factory) as session:
-            release_upload(session, USED_UPLOAD_TOKENS, transfer)
-        raise
-    return _uploaded(transfer.key, entries)

@@ -14,7 +14,6 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response, status
-from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from labcloud.contract import OutputKind, SignedRequest
@@ -22,15 +21,22 @@ from labcloud.db import unit_of_work
 from labcloud.errors import BadRequest
 from labcloud.storage import Entry, normalise_path
 from labcloud.storage.http import download_response
-from labcloud.storage.uploads import MAX_UPLOAD_PARTS, UPLOAD_FIELD, check_part_count
-from worker_api.clients.accounts import AccountChecker
-from worker_api.dependencies import (
-    CurrentWorker,
-    FileServiceDep,
-    StorageDep,
-    make_file_service,
+from labcloud.storage.uploads import (
+    MAX_UPLOAD_PARTS,
+    UPLOAD_FIELD,
+    IncomingFile,
+    check_part_count,
 )
-from worker_api.files.service import IncomingFile, SignedTransfers, store_results
+from worker_api.dependencies import (
+    AccountsDep,
+    CurrentWorker,
+    SessionDep,
+    SettingsDep,
+    SignedUrlStorageDep,
+    StorageDep,
+)
+from worker_api.files import service, signed
+from worker_api.files.schemas import StoredFiles, stored_files
 
 router = APIRouter(tags=["files"])
 
@@ -60,64 +66,22 @@ _MULTIPART_BODY: dict[str, Any] = {
 }
 
 
-class StoredFile(BaseModel):
-    """A file written to storage; ``path`` is relative to the job's location of
-    that type."""
-
-    path: str
-    size: int
-
-
-class StoredFiles(BaseModel):
-    """What an upload stored: ``path`` and ``size`` are those of the file when one
-    was sent (of the folder, and the bytes in all, for several); ``files`` lists
-    each."""
-
-    path: str
-    size: int
-    files: list[StoredFile]
-
-
-def held_upload_folder(
+def held_upload_target(
     request: Request,
     queue_id: int,
     kind: KindQuery,
     worker: CurrentWorker,
     base_path: BasePathQuery = "",
-) -> str:
+) -> service.UploadTarget:
     """Where the upload goes, checked in a transaction of its own that ends before
-    the body is read."""
+    the body is read (or the owner's account is looked up)."""
     with unit_of_work(request.app.state.session_factory) as session:
-        return make_file_service(request, session).upload_folder(
-            queue_id, worker=worker.name, kind=kind, base_path=base_path
+        return service.upload_target(
+            session, queue_id, worker=worker.name, kind=kind, base_path=base_path
         )
 
 
-def _accounts(request: Request) -> AccountChecker:
-    checker: AccountChecker = request.app.state.account_checker
-    return checker
-
-
-def _signed_transfers(request: Request) -> SignedTransfers:
-    state = request.app.state
-    return SignedTransfers(state.signer, state.storage, _accounts(request), state.session_factory)
-
-
-SignedTransfersDep = Annotated[SignedTransfers, Depends(_signed_transfers)]
-
-
-def _stored(folder_key: str, entries: list[Entry], *, folder: str = "") -> StoredFiles:
-    """The response for ``entries`` stored in ``folder_key``; paths are relative to
-    the job's location when ``folder`` (its path there) is given, else to
-    ``folder_key``."""
-
-    def path_of(key: str) -> str:
-        return "/".join(part for part in (folder, key[len(folder_key) + 1 :]) if part)
-
-    files = [StoredFile(path=path_of(entry.key), size=entry.size) for entry in entries]
-    if len(files) == 1:
-        return StoredFiles(path=files[0].path, size=files[0].size, files=files)
-    return StoredFiles(path=folder, size=sum(f.size for f in files), files=files)
+HeldUploadTarget = Annotated[service.UploadTarget, Depends(held_upload_target)]
 
 
 async def receive_files(
@@ -143,16 +107,17 @@ async def receive_files(
     response_model=SignedRequest,
 )
 def upload_url(
-    queue_id: int,
-    kind: KindQuery,
-    worker: CurrentWorker,
-    files: FileServiceDep,
-    base_path: BasePathQuery = "",
+    target: HeldUploadTarget,
+    storage: StorageDep,
+    accounts: AccountsDep,
+    settings: SettingsDep,
 ) -> SignedRequest:
     """A short-lived request, good for one upload, that stores result files of a
     job this worker holds in the folder ``base_path`` (the worker adds the multipart
     field ``file``; each part's file name names its file)."""
-    return files.upload_request(queue_id, worker=worker.name, kind=kind, base_path=base_path)
+    return service.upload_request(
+        storage, accounts, target, expires_in=settings.signed_url_expiry_seconds
+    )
 
 
 @router.post(
@@ -162,45 +127,56 @@ def upload_url(
 )
 async def upload(
     request: Request,
-    folder: Annotated[str, Depends(held_upload_folder)],
+    target: HeldUploadTarget,
     storage: StorageDep,
+    accounts: AccountsDep,
     base_path: BasePathQuery = "",
 ) -> StoredFiles:
     """Upload result files of a job this worker holds into the folder ``base_path``
     (multipart field ``file``; each part's file name names its file)."""
-    accounts = _accounts(request)
+    folder = target.folder_key
     entries = await receive_files(
-        request, lambda parts: store_results(storage, accounts, folder, parts)
+        request, lambda parts: service.store_results(storage, accounts, folder, parts)
     )
-    return _stored(folder, entries, folder=normalise_path(base_path))
+    return stored_files(folder, entries, folder=normalise_path(base_path))
 
 
 @router.get("/files/{uri:path}/url", response_model=SignedRequest)
-def download_url(uri: str, worker: CurrentWorker, files: FileServiceDep) -> SignedRequest:
+def download_url(
+    uri: str,
+    worker: CurrentWorker,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> SignedRequest:
     """A short-lived request that downloads an input of a job this worker holds."""
-    return files.download_request(uri, worker=worker.name)
+    return service.download_request(
+        session, storage, uri, worker=worker.name, expires_in=settings.signed_url_expiry_seconds
+    )
 
 
 @router.get("/files/{uri:path}/download")
-def download(
-    uri: str, worker: CurrentWorker, files: FileServiceDep, storage: StorageDep
-) -> Response:
+def download(uri: str, worker: CurrentWorker, session: SessionDep, storage: StorageDep) -> Response:
     """An input of a job this worker holds, streamed."""
-    return download_response(storage, files.input_key(uri, worker=worker.name))
+    return download_response(storage, service.input_key(session, uri, worker=worker.name))
 
 
 @router.get("/_signed/{token}")
-def signed_download(token: str, transfers: SignedTransfersDep, storage: StorageDep) -> Response:
+def signed_download(token: str, storage: SignedUrlStorageDep, accounts: AccountsDep) -> Response:
     """Download through a signed URL (no bearer token)."""
-    return download_response(storage, transfers.download_key(token))
+    return download_response(storage, signed.download_key(storage, accounts, token))
 
 
 @router.post("/_signed/{token}", status_code=status.HTTP_201_CREATED, openapi_extra=_MULTIPART_BODY)
-async def signed_upload(request: Request, token: str) -> StoredFiles:
+async def signed_upload(
+    request: Request, token: str, storage: SignedUrlStorageDep, accounts: AccountsDep
+) -> StoredFiles:
     """Upload through a signed URL, once (no bearer token; multipart field ``file``,
     each part's file name names its file)."""
-    transfers = _signed_transfers(request)
     # Checked before the body is read (the account check may block on HTTP).
-    folder = await anyio.to_thread.run_sync(transfers.check_upload, token)
-    entries = await receive_files(request, lambda parts: transfers.upload(token, parts))
-    return _stored(folder, entries)
+    folder = await anyio.to_thread.run_sync(signed.check_upload, storage, accounts, token)
+    sessions = request.app.state.session_factory
+    entries = await receive_files(
+        request, lambda parts: signed.upload(storage, accounts, sessions, token, parts)
+    )
+    return stored_files(folder, entries)

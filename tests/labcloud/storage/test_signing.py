@@ -192,6 +192,27 @@ def test_upload_tokens_carry_a_nonce_and_downloads_none() -> None:
         signer.verify(_resign(token, n=None), TransferPurpose.UPLOAD_INTO, audience=AUD)
 
 
+def test_upload_tokens_may_carry_a_size_cap() -> None:
+    signer = UrlSigner(KEY)
+    capped = signer.token(
+        key="u1/data", purpose=TransferPurpose.UPLOAD_INTO, expires_in=30, audience=AUD, max_bytes=5
+    )
+    transfer = signer.verify_transfer(capped, (TransferPurpose.UPLOAD_INTO,), audience=AUD)
+    assert transfer.max_bytes == 5
+    free = signer.token(key="u1/data", purpose=TransferPurpose.UPLOAD, expires_in=30, audience=AUD)
+    assert signer.verify_transfer(free, (TransferPurpose.UPLOAD,), audience=AUD).max_bytes is None
+    # Raising the cap breaks the signature; a cap that is no size is not believed.
+    with pytest.raises(SignedUrlInvalid, match="signature invalid"):
+        signer.verify(_forge(capped, m=10**12), TransferPurpose.UPLOAD_INTO, audience=AUD)
+    for bad in (-1, "5", True, 1.5):
+        with pytest.raises(SignedUrlInvalid, match="signature invalid"):
+            signer.verify(_resign(capped, m=bad), TransferPurpose.UPLOAD_INTO, audience=AUD)
+    with pytest.raises(ValueError, match="upload tokens only"):
+        signer.token(
+            key="u1/x", purpose=TransferPurpose.DOWNLOAD, expires_in=30, audience=AUD, max_bytes=1
+        )
+
+
 def _resign(token: str, **changes: object) -> str:
     """The token with ``changes`` to its payload (None removes a field), signed
     again with the right key: what an older version would have issued."""

@@ -1,4 +1,5 @@
-"""The files service on a real local storage folder (no HTTP)."""
+"""The files service, and the redemption of signed URLs, on a real local storage
+folder (no HTTP)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from labcloud.storage.local import LocalStorage
 from labcloud.storage.paths import UnknownArea, UnsafePath
 from labcloud.storage.quota import StorageLimitReached
 from labcloud.storage.signing import (
+    Audience,
     SignedUrlInvalid,
     SignedUrlOwnerInactive,
     SignedUrlUsed,
     UrlSigner,
 )
+from labcloud.storage.transfers import LocalTransfers, UploadTooLarge
+from labcloud.storage.uploads import IncomingFile
 from user_api.app import MIGRATIONS
-from user_api.files import service
+from user_api.files import service, signed
 from user_api.files.schemas import FileInfo, UploadedFiles
 from user_api.limits import OwnerState
 
@@ -41,9 +45,12 @@ class Clock:
 
 
 @pytest.fixture
-def storage(tmp_path: Path) -> LocalStorage:
+def storage(tmp_path: Path, clock: Clock) -> LocalStorage:
+    """A local storage that signs URLs for the user API at ``BASE_URL``."""
     (tmp_path / "data").mkdir()
-    return LocalStorage(tmp_path / "data")
+    signer = UrlSigner(b"s" * 32, clock=clock)
+    transfers = LocalTransfers(signer, base_url=BASE_URL, audience=Audience.USER_API)
+    return LocalStorage(tmp_path / "data", transfers=transfers)
 
 
 @pytest.fixture
@@ -53,11 +60,6 @@ def clock() -> Clock:
     clock = Clock()
     clock.now = time.time()
     return clock
-
-
-@pytest.fixture
-def signer(clock: Clock) -> UrlSigner:
-    return UrlSigner(b"s" * 32, clock=clock)
 
 
 @pytest.fixture
@@ -83,17 +85,15 @@ class Owners:
 
 def signed_upload(
     storage: LocalStorage,
-    signer: UrlSigner,
     token: str,
     sessions: sessionmaker[Session],
     *files: tuple[str | None, bytes],
     owners: Owners | None = None,
 ) -> UploadedFiles:
-    return service.signed_upload(
+    return signed.signed_upload(
         storage,
-        signer,
         token,
-        [service.IncomingFile(name, io.BytesIO(data)) for name, data in files],
+        [IncomingFile(name, io.BytesIO(data)) for name, data in files],
         owner_of=owners or Owners(),
         session_factory=sessions,
         job_named=no_jobs,
@@ -356,133 +356,137 @@ def test_download_target(storage: LocalStorage) -> None:
         service.download_target(storage, "u2", "/")
 
 
-def test_download_url_round_trip(storage: LocalStorage, signer: UrlSigner, clock: Clock) -> None:
+def test_download_url_round_trip(storage: LocalStorage, clock: Clock) -> None:
     owners = Owners()
     upload(storage, "data", "run", "a.tif", b"a")
-    request = service.download_url(
-        storage, signer, SUBJECT, "data/run/a.tif", base_url=BASE_URL + "/", expires_in=60
-    )
+    request = service.download_url(storage, SUBJECT, "data/run/a.tif", expires_in=60)
     assert request.method == "GET"
     assert request.model_dump().keys() == {"method", "url", "headers", "data"}
     token = token_of(request.url)
-    target = service.signed_download_target(storage, signer, token, owner_of=owners)
+    target = signed.signed_download_target(storage, token, owner_of=owners)
     assert (target.key, target.filename) == ("u1/data/run/a.tif", "a.tif")
     owners.states[SUBJECT] = OwnerState(active=False, max_storage_bytes=None)
     with pytest.raises(SignedUrlOwnerInactive, match="disabled"):
-        service.signed_download_target(storage, signer, token, owner_of=owners)
+        signed.signed_download_target(storage, token, owner_of=owners)
     owners.states.clear()
     service.delete(storage, SUBJECT, "data/run/a.tif")
     with pytest.raises(NotFound, match="no longer exists"):
-        service.signed_download_target(storage, signer, token, owner_of=owners)
+        signed.signed_download_target(storage, token, owner_of=owners)
     clock.now += 61
     with pytest.raises(SignedUrlInvalid, match="expired"):
-        service.signed_download_target(storage, signer, token, owner_of=owners)
+        signed.signed_download_target(storage, token, owner_of=owners)
     with pytest.raises(NotFound):
-        service.download_url(
-            storage, signer, SUBJECT, "data/none", base_url=BASE_URL, expires_in=60
-        )
+        service.download_url(storage, SUBJECT, "data/none", expires_in=60)
 
 
 def test_a_download_url_does_not_upload(
-    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
+    storage: LocalStorage, sessions: sessionmaker[Session]
 ) -> None:
     upload(storage, "data", "", "a.tif", b"a")
-    request = service.download_url(
-        storage, signer, SUBJECT, "data/a.tif", base_url=BASE_URL, expires_in=60
-    )
+    request = service.download_url(storage, SUBJECT, "data/a.tif", expires_in=60)
     with pytest.raises(SignedUrlInvalid, match="not for this operation"):
-        signed_upload(storage, signer, token_of(request.url), sessions, ("x", b"x"))
+        signed_upload(storage, token_of(request.url), sessions, ("x", b"x"))
 
 
-def _upload_token(storage: LocalStorage, signer: UrlSigner, folder: str = "test/") -> str:
+def _upload_token(storage: LocalStorage, folder: str = "test/") -> str:
     request = service.upload_url(
         storage,
-        signer,
         SUBJECT,
         "data",
         folder,
-        base_url=BASE_URL,
         expires_in=60,
+        max_bytes=None,
         job_named=no_jobs,
     )
     assert (request.method, request.headers, request.data) == ("POST", {}, {})
     return token_of(request.url)
 
 
-def test_upload_url_round_trip(
-    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
-) -> None:
-    token = _upload_token(storage, signer)
-    info = signed_upload(storage, signer, token, sessions, ("data_file1.txt", b"contents"))
+def test_upload_url_round_trip(storage: LocalStorage, sessions: sessionmaker[Session]) -> None:
+    token = _upload_token(storage)
+    info = signed_upload(storage, token, sessions, ("data_file1.txt", b"contents"))
     assert info.path == "data/test/data_file1.txt"
     with pytest.raises(SignedUrlInvalid, match="not for this operation"):
-        service.signed_download_target(storage, signer, token, owner_of=Owners())
+        signed.signed_download_target(storage, token, owner_of=Owners())
     with pytest.raises(UnknownArea, match="use one of config, data, artifact"):
         service.upload_url(
             storage,
-            signer,
             SUBJECT,
             "output",
             "x",
-            base_url=BASE_URL,
             expires_in=60,
+            max_bytes=None,
             job_named=no_jobs,
         )
     with pytest.raises(Conflict, match="is a file, not a folder"):
         service.upload_url(
             storage,
-            signer,
             SUBJECT,
             "data",
             "test/data_file1.txt",
-            base_url=BASE_URL,
             expires_in=60,
+            max_bytes=None,
             job_named=no_jobs,
         )
 
 
-def test_an_upload_url_is_good_for_one_upload(
-    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
+def test_an_upload_url_allows_at_most_the_users_storage_limit(
+    storage: LocalStorage, sessions: sessionmaker[Session]
 ) -> None:
-    token = _upload_token(storage, signer)
-    signed_upload(storage, signer, token, sessions, ("first.txt", b"1"))
+    request = service.upload_url(
+        storage, SUBJECT, "data", "capped", expires_in=60, max_bytes=4, job_named=no_jobs
+    )
+    token = token_of(request.url)
+    with pytest.raises(UploadTooLarge, match="larger than the 4 bytes its upload URL allows"):
+        signed_upload(storage, token, sessions, ("a.bin", b"123"), ("b.bin", b"45"))
+    assert files_on_disk(storage.root) == []
+    # Refused before anything was stored: the URL still works for what fits.
+    signed_upload(storage, token, sessions, ("a.bin", b"1234"))
+    assert (storage.root / "u1/data/capped/a.bin").read_bytes() == b"1234"
+
+
+def test_an_upload_url_is_good_for_one_upload(
+    storage: LocalStorage, sessions: sessionmaker[Session]
+) -> None:
+    token = _upload_token(storage)
+    signed_upload(storage, token, sessions, ("first.txt", b"1"))
     with pytest.raises(SignedUrlUsed, match="already been used"):
-        signed_upload(storage, signer, token, sessions, ("second.txt", b"2"))
+        signed_upload(storage, token, sessions, ("second.txt", b"2"))
     assert paths(service.list_files(storage, SUBJECT, "data/test")) == ["data/test/first.txt"]
     # Each URL asked for is a new one, even for the same folder in the same second.
-    signed_upload(storage, signer, _upload_token(storage, signer), sessions, ("second.txt", b"2"))
+    signed_upload(storage, _upload_token(storage), sessions, ("second.txt", b"2"))
 
 
 def test_a_refused_signed_upload_leaves_its_url_usable(
-    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
+    storage: LocalStorage, sessions: sessionmaker[Session]
 ) -> None:
-    token = _upload_token(storage, signer)
+    token = _upload_token(storage)
     owners = Owners()
     owners.states[SUBJECT] = OwnerState(active=True, max_storage_bytes=4)
     with pytest.raises(UnsafePath):
-        signed_upload(storage, signer, token, sessions, ("../../../u2/x", b"x"), owners=owners)
+        signed_upload(storage, token, sessions, ("../../../u2/x", b"x"), owners=owners)
     with pytest.raises(BadRequest, match="no file name"):
-        signed_upload(storage, signer, token, sessions, (None, b"x"), owners=owners)
+        signed_upload(storage, token, sessions, (None, b"x"), owners=owners)
     with pytest.raises(StorageLimitReached, match="limit of 4 bytes"):
-        signed_upload(storage, signer, token, sessions, ("big.bin", b"12345"), owners=owners)
+        signed_upload(storage, token, sessions, ("big.bin", b"12345"), owners=owners)
     assert files_on_disk(storage.root) == []
-    signed_upload(storage, signer, token, sessions, ("small.bin", b"1234"), owners=owners)
+    signed_upload(storage, token, sessions, ("small.bin", b"1234"), owners=owners)
     assert (storage.root / "u1/data/test/small.bin").read_bytes() == b"1234"
 
 
 def test_signed_uploads_stop_when_the_owner_is_disabled(
-    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
+    storage: LocalStorage, sessions: sessionmaker[Session]
 ) -> None:
-    token = _upload_token(storage, signer)
+    token = _upload_token(storage)
     owners = Owners()
     owners.states[SUBJECT] = OwnerState(active=False, max_storage_bytes=None)
     with pytest.raises(SignedUrlOwnerInactive):
-        signed_upload(storage, signer, token, sessions, ("a.txt", b"a"), owners=owners)
+        signed_upload(storage, token, sessions, ("a.txt", b"a"), owners=owners)
     assert files_on_disk(storage.root) == []
 
 
 def test_several_parts_are_a_folder_upload(
-    storage: LocalStorage, signer: UrlSigner, sessions: sessionmaker[Session]
+    storage: LocalStorage, sessions: sessionmaker[Session]
 ) -> None:
     uploaded = service.upload_files(
         storage,
@@ -490,15 +494,15 @@ def test_several_parts_are_a_folder_upload(
         "data",
         "set",
         [
-            service.IncomingFile("a.txt", io.BytesIO(b"a")),
-            service.IncomingFile("sub/b.txt", io.BytesIO(b"bb")),
+            IncomingFile("a.txt", io.BytesIO(b"a")),
+            IncomingFile("sub/b.txt", io.BytesIO(b"bb")),
         ],
         job_named=no_jobs,
     )
     assert (uploaded.path, uploaded.type, uploaded.size_bytes) == ("data/set/", "directory", 3)
     assert paths(uploaded.files) == ["data/set/a.txt", "data/set/sub/b.txt"]
-    token = _upload_token(storage, signer, "signed")
-    signed = signed_upload(storage, signer, token, sessions, ("c.txt", b"c"), ("d/e.txt", b"e"))
+    token = _upload_token(storage, "signed")
+    signed = signed_upload(storage, token, sessions, ("c.txt", b"c"), ("d/e.txt", b"e"))
     assert paths(signed.files) == ["data/signed/c.txt", "data/signed/d/e.txt"]
     # One bad part refuses them all, and nothing is written.
     before = files_on_disk(storage.root)
@@ -514,7 +518,7 @@ def test_several_parts_are_a_folder_upload(
                 SUBJECT,
                 "data",
                 "set",
-                [service.IncomingFile(name, io.BytesIO(data)) for name, data in parts],
+                [IncomingFile(name, io.BytesIO(data)) for name, data in parts],
                 job_named=no_jobs,
             )
     assert files_on_disk(storage.root) == before
