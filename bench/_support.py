@@ -28,8 +28,8 @@ from labcloud_cli.images import DEMO_IMAGE, ensure_demo_image  # noqa: E402
 from tests.databases import temporary_postgres_database  # noqa: E402
 from tests.e2e.stack import Stack  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402
+from worker_runner.backends.docker import DockerSettings  # noqa: E402
 from worker_runner.hardware import ResourcePool, detect_hardware  # noqa: E402
-from worker_runner.settings import WorkerSettings  # noqa: E402
 
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 CATALOG = REPO_ROOT / "tests" / "data" / "application_config.yaml"
@@ -76,7 +76,7 @@ def job_container_run(image: str, command: str, folder: Path, *, slots: int = 1)
 
     A baseline without these would flatter the platform: on the default bridge
     network a container costs about 73 ms more to start here than with none."""
-    defaults = WorkerSettings.model_fields
+    defaults = DockerSettings.model_fields
     reservation = ResourcePool(detect_hardware(), slots).reserve(HardwareSpec())
     assert reservation is not None, "an idle pool always reserves"
     memory = f"{reservation.memory}m"

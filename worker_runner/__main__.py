@@ -1,10 +1,12 @@
 """``python -m worker_runner [--env-file PATH]``: run the worker on this host.
 
-SIGTERM or SIGINT stops pulling and lets running jobs finish for up to
-``SHUTDOWN_GRACE`` seconds before they are stopped and handed back; a second signal
-ends the grace at once. Exit status: 0 after a clean stop, 2 on invalid settings,
-1 when the Docker engine cannot be reached, the credentials are refused, or a runner
-with the same account and ``PATH_BASE`` already runs on this host.
+Builds the execution backend that ``BACKEND`` names from its settings, then runs
+the dispatcher (``worker_runner.dispatcher.Runner``). SIGTERM or SIGINT stops
+pulling and lets running jobs finish for up to ``SHUTDOWN_GRACE`` seconds before
+they are stopped and handed back; a second signal ends the grace at once. Exit
+status: 0 after a clean stop, 2 on invalid settings, 1 when the backend cannot
+start (the Docker engine cannot be reached), the credentials are refused, or a
+runner with the same account and ``PATH_BASE`` already runs on this host.
 """
 
 from __future__ import annotations
@@ -19,11 +21,10 @@ from types import FrameType
 
 from pydantic import ValidationError
 
-from worker_runner.backends.base import BackendError
-from worker_runner.backends.docker import DockerBackend
+from worker_runner.backends.base import BackendError, BackendSettings
+from worker_runner.backends.registry import create_backend, load_backend_settings
 from worker_runner.client import AuthenticationFailed, WorkerApiClient, WorkerApiError
-from worker_runner.hardware import detect_hardware
-from worker_runner.loop import Runner, RunnerAlreadyRunning
+from worker_runner.dispatcher import Runner, RunnerAlreadyRunning
 from worker_runner.settings import WorkerSettings, describe_validation_error, load_settings
 
 logger = logging.getLogger("worker_runner")
@@ -66,18 +67,11 @@ def _install_signal_handlers(stop: threading.Event, runner: Runner) -> None:
     signal.signal(signal.SIGINT, _on_signal)
 
 
-def run_worker(settings: WorkerSettings) -> int:
-    """Run the worker with ``settings`` until a signal stops it."""
-    hardware = detect_hardware(cpu_cores=settings.cpu_cores, memory=settings.memory)
-    logger.info(
-        "host: %d core(s), %d MiB, %d GPU(s)",
-        hardware.cpu_cores,
-        hardware.memory,
-        len(hardware.gpus),
-    )
+def run_worker(settings: WorkerSettings, backend_settings: BackendSettings) -> int:
+    """Run the worker with ``settings`` on the backend of ``backend_settings``
+    until a signal stops it."""
     try:
-        # Each running job streams two connections (wait and logs).
-        backend = DockerBackend.from_env(max_pool_size=4 * settings.slots + 4)
+        backend = create_backend(settings.backend, backend_settings)
     except BackendError as exc:
         logger.error("%s", exc.message)
         return 1
@@ -98,7 +92,7 @@ def run_worker(settings: WorkerSettings) -> int:
         # The API may come up later; the loop keeps trying.
         logger.warning("cannot reach the API yet: %s", exc.message)
     stop = threading.Event()
-    runner = Runner(settings, client, backend, hardware)
+    runner = Runner(settings, client, backend)
     _install_signal_handlers(stop, runner)
     try:
         runner.run(stop)
@@ -116,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         settings = load_settings(args.env_file)
+        backend_settings = load_backend_settings(settings.backend, args.env_file)
     except FileNotFoundError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -123,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_validation_error(exc), file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    return run_worker(settings)
+    return run_worker(settings, backend_settings)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr, ValidationError
 
-from labcloud.contract import JobStatus, OutputKind, SignedRequest
+from labcloud.contract import JobStatus, Outcome, OutputKind, SignedRequest, StatusReport
 from labcloud.storage.paths import PARTIAL_PREFIX
 from worker_runner import RunnerError
 
@@ -157,6 +157,7 @@ class WorkerApiClient:
         path: str,
         *,
         params: Mapping[str, str | int | float] | None = None,
+        json: dict[str, Any] | None = None,
         timeout: httpx.Timeout | float | None = None,
         retry: bool = True,
     ) -> httpx.Response:
@@ -173,6 +174,7 @@ class WorkerApiClient:
                     method,
                     f"{self._api_url}{path}",
                     params=dict(params) if params is not None else None,
+                    json=json,
                     headers={"Authorization": f"Bearer {token}"},
                     timeout=timeout if timeout is not None else self._timeout,
                 )
@@ -227,16 +229,26 @@ class WorkerApiClient:
         status: JobStatus,
         runtime_details: str | None = None,
         *,
+        outcome: Outcome | None = None,
         retry: bool = True,
     ) -> None:
-        """Report ``status`` for a job (also renews its lease).
+        """Report ``status`` for a job (also renews its lease); a terminal status
+        carries how the run went (``outcome``) as the JSON body, a
+        ``StatusReport``.
 
         Raises ``JobGone`` on 404: the job is no longer this worker's."""
         params: dict[str, str] = {"status": status.value}
         if runtime_details is not None:
             params["runtime_details"] = runtime_details
+        body = None
+        if outcome is not None:
+            body = StatusReport(outcome=outcome).model_dump(mode="json", exclude_none=True)
         response = self._call(
-            "PUT", f"/jobs/{quote(queue_id, safe='')}/status", params=params, retry=retry
+            "PUT",
+            f"/jobs/{quote(queue_id, safe='')}/status",
+            params=params,
+            json=body,
+            retry=retry,
         )
         if response.status_code == 404:
             raise JobGone(f"job {queue_id} is no longer leased to this worker", status_code=404)

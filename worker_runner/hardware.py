@@ -1,10 +1,11 @@
 """What this host offers (CPU cores, memory, NVIDIA GPUs) and what of it is free.
 
-``ResourcePool`` keeps the account while jobs run. Every pull advertises what is
-free at that moment (``memory``, ``cpu_cores``, and ``gpus`` with ``gpu_mem``,
-``gpu_model``, ``gpu_archi`` of one kind of free GPU), so the worker API only
-leases a job that fits now; a host with no free GPU sends ``gpus=0`` and
-``gpu_mem=0`` and is never given a GPU job. A leased job then reserves what it
+``ResourcePool`` keeps the account while jobs run, for the backends that run jobs
+on this host (it answers their ``capacity``, ``reserve`` and ``release``). Every
+pull advertises what is free at that moment (``memory``, ``cpu_cores``, and
+``gpus`` with ``gpu_mem``, ``gpu_model``, ``gpu_archi`` of one kind of free GPU),
+so the worker API only leases a job that fits now; a host with no free GPU sends
+``gpus=0`` and ``gpu_mem=0`` and is never given a GPU job. A leased job then reserves what it
 needs until it ends:
 
 - memory: what the job asks for; a job that names none gets an even share of the
@@ -15,7 +16,7 @@ needs until it ends:
   not exhausted, so SLOTS light jobs may run on fewer cores than SLOTS;
 - GPUs: as many as the job needs (``gpus``, at least one when it names any GPU
   property), each matching its model, architecture and memory; the container sees
-  only those (``device_ids``);
+  only those (the placement's ``gpu_ids``);
 - and one of the SLOTS jobs that may run at once.
 """
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labcloud.contract import HardwareSpec
+from worker_runner.backends.base import Capacity, Placement
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ class ResourcePool:
         self._free_gpus: list[GpuInfo] = list(hardware.gpus)
         self._running = 0
         self._turn = 0
+        self._placed: dict[Placement, Reservation] = {}
 
     @property
     def running(self) -> int:
@@ -111,9 +114,10 @@ class ResourcePool:
         with self._lock:
             return self._running
 
-    def offer(self) -> dict[str, str | int] | None:
-        """Query parameters of ``GET /jobs`` describing what is free now, or None
-        when nothing could be taken (every slot, core or MiB is held).
+    def capacity(self) -> Capacity | None:
+        """What a pull may ask for now (one job at a time: two jobs leased
+        together could each take all that is free), or None when nothing could be
+        taken (every slot, core or MiB is held).
 
         The free GPUs are offered one kind (model, architecture, memory) at a time,
         a different kind on each call, since a pull names one model and one
@@ -121,25 +125,23 @@ class ResourcePool:
         with self._lock:
             if self._running >= self.slots or self._free_cores < 1 or self._free_memory < 1:
                 return None
-            params: dict[str, str | int] = {
-                "memory": self._free_memory,
-                "cpu_cores": self._free_cores,
-                "gpus": 0,
-                "gpu_mem": 0,
-            }
             kinds = sorted({(gpu.model, gpu.archi, gpu.memory) for gpu in self._free_gpus})
-            if kinds:
-                model, archi, memory = kinds[self._turn % len(kinds)]
-                self._turn += 1
-                params["gpus"] = sum(
+            if not kinds:
+                return Capacity(memory=self._free_memory, cpu_cores=self._free_cores)
+            model, archi, memory = kinds[self._turn % len(kinds)]
+            self._turn += 1
+            return Capacity(
+                memory=self._free_memory,
+                cpu_cores=self._free_cores,
+                gpus=sum(
                     1
                     for gpu in self._free_gpus
                     if (gpu.model, gpu.archi, gpu.memory) == (model, archi, memory)
-                )
-                params["gpu_mem"] = memory
-                params["gpu_model"] = model
-                params["gpu_archi"] = archi
-            return params
+                ),
+                gpu_mem=memory,
+                gpu_model=model,
+                gpu_archi=archi,
+            )
 
     def unfit_reason(self, needs: HardwareSpec) -> str | None:
         """Why this host could never run a job with ``needs`` (even idle); None
@@ -189,6 +191,31 @@ class ResourcePool:
                 [*self._free_gpus, *reservation.gpus], key=lambda gpu: self.hardware.gpus.index(gpu)
             )
             self._running -= 1
+
+    def place(self, needs: HardwareSpec) -> Placement | None:
+        """``reserve``, as a backend's placement: the limits of the job's run and
+        the ids of its GPUs; give it back with ``unplace``."""
+        reservation = self.reserve(needs)
+        if reservation is None:
+            return None
+        placement = Placement(
+            memory=reservation.memory,
+            cpus=reservation.cpus,
+            gpus=len(reservation.gpus),
+            gpu_ids=tuple(gpu.index for gpu in reservation.gpus),
+        )
+        with self._lock:
+            self._placed[placement] = reservation
+        return placement
+
+    def unplace(self, placement: Placement) -> None:
+        """Give back what ``place`` set aside (once; a placement of another pool
+        is an error)."""
+        with self._lock:
+            reservation = self._placed.pop(placement, None)
+        if reservation is None:
+            raise ValueError("not a placement of this pool, or already released")
+        self.release(reservation)
 
 
 def parse_nvidia_smi(text: str) -> list[GpuInfo]:

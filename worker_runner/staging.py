@@ -1,9 +1,10 @@
 """The job folder: inputs staged in, results collected out.
 
-Each leased job gets ``{PATH_BASE}/{queue_id}/`` holding ``files/`` (mounted at
-``/files`` in the container) and ``log.txt`` (the container's output). Every
-destination taken from a job spec is checked against the folder before anything is
-written: no absolute paths, no ``..``, no NUL or backslash, no symlink leading out.
+Each leased job gets ``{PATH_BASE}/{queue_id}/`` (under the backend's job root)
+holding ``files/`` (mounted at ``/files`` in the container) and ``log.txt`` (the
+container's output). Every destination taken from a job spec is checked against
+the folder before anything is written: no absolute paths, no ``..``, no NUL or
+backslash, no symlink leading out.
 Results are collected without following symlinks, so a tool cannot make the runner
 upload a file from outside its folder.
 """
@@ -43,6 +44,16 @@ class UnsafePath(StagingError):
     """A path in the job spec would leave the job folder."""
 
 
+class ResultsRefused(StagingError):
+    """The worker API refused to keep the job's results (the owner's storage
+    limit) or its log."""
+
+
+class _Refused(WorkerApiError):
+    """The worker API refused one result for good: its name (400) or the owner's
+    storage limit (413)."""
+
+
 def _is_safe_component(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
 
@@ -65,10 +76,10 @@ def resolve_inside(base: Path, relative: str) -> Path:
 
 @dataclass(frozen=True, slots=True)
 class JobFolder:
-    """Paths of one job's folder, as this process sees them and as Docker does."""
+    """Paths of one job's folder, as this process sees them (the backend maps
+    ``files`` to what its runs see)."""
 
     root: Path
-    host_files: Path
 
     @property
     def files(self) -> Path:
@@ -81,12 +92,12 @@ class JobFolder:
         return self.root / LOG_NAME
 
     @classmethod
-    def for_job(cls, path_base: Path, host_base: Path, queue_id: str) -> JobFolder:
-        """The folder of ``queue_id``; the id becomes a path component, so it is
-        checked like one."""
+    def for_job(cls, job_root: Path, queue_id: str) -> JobFolder:
+        """The folder of ``queue_id`` under ``job_root``; the id becomes a path
+        component, so it is checked like one."""
         if not _is_safe_component(queue_id) or "\\" in queue_id:
             raise UnsafePath(f"queue id {queue_id!r} cannot name a folder")
-        return cls(root=path_base / queue_id, host_files=host_base / queue_id / "files")
+        return cls(root=job_root / queue_id)
 
     def create(self, worker_name: str) -> None:
         """Create an empty job folder (removing one left from an earlier attempt)."""
@@ -176,6 +187,89 @@ def stage_inputs(
     for path in outputs.values():
         path.mkdir(parents=True, exist_ok=True)
     return total
+
+
+def upload_results(
+    client: WorkerApiClient,
+    queue_id: str,
+    specs: JobSpecs,
+    folder: JobFolder,
+    *,
+    check: Callable[[], None] | None = None,
+) -> int:
+    """Upload every result, then the log; returns how many files were stored.
+    ``check`` is called before each file and may raise to interrupt the upload.
+
+    A result whose name storage cannot take (or that the API refuses, 400) is
+    skipped with a line in the log saying why: one odd name must not cost the
+    others. Once the owner's storage limit refuses a result (413), the rest would
+    be refused too: the log (which gets an allowance beyond the limit) is still
+    uploaded, with a line saying what was not kept, and ``ResultsRefused`` says
+    so. A failed upload raises ``StagingError``."""
+    count = 0
+    over_limit: str | None = None
+    for kind, top in output_folders(specs, folder).items():
+        for relative, path in iter_result_files(top):
+            if check is not None:
+                check()
+            name = f"{kind.value}/{relative}"
+            if over_limit is not None:
+                note_in_log(folder.log, f"not uploaded (storage limit): {name!r}")
+                continue
+            problem = result_name_problem(relative)
+            if problem is not None:
+                note_in_log(folder.log, f"skipped result {name!r}: {problem}")
+                continue
+            try:
+                _upload(client, queue_id, kind, relative, path)
+            except _Refused as exc:
+                if exc.status_code == 413:
+                    over_limit = exc.message
+                    note_in_log(folder.log, f"not uploaded: {name!r}: {exc.message}")
+                else:
+                    note_in_log(folder.log, f"skipped result {name!r}: {exc.message}")
+                continue
+            count += 1
+    try:
+        _upload(client, queue_id, OutputKind.LOG, LOG_NAME, folder.log)
+    except _Refused as exc:
+        raise ResultsRefused(f"the log was not kept: {exc.message}") from exc
+    if over_limit is not None:
+        raise ResultsRefused(f"results not all kept: {over_limit}")
+    return count + 1
+
+
+def _upload(
+    client: WorkerApiClient, queue_id: str, kind: OutputKind, relative: str, path: Path
+) -> None:
+    try:
+        client.upload(queue_id, kind, relative, path)
+    except JobGone:
+        raise
+    except WorkerApiError as exc:
+        if exc.status_code in (400, 413, 422):
+            raise _Refused(exc.message, status_code=exc.status_code) from exc
+        raise StagingError(f"upload failed: {kind.value}/{relative}: {exc.message}") from exc
+    except OSError as exc:
+        raise StagingError(f"upload failed: {kind.value}/{relative}: {exc}") from exc
+
+
+def offer_log(client: WorkerApiClient, queue_id: str, folder: JobFolder, label: str) -> None:
+    """Upload what the stopped run of an abandoned job wrote: the worker API keeps
+    it when the job was cancelled with its outputs kept, and answers 404 when they
+    are being discarded or the job went to another worker. Never raises."""
+    if not folder.log.is_file():
+        return
+    try:
+        client.upload(queue_id, OutputKind.LOG, LOG_NAME, folder.log)
+    except JobGone:
+        logger.info("%s: its log is not wanted (discarded or re-assigned)", label)
+    except WorkerApiError as exc:
+        logger.warning("%s: could not upload the partial log: %s", label, exc.message)
+    except OSError as exc:
+        logger.warning("%s: could not read the partial log: %s", label, exc)
+    else:
+        logger.info("%s: partial log uploaded", label)
 
 
 def iter_result_files(top: Path) -> Iterator[tuple[str, Path]]:

@@ -30,7 +30,7 @@ from labcloud_cli.images import ensure_demo_image
 from tests.databases import temporary_postgres_database
 from tests.e2e.stack import Process, Stack, wait_ready
 from tests.waiting import wait_for
-from worker_runner.loop import LABEL_JOB_ID, LABEL_WORKER
+from worker_runner.job import LABEL_JOB_ID, LABEL_WORKER
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 CATALOG = Path(__file__).resolve().parents[1] / "data" / "application_config.yaml"

@@ -20,10 +20,9 @@ from tests.waiting import wait_for
 from tests.worker_api.conftest import FakeUserApi, queue_job
 from worker_api.app import create_app
 from worker_api.settings import WorkerApiSettings
-from worker_runner.backends.fake import FakeBackend, FakeProgram
+from worker_runner.backends.fake import FakeBackend, FakeProgram, FakeSettings
 from worker_runner.client import WorkerApiClient
-from worker_runner.hardware import HostHardware
-from worker_runner.loop import Runner
+from worker_runner.dispatcher import Runner
 from worker_runner.settings import WorkerSettings
 
 KEY = "internal-key-for-tests-0123456789"
@@ -73,7 +72,6 @@ def _run(
         auth_url=fake_user_api.url,
         username="worker1@example.org",
         password="unused",
-        path_base=tmp_path / "jobs",
         timeout_job=0.05,
         timeout_status=0.5,
         wait=0,
@@ -86,9 +84,10 @@ def _run(
         password="unused",
         retry_delays=(0.05,),
     )
-    runner = Runner(
-        settings, client, FakeBackend(default=program), HostHardware(cpu_cores=2, memory=4096)
+    host = FakeSettings(
+        path_base=tmp_path / "jobs", fake_cpu_cores=2, fake_memory=4096, _env_file=None
     )
+    runner = Runner(settings, client, FakeBackend(host, default=program))
     stop = threading.Event()
     thread = threading.Thread(target=runner.run, args=(stop,), daemon=True)
     thread.start()

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,13 @@ import pytest
 from docker.errors import ImageNotFound
 from docker.types import DeviceRequest
 
-from worker_runner.backends.base import BackendError, ImageUnavailable, RunRequest
-from worker_runner.backends.docker import DockerBackend
+from labcloud.contract import ContainerSpec
+from worker_runner.backends.base import BackendError, ImageUnavailable, Placement, RunRequest
+from worker_runner.backends.docker import DockerBackend, DockerSettings
 from worker_runner.client import WorkerApiClient
+from worker_runner.dispatcher import Runner, runner_identity
 from worker_runner.hardware import HostHardware
-from worker_runner.loop import LABEL_WORKER, Runner
+from worker_runner.job import LABEL_WORKER
 from worker_runner.settings import WorkerSettings
 
 # The tag names the applet set: an image imported with fewer applets is not reused.
@@ -78,9 +81,13 @@ def image(engine: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory)
     return IMAGE
 
 
+def docker_settings(path_base: Path, **settings: Any) -> DockerSettings:
+    return DockerSettings(path_base=path_base, _env_file=None, **settings)
+
+
 @pytest.fixture
-def backend() -> Iterator[DockerBackend]:
-    backend = DockerBackend.from_env()
+def backend(tmp_path: Path) -> Iterator[DockerBackend]:
+    backend = DockerBackend.from_settings(docker_settings(tmp_path / "jobs"))
     yield backend
     backend.close()
 
@@ -93,8 +100,24 @@ def labels(backend: DockerBackend) -> Iterator[dict[str, str]]:
     backend.remove_leftovers(labels)
 
 
-def request(image: str, script: str, folder: Path, **options: Any) -> RunRequest:
-    return RunRequest(image=image, command=("/bin/sh", "-c", script), host_folder=folder, **options)
+def request(
+    image: str,
+    script: str,
+    folder: Path,
+    *,
+    memory: int | None = None,
+    cpus: float | None = None,
+    gpu_ids: tuple[str, ...] = (),
+    **options: Any,
+) -> RunRequest:
+    placement = Placement(memory=memory, cpus=cpus, gpus=len(gpu_ids), gpu_ids=gpu_ids)
+    return RunRequest(
+        image=image,
+        command=("/bin/sh", "-c", script),
+        folder=folder,
+        placement=placement,
+        **options,
+    )
 
 
 def test_run_writes_files_and_logs(
@@ -156,7 +179,9 @@ def test_pids_limit_stops_a_fork_loop(
         "n=0; i=0; while [ $i -lt 64 ]; do i=$((i+1)); "
         "(sleep 30 &) 2>/dev/null && n=$((n+1)); done; echo started $n"
     )
-    handle = backend.start(request(image, script, tmp_path, labels=labels, pids_limit=16))
+    handle = backend.start(
+        request(image, script, tmp_path, labels=labels, container=ContainerSpec(pids_limit=16))
+    )
     result = backend.wait(handle, timeout=60)
     assert result is not None
     assert engine.api.inspect_container(handle.id)["HostConfig"]["PidsLimit"] == 16
@@ -184,7 +209,13 @@ def test_user_and_read_only_root(
         "echo result > /files/out.txt && echo files-writable"
     )
     handle = backend.start(
-        request(image, script, files, labels=labels, user="1234:2345", read_only_root=True)
+        request(
+            image,
+            script,
+            files,
+            labels=labels,
+            container=ContainerSpec(user="1234:2345", read_only_root=True),
+        )
     )
     result = backend.wait(handle, timeout=30)
     assert result is not None and result.exit_code == 0
@@ -199,12 +230,47 @@ def test_user_and_read_only_root(
 
 def test_only_the_assigned_gpus_are_requested(tmp_path: Path) -> None:
     # What the engine is asked for (the container itself needs the NVIDIA runtime).
-    backend = DockerBackend(client=None)
-    options = backend._create_options(request("img", "true", tmp_path, gpus=("1", "3")))
+    backend = DockerBackend(docker_settings(tmp_path), client=None)
+    options = backend._create_options(request("img", "true", tmp_path, gpu_ids=("1", "3")))
     assert options["device_requests"] == [
         DeviceRequest(device_ids=["1", "3"], capabilities=[["gpu"]])
     ]
     assert "device_requests" not in backend._create_options(request("img", "true", tmp_path))
+
+
+def _engine_time(value: str) -> datetime:
+    """A time as the engine writes it (RFC 3339 with nanoseconds)."""
+    match = re.fullmatch(r"(.*T[0-9:]+)(?:\.([0-9]+))?Z", value)
+    assert match is not None, value
+    fraction = (match.group(2) or "0")[:6].ljust(6, "0")
+    return datetime.fromisoformat(f"{match.group(1)}.{fraction}+00:00")
+
+
+def test_the_end_of_a_container_is_seen_at_once(
+    backend: DockerBackend,
+    engine: docker.DockerClient,
+    image: str,
+    tmp_path: Path,
+    labels: dict[str, str],
+) -> None:
+    # The engine's blocking wait completes the run's future as the container ends,
+    # where polling every 0.25 s saw it 0.125 s late on average.
+    delays = []
+    for _ in range(3):
+        handle = backend.start(request(image, "sleep 0.5", tmp_path, labels=labels))
+        seen: dict[str, datetime] = {}
+
+        def note(_: object, at: dict[str, datetime] = seen) -> None:
+            at.setdefault("at", datetime.now(UTC))
+
+        ended = backend.follow(handle)
+        ended.add_done_callback(note)
+        result = ended.result(timeout=30)
+        assert result.exit_code == 0
+        state = engine.api.inspect_container(handle.id)["State"]
+        delays.append((seen["at"] - _engine_time(state["FinishedAt"])).total_seconds())
+        backend.remove(handle)
+    assert -0.05 < min(delays) < 0.1, delays
 
 
 def test_stop_is_prompt(
@@ -292,7 +358,7 @@ def test_failed_gpu_request_leaves_no_container(
     backend: DockerBackend, image: str, tmp_path: Path, labels: dict[str, str]
 ) -> None:
     try:
-        handle = backend.start(request(image, "true", tmp_path, labels=labels, gpus=("0",)))
+        handle = backend.start(request(image, "true", tmp_path, labels=labels, gpu_ids=("0",)))
     except BackendError as exc:
         assert "could not start the container" in exc.message
         assert backend.find_leftovers(labels) == []
@@ -346,13 +412,12 @@ class StubApi:
         return httpx.Response(200, json={"method": "GET", "url": url, "headers": {}, "data": {}})
 
 
-def runner_settings(worker: str, path_base: Path) -> WorkerSettings:
+def runner_settings(worker: str) -> WorkerSettings:
     return WorkerSettings(
         api_url="http://api",
         auth_url="http://auth",
         username=worker,
         password="pw",
-        path_base=path_base,
         timeout_job=0.05,
         timeout_status=0.2,
         wait=0,
@@ -365,8 +430,12 @@ def runner_settings(worker: str, path_base: Path) -> WorkerSettings:
 def docker_runner(
     backend: DockerBackend, api: StubApi, worker: str, path_base: Path
 ) -> Iterator[Runner]:
-    """A runner on the real engine, stopped (and its jobs handed back) on exit."""
-    settings = runner_settings(worker, path_base)
+    """A runner on the real engine (``backend``'s connection, job folders under
+    ``path_base``, one core and 1 GiB), stopped (its jobs handed back) on exit."""
+    settings = runner_settings(worker)
+    backend = DockerBackend(
+        docker_settings(path_base), backend.client, hardware=HostHardware(cpu_cores=1, memory=1024)
+    )
     client = WorkerApiClient(
         api_url=settings.api_url,
         auth_url=settings.auth_url,
@@ -374,7 +443,7 @@ def docker_runner(
         password=settings.password,
         transport=httpx.MockTransport(api.handler),
     )
-    runner = Runner(settings, client, backend, HostHardware(cpu_cores=1, memory=1024))
+    runner = Runner(settings, client, backend)
     stop = threading.Event()
     thread = threading.Thread(target=runner.run, args=(stop,), daemon=True)
     thread.start()
@@ -462,23 +531,21 @@ LEFTOVER_SCRIPT = """
 import sys, time
 from pathlib import Path
 from worker_runner.backends.base import RunRequest
-from worker_runner.backends.docker import DockerBackend
-from worker_runner.loop import LABEL_QUEUE_ID, LABEL_RUNNER, LABEL_WORKER
-from worker_runner.settings import WorkerSettings
+from worker_runner.backends.docker import DockerBackend, DockerSettings
+from worker_runner.dispatcher import runner_identity
+from worker_runner.job import LABEL_QUEUE_ID, LABEL_RUNNER, LABEL_WORKER
 from worker_runner.staging import JobFolder
 
 worker, image, base = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-runner_id = WorkerSettings(
-    api_url="http://api", auth_url="http://auth", username=worker, password="pw",
-    path_base=base, _env_file=None,
-).runner_id
-folder = JobFolder.for_job(base, base, "q-crash")
+backend = DockerBackend.from_settings(DockerSettings(path_base=base, _env_file=None))
+runner_id = runner_identity(worker, backend)
+folder = JobFolder.for_job(base, "q-crash")
 folder.create(runner_id)
-handle = DockerBackend.from_env().start(
+handle = backend.start(
     RunRequest(
         image=image,
         command=("/bin/sh", "-c", "sleep 300"),
-        host_folder=folder.host_files,
+        folder=folder.files,
         labels={LABEL_WORKER: worker, LABEL_RUNNER: runner_id, LABEL_QUEUE_ID: "q-crash"},
     )
 )
@@ -545,7 +612,10 @@ def test_a_starting_runner_spares_another_stacks_job(
         until(lambda: "finished" in api.statuses or "error" in api.statuses)
     assert api.statuses[-1] == "finished"
     assert api.uploads["log/log.txt"] == b"waiting\ndone\n"
-    ids = {runner_settings(worker, base).runner_id for base in (first_base, second_base)}
+    ids = {
+        runner_identity(worker, DockerBackend(docker_settings(base), backend.client))
+        for base in (first_base, second_base)
+    }
     assert len(ids) == 2
 
 

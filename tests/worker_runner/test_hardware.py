@@ -21,6 +21,13 @@ from worker_runner.hardware import (
     parse_nvidia_smi,
 )
 
+
+def offered(pool: ResourcePool) -> dict[str, str | int] | None:
+    """The hardware query of the pull the pool's capacity makes."""
+    capacity = pool.capacity()
+    return None if capacity is None else capacity.query()
+
+
 # Captured from `nvidia-smi --query-gpu=index,name,memory.total,compute_cap
 # --format=csv,noheader,nounits` on a two-GPU host.
 NVIDIA_SMI_SAMPLE = """\
@@ -89,7 +96,7 @@ T4 = tuple(GpuInfo(str(i), "Tesla T4", 15360, "7.5") for i in range(3))
 
 def test_offer_is_what_is_free() -> None:
     pool = ResourcePool(HostHardware(cpu_cores=8, memory=32000, gpus=T4), slots=4)
-    assert pool.offer() == {
+    assert offered(pool) == {
         "memory": 32000,
         "cpu_cores": 8,
         "gpus": 3,
@@ -101,7 +108,7 @@ def test_offer_is_what_is_free() -> None:
     assert big is not None
     assert (big.cpu_cores, big.cpus, big.memory) == (6, 6.0, 20000)
     assert [gpu.index for gpu in big.gpus] == ["0", "1"]
-    assert pool.offer() == {
+    assert offered(pool) == {
         "memory": 12000,
         "cpu_cores": 2,
         "gpus": 1,
@@ -112,10 +119,10 @@ def test_offer_is_what_is_free() -> None:
     last_gpu = pool.reserve(HardwareSpec(gpu_mem=8000))
     assert last_gpu is not None and [gpu.index for gpu in last_gpu.gpus] == ["2"]
     # No GPU free: the pull says so, and no GPU property is sent.
-    assert pool.offer() == {"memory": 12000 - 8000, "cpu_cores": 2, "gpus": 0, "gpu_mem": 0}
+    assert offered(pool) == {"memory": 12000 - 8000, "cpu_cores": 2, "gpus": 0, "gpu_mem": 0}
     assert pool.reserve(HardwareSpec(gpus=1)) is None
     pool.release(big)
-    offer = pool.offer()
+    offer = offered(pool)
     assert offer is not None and (offer["gpus"], offer["cpu_cores"]) == (2, 8)
     assert pool.running == 1
 
@@ -126,12 +133,12 @@ def test_jobs_without_needs_get_an_even_share() -> None:
     # Memory is divided; CPU is a limit, not a reservation: four light jobs share
     # two cores.
     assert [(r.cpu_cores, r.cpus, r.memory) for r in shares if r] == [(0, 1.0, 2000)] * 4
-    assert pool.offer() is None  # every slot is taken
+    assert offered(pool) is None  # every slot is taken
     assert pool.reserve(HardwareSpec()) is None
     for reservation in shares:
         assert reservation is not None
         pool.release(reservation)
-    assert pool.offer() == {"memory": 8000, "cpu_cores": 2, "gpus": 0, "gpu_mem": 0}
+    assert offered(pool) == {"memory": 8000, "cpu_cores": 2, "gpus": 0, "gpu_mem": 0}
 
 
 def test_a_job_without_memory_need_gets_what_is_left() -> None:
@@ -139,16 +146,16 @@ def test_a_job_without_memory_need_gets_what_is_left() -> None:
     assert pool.reserve(HardwareSpec(memory=7000)) is not None
     small = pool.reserve(HardwareSpec())
     assert small is not None and small.memory == 1000
-    assert pool.offer() is None
+    assert offered(pool) is None
 
 
 def test_nothing_is_offered_without_a_free_core_or_memory() -> None:
     pool = ResourcePool(HostHardware(cpu_cores=4, memory=8000), slots=4)
     assert pool.reserve(HardwareSpec(cpu_cores=4)) is not None
-    assert pool.offer() is None
+    assert offered(pool) is None
     pool = ResourcePool(HostHardware(cpu_cores=4, memory=8000), slots=4)
     assert pool.reserve(HardwareSpec(memory=8000)) is not None
-    assert pool.offer() is None
+    assert offered(pool) is None
 
 
 def test_gpu_kinds_are_offered_in_turn_and_matched() -> None:
@@ -157,7 +164,7 @@ def test_gpu_kinds_are_offered_in_turn_and_matched() -> None:
     pool = ResourcePool(HostHardware(cpu_cores=8, memory=64000, gpus=(a100, rtx)), slots=2)
     models = set()
     for _ in range(2):
-        offer = pool.offer()
+        offer = offered(pool)
         assert offer is not None and offer["gpus"] == 1
         models.add(offer["gpu_model"])
     assert models == {a100.model, rtx.model}

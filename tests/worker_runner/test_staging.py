@@ -46,17 +46,16 @@ def test_resolve_inside_refuses_symlinks_leading_out(tmp_path: Path) -> None:
 
 
 def test_queue_id_must_be_a_plain_name(tmp_path: Path) -> None:
-    folder = JobFolder.for_job(tmp_path, Path("/host/jobs"), "abc-1")
+    folder = JobFolder.for_job(tmp_path, "abc-1")
     assert folder.files == tmp_path / "abc-1" / "files"
-    assert folder.host_files == Path("/host/jobs/abc-1/files")
     assert folder.log == tmp_path / "abc-1" / "log.txt"
     for bad in ("..", "a/b", ".", "", "a\\b"):
         with pytest.raises(UnsafePath):
-            JobFolder.for_job(tmp_path, tmp_path, bad)
+            JobFolder.for_job(tmp_path, bad)
 
 
 def test_create_replaces_an_old_folder_and_marks_it(tmp_path: Path) -> None:
-    folder = JobFolder.for_job(tmp_path, tmp_path, "q1")
+    folder = JobFolder.for_job(tmp_path, "q1")
     folder.files.mkdir(parents=True)
     (folder.files / "stale.txt").write_text("old")
     folder.create("worker-1")
@@ -114,7 +113,7 @@ def client_serving(files: dict[str, bytes], calls: list[str]) -> WorkerApiClient
 
 
 def test_stage_inputs_places_files_and_creates_output_folders(tmp_path: Path) -> None:
-    folder = JobFolder.for_job(tmp_path, tmp_path, "q1")
+    folder = JobFolder.for_job(tmp_path, "q1")
     folder.create("w")
     calls: list[str] = []
     job = spec(
@@ -130,7 +129,7 @@ def test_stage_inputs_places_files_and_creates_output_folders(tmp_path: Path) ->
 
 
 def test_stage_inputs_checks_every_path_before_downloading(tmp_path: Path) -> None:
-    folder = JobFolder.for_job(tmp_path, tmp_path, "q1")
+    folder = JobFolder.for_job(tmp_path, "q1")
     folder.create("w")
     calls: list[str] = []
     job = spec({"data/a.txt": "u/a", "../b.txt": "u/b"}, {})
@@ -143,7 +142,7 @@ def test_stage_inputs_checks_every_path_before_downloading(tmp_path: Path) -> No
 
 
 def test_stage_inputs_names_the_failing_uri(tmp_path: Path) -> None:
-    folder = JobFolder.for_job(tmp_path, tmp_path, "q1")
+    folder = JobFolder.for_job(tmp_path, "q1")
     folder.create("w")
     with client_serving({}, []) as client, pytest.raises(StagingError) as caught:
         stage_inputs(client, spec({"data/a": "u/missing"}, {}), folder)
@@ -179,7 +178,7 @@ def test_read_log_tail(tmp_path: Path) -> None:
 
 
 def test_abandoning_interrupts_staging(tmp_path: Path) -> None:
-    folder = JobFolder.for_job(tmp_path, tmp_path, "q1")
+    folder = JobFolder.for_job(tmp_path, "q1")
     folder.create("w")
 
     def gone() -> None:

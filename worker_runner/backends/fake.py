@@ -1,4 +1,10 @@
-"""An in-memory ``ExecutionBackend`` for tests of the runner loop.
+"""An in-memory ``ExecutionBackend`` for tests of the runner (``BACKEND=fake``).
+
+It is a backend like any other: its settings (``FakeSettings``) come from the same
+environment and env file, it places jobs on the hardware those settings describe
+(``FAKE_CPU_CORES``, ``FAKE_MEMORY``; GPUs only when built in code) through a
+``ResourcePool``, and it learns how its runs ended the way a cloud backend does, by
+polling all of them at once every ``FAKE_POLL_INTERVAL`` seconds.
 
 A ``FakeProgram`` says what a run of an image does: the log lines it prints, the
 files it writes into its ``/files`` folder (written when it starts, as a tool writes
@@ -12,25 +18,44 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
+from pydantic import Field
+
+from labcloud.contract import HardwareSpec
 from worker_runner.backends.base import (
     DEFAULT_STOP_GRACE_S,
     BackendError,
+    BackendSettings,
+    Capacity,
     ExecutionBackend,
     ImageUnavailable,
+    Placement,
     RunHandle,
     RunRequest,
     RunResult,
 )
+from worker_runner.hardware import GpuInfo, HostHardware, ResourcePool
 
 # What a shell killed by the SIGTERM of a stop exits with.
 STOPPED_EXIT_CODE = 143
 OOM_EXIT_CODE = 137
 # Leftovers have no folder of their own.
 _NOWHERE = Path("/nonexistent")
+
+
+class FakeSettings(BackendSettings):
+    """Settings of the fake backend: the hardware it pretends to have and how
+    often it looks at its runs."""
+
+    fake_cpu_cores: int = Field(default=4, ge=1, description="Cores the fake host has.")
+    fake_memory: int = Field(default=8192, ge=6, description="Memory of the fake host (MiB).")
+    fake_poll_interval: float = Field(
+        default=0.02, gt=0, le=60, description="Seconds between two looks at the runs."
+    )
 
 
 @dataclass(frozen=True)
@@ -57,30 +82,66 @@ class _FakeRun:
 
 
 class FakeBackend(ExecutionBackend):
-    """Runs nothing; plays ``FakeProgram``\\s. Thread-safe."""
+    """Runs nothing; plays ``FakeProgram``\\s on the hardware of its settings
+    (plus ``gpus``). Thread-safe."""
 
     def __init__(
         self,
+        settings: FakeSettings,
         programs: Mapping[str, FakeProgram] | None = None,
         *,
         default: FakeProgram | None = None,
+        gpus: tuple[GpuInfo, ...] = (),
         missing_images: set[str] | None = None,
         start_error: str | None = None,
     ) -> None:
+        super().__init__(poll_interval=settings.fake_poll_interval)
+        self.settings = settings
         self.programs = dict(programs or {})
         self.default = default or FakeProgram()
         self.missing_images = set(missing_images or ())
         self.start_error = start_error
+        hardware = HostHardware(
+            cpu_cores=settings.fake_cpu_cores, memory=settings.fake_memory, gpus=gpus
+        )
+        self._pool = ResourcePool(hardware, settings.slots)
         self.requests: list[RunRequest] = []
         self.stopped: list[str] = []
         self.removed: list[str] = []
+        # How many runs each poll asked about (one call covers all of them).
+        self.polls: list[int] = []
         self._runs: dict[str, _FakeRun] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_settings(cls, settings: FakeSettings) -> Self:
+        """A fake whose every run succeeds at once."""
+        return cls(settings)
+
+    # -- placement -------------------------------------------------------------
+
+    @property
+    def job_root(self) -> Path:
+        return self.settings.path_base
+
+    def capacity(self) -> Capacity | None:
+        return self._pool.capacity()
+
+    def reserve(self, needs: HardwareSpec) -> Placement | None:
+        return self._pool.place(needs)
+
+    def release(self, placement: Placement) -> None:
+        self._pool.unplace(placement)
+
+    def unfit_reason(self, needs: HardwareSpec) -> str | None:
+        return self._pool.unfit_reason(needs)
+
+    # -- runs ------------------------------------------------------------------
+
     def add_leftover(self, labels: Mapping[str, str]) -> RunHandle:
         """Pretend a run with ``labels`` survived an earlier runner (still running)."""
-        request = RunRequest(image="leftover", command=(), host_folder=_NOWHERE, labels=labels)
+        request = RunRequest(image="leftover", command=(), folder=_NOWHERE, labels=labels)
         run = _FakeRun(request=request, program=self.default)
         handle = RunHandle(id=f"fake-{next(self._ids)}", labels=dict(labels))
         with self._lock:
@@ -112,7 +173,7 @@ class FakeBackend(ExecutionBackend):
             raise BackendError(self.start_error)
         program = self.programs.get(request.image, self.default)
         for relative, content in program.files.items():
-            path = request.host_folder / relative
+            path = request.folder / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
         run = _FakeRun(request=request, program=program)
@@ -145,11 +206,17 @@ class FakeBackend(ExecutionBackend):
             raise BackendError(f"no run {handle.id}")
         return run
 
-    def wait(self, handle: RunHandle, timeout: float | None) -> RunResult | None:
-        run = self._run(handle)
-        if not run.done.wait(timeout):
-            return None
-        return run.result
+    def poll(self, handles: Sequence[RunHandle]) -> dict[str, RunResult | BackendError]:
+        ended: dict[str, RunResult | BackendError] = {}
+        with self._lock:
+            self.polls.append(len(handles))
+            for handle in handles:
+                run = self._runs.get(handle.id)
+                if run is None:
+                    ended[handle.id] = BackendError(f"no run {handle.id}")
+                elif run.done.is_set() and run.result is not None:
+                    ended[handle.id] = run.result
+        return ended
 
     def stop(self, handle: RunHandle, grace: float = DEFAULT_STOP_GRACE_S) -> None:
         with self._lock:
