@@ -2,12 +2,12 @@
 
 For each database (a throwaway PostgreSQL database and a SQLite file) the worker
 API is started on it (it migrates the schema, so the measured indexes are the
-migrations' own), one job is enqueued through ``QueueService.enqueue`` and the
+migrations' own), one job is enqueued through ``service.enqueue`` and the
 queue is filled with copies of that row by ``INSERT ... SELECT`` (every column
 the migrations created, so the rows are what enqueue writes) up to each depth.
 At each depth, ``--leases`` times:
 
-- repository level: ``QueueService.lease(limit=1)`` in its own transaction,
+- repository level: ``service.lease_jobs(limit=1)`` in its own transaction,
   commit included, in this process;
 - HTTP: ``GET /jobs?limit=1`` on the running worker API with a worker's token
   (uvicorn, keep-alive connection, no long-poll).
@@ -49,8 +49,9 @@ from labcloud.contract import (
     QueueJob,
 )
 from labcloud.db import create_db_engine, make_session_factory, unit_of_work
+from worker_api.queue import service
+from worker_api.queue.policy import QueuePolicy, QueueSignals
 from worker_api.queue.schemas import WorkerOffer
-from worker_api.queue.service import QueuePolicy, QueueService
 
 DEPTHS = (10, 10_000, 100_000)
 TEMPLATE_JOB_ID = 1_000_000_000
@@ -166,7 +167,7 @@ def _bench_backend(backend: str, leases: int) -> dict[str, list[float]]:
         factory = make_session_factory(engine)
         policy = QueuePolicy()
         with unit_of_work(factory) as session:
-            QueueService(session, policy).enqueue(_template_job())
+            service.enqueue(session, _template_job(), signals=QueueSignals())
         offer = WorkerOffer(
             name="bench-worker",
             environment=Environment.LOCAL,
@@ -176,7 +177,7 @@ def _bench_backend(backend: str, leases: int) -> dict[str, list[float]]:
 
         def repository_lease() -> int:
             with unit_of_work(factory) as session:
-                leased = QueueService(session, policy).lease(offer, limit=1, older_than=0)
+                leased = service.lease_jobs(session, offer, policy=policy, limit=1, older_than=0)
             assert len(leased) == 1, "the queue is never empty"
             return leased[0].queue_id
 

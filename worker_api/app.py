@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,16 +33,21 @@ from fastapi import FastAPI
 from labcloud.auth import TokenVerifier
 from labcloud.auth.local import cognito_verifier, local_jwks_verifier
 from labcloud.db import create_db_engine, make_session_factory, migrate
+from labcloud.outbox import register_waker
 from labcloud.settings import AuthMode
 from labcloud.storage import Audience, LocalTransfers, UrlSigner, make_storage
 from labcloud.web import install_error_handlers, install_request_guards
 from worker_api.clients.accounts import AccountChecker
 from worker_api.clients.user_api import StatusForwarder
-from worker_api.dependencies import QueueServiceDep
+from worker_api.dependencies import SessionDep
 from worker_api.files.endpoints import router as files_router
+from worker_api.queue import service as queue_service
 from worker_api.queue.endpoints import internal_router
 from worker_api.queue.endpoints import router as queue_router
-from worker_api.queue.service import JobPuller, QueuePolicy, QueueSignals, Wakeup, run_reaper
+from worker_api.queue.lifecycle import STATUS_OUTBOX
+from worker_api.queue.policy import QueuePolicy, QueueSignals
+from worker_api.queue.reaper import run_reaper
+from worker_api.queue.service import JobPuller, Wakeup
 from worker_api.settings import WorkerApiSettings
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -84,6 +89,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool_timeout=settings.db_pool_timeout,
     )
     tasks: list[asyncio.Task[None]] = []
+    unregister_wakers: list[Callable[[], None]] = []
     app.state.account_checker = account_checker = AccountChecker(
         user_api_url=settings.userfacing_api_url,
         api_key=settings.internal_api_key_secret.get_secret_value(),
@@ -94,13 +100,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(migrate, engine, MIGRATIONS)
         factory = make_session_factory(engine)
         job_wakeup, status_wakeup = Wakeup(), Wakeup()
+        unregister_wakers.append(register_waker(STATUS_OUTBOX, status_wakeup.notify))
         policy = QueuePolicy(
             lease_seconds=settings.timeout_failure,
             max_retries=settings.max_retries,
             retry_different=settings.retry_different,
             cancel_log_grace_seconds=settings.cancel_log_grace_seconds,
         )
-        signals = QueueSignals(job_enqueued=job_wakeup.notify, status_recorded=status_wakeup.notify)
+        signals = QueueSignals(job_enqueued=job_wakeup.notify)
         state = app.state
         state.engine = engine
         state.session_factory = factory
@@ -117,7 +124,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.queue_signals = signals
         state.job_wakeup = job_wakeup
         state.status_wakeup = status_wakeup
-        state.puller = JobPuller(factory, policy, signals, job_wakeup)
+        state.puller = JobPuller(factory, policy, job_wakeup)
         async with httpx.AsyncClient(
             timeout=settings.status_forward_timeout_seconds
         ) as http_client:
@@ -153,6 +160,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await _stop(tasks)
     finally:
         await _stop(tasks)
+        for unregister in unregister_wakers:
+            unregister()
         account_checker.close()
         engine.dispose()
 
@@ -185,10 +194,10 @@ def create_app(settings: WorkerApiSettings | None = None) -> FastAPI:
         return access_info(resolved)
 
     @app.get("/health", tags=["health"])
-    def get_health(queue: QueueServiceDep) -> dict[str, str]:
+    def get_health(session: SessionDep) -> dict[str, str]:
         """``{"status": "ok"}`` while this process serves and reaches its database
         (503 otherwise). No authentication: for load balancers and benchmarks."""
-        queue.check_database()
+        queue_service.check_database(session)
         return {"status": "ok"}
 
     app.include_router(queue_router)

@@ -24,7 +24,8 @@ from labcloud.errors import Forbidden, Unauthorized
 from labcloud.storage import LocalStorage, Storage, signed_url_storage
 from labcloud.web import BearerScheme, InternalKeyScheme, bearer_token, check_internal_key
 from worker_api.clients.accounts import AccountChecker
-from worker_api.queue.service import JobPuller, QueueService
+from worker_api.queue.policy import QueuePolicy, QueueSignals
+from worker_api.queue.service import JobPuller
 from worker_api.settings import WorkerApiSettings
 
 
@@ -100,13 +101,19 @@ async def get_puller(request: Request) -> JobPuller:
     return puller
 
 
-async def get_queue_service(request: Request, session: SessionDep) -> QueueService:
-    state = request.app.state
-    return QueueService(session, state.queue_policy, state.queue_signals)
+async def get_queue_policy(request: Request) -> QueuePolicy:
+    policy: QueuePolicy = request.app.state.queue_policy
+    return policy
+
+
+async def get_queue_signals(request: Request) -> QueueSignals:
+    signals: QueueSignals = request.app.state.queue_signals
+    return signals
 
 
 StorageDep = Annotated[Storage, Depends(get_storage)]
 SignedUrlStorageDep = Annotated[LocalStorage, Depends(get_signed_url_storage)]
 AccountsDep = Annotated[AccountChecker, Depends(get_account_checker)]
 PullerDep = Annotated[JobPuller, Depends(get_puller)]
-QueueServiceDep = Annotated[QueueService, Depends(get_queue_service)]
+QueuePolicyDep = Annotated[QueuePolicy, Depends(get_queue_policy)]
+QueueSignalsDep = Annotated[QueueSignals, Depends(get_queue_signals)]

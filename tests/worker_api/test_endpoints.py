@@ -215,6 +215,60 @@ def test_job_life_cycle(client: TestClient, fake_user_api: FakeUserApi) -> None:
     assert fake_user_api.received[-1][1]["runtime_details"] == "exit 0"
 
 
+def _outboxed(client: TestClient) -> list[tuple[str, dict[str, Any] | None]]:
+    """(status, outcome) of the status changes not yet delivered."""
+    factory = client.app.state.session_factory  # type: ignore[attr-defined]
+    with unit_of_work(factory) as session:
+        rows = session.scalars(select(StatusOutbox).order_by(StatusOutbox.id)).all()
+        return [(row.status.value, row.outcome) for row in rows]
+
+
+def test_a_status_report_may_carry_the_outcome(
+    make_client: ClientFactory, fake_user_api: FakeUserApi
+) -> None:
+    # The user API is down, so the outbox keeps what it would be told.
+    fake_user_api.answers.extend([503] * 1000)
+    client = make_client()
+    worker = fake_user_api.headers()
+    queue_id = str(enqueue(client, 1)["id"])
+    pull(client, worker)
+    url = f"/jobs/{queue_id}/status"
+    outcome = {"exit_code": 3, "failure": "user_error", "attempt": 5, "log_tail": "boom"}
+    # A non-terminal status carries no outcome to the user API.
+    running = client.put(
+        url, params={"status": "running"}, json={"outcome": outcome}, headers=worker
+    )
+    assert running.status_code == 204, running.text
+    wrong = {"outcome": {"exit_code": "three", "failure": "bad luck"}}
+    refused = client.put(url, params={"status": "error"}, json=wrong, headers=worker)
+    assert refused.status_code == 422
+    assert "outcome.exit_code" in refused.json()["detail"]
+    assert "outcome.failure" in refused.json()["detail"]
+    not_json = client.put(
+        url,
+        params={"status": "error"},
+        content=b"{",
+        headers={**worker, "content-type": "application/json"},
+    )
+    assert not_json.status_code == 422
+    assert "invalid status report body" in not_json.json()["detail"]
+    huge = {"outcome": {"exit_code": 1}, "padding": "x" * 70_000}
+    assert client.put(url, params={"status": "error"}, json=huge, headers=worker).status_code == 413
+    assert client.get(url, headers=worker).json() == "running"  # nothing refused was applied
+    ended = client.put(url, params={"status": "error"}, json={"outcome": outcome}, headers=worker)
+    assert ended.status_code == 204, ended.text
+    # The attempt is the worker API's count: this is the job's first lease.
+    assert _outboxed(client) == [
+        ("pulled", None),
+        ("running", None),
+        ("error", {"exit_code": 3, "failure": "user_error", "attempt": 1, "log_tail": "boom"}),
+    ]
+    body = client.app.openapi()["paths"]["/jobs/{queue_id}/status"]["put"]["requestBody"]  # type: ignore[attr-defined]
+    schema = body["content"]["application/json"]["schema"]
+    assert "$ref" not in str(schema)
+    assert "user_error" in str(schema["properties"]["outcome"])
+
+
 def test_pull_leases_by_environment_and_hardware(
     client: TestClient, fake_user_api: FakeUserApi
 ) -> None:
@@ -258,7 +312,6 @@ def test_long_poll_returns_as_soon_as_a_job_arrives(
     state.puller = JobPuller(
         state.session_factory,
         state.queue_policy,
-        state.queue_signals,
         state.job_wakeup,
         recheck_seconds=60,
     )

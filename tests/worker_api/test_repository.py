@@ -1,5 +1,7 @@
 """The queue's SQL on SQLite and PostgreSQL: matching, ordering, leasing under
-concurrency, guarded transitions, cancellation, reaping, the outbox."""
+concurrency (``worker_api.queue.lease``), guarded transitions
+(``worker_api.queue.lifecycle``), cancellation, reaping (``worker_api.queue.reaper``),
+the outbox."""
 
 from __future__ import annotations
 
@@ -22,23 +24,27 @@ from labcloud.contract import (
 from labcloud.db import unit_of_work, utcnow
 from tests.worker_api.conftest import queue_job
 from worker_api.models import QueuedJob, StatusOutbox
-from worker_api.queue.repository import (
-    QueueRepository,
-    Reaped,
-    StatusChange,
-    TakenBack,
-    gpus_needed,
-)
+from worker_api.queue import reaper, repository, service
+from worker_api.queue.lease import lease as lease_jobs
+from worker_api.queue.lifecycle import ByJobId, Cause, transition
+from worker_api.queue.policy import QueuePolicy, QueueSignals
+from worker_api.queue.reaper import Reaped, TakenBack
+from worker_api.queue.repository import gpus_needed
 from worker_api.queue.schemas import WorkerOffer
 
 WORKER = WorkerOffer(name="w1", environment=Environment.LOCAL, memory=8000, cpu_cores=4)
+# A status change as the user API hears of it: job id, status, details.
+Change = tuple[int, JobStatus, str | None]
+
+
+def changes(moved: list[QueuedJob]) -> list[Change]:
+    return [(job.job_id, job.status, job.runtime_details) for job in moved]
 
 
 def enqueue(factory: sessionmaker[Session], *jobs: int, **options: object) -> None:
     with unit_of_work(factory) as session:
-        repository = QueueRepository(session)
         for job_id in jobs:
-            repository.insert_if_absent(queue_job(job_id, **options), now=utcnow())  # type: ignore[arg-type]
+            repository.insert_if_absent(session, queue_job(job_id, **options), now=utcnow())  # type: ignore[arg-type]
 
 
 def lease(
@@ -53,7 +59,8 @@ def lease(
     """The user API ids of the jobs leased."""
     now = utcnow()
     with unit_of_work(factory) as session:
-        rows = QueueRepository(session).lease(
+        rows = lease_jobs(
+            session,
             offer,
             limit=limit,
             older_than=older_than,
@@ -66,7 +73,7 @@ def lease(
 
 def row(factory: sessionmaker[Session], job_id: int) -> QueuedJob:
     with unit_of_work(factory) as session:
-        job = QueueRepository(session).get_by_job_id(job_id)
+        job = repository.get_by_job_id(session, job_id)
         assert job is not None
         return job
 
@@ -74,9 +81,8 @@ def row(factory: sessionmaker[Session], job_id: int) -> QueuedJob:
 def test_insert_is_idempotent_and_copies_hardware(factory: sessionmaker[Session]) -> None:
     hardware = HardwareSpec(cpu_cores=2, memory=1000, gpu_mem=500, gpu_model="A100", gpu_archi="x")
     with unit_of_work(factory) as session:
-        repository = QueueRepository(session)
-        assert repository.insert_if_absent(queue_job(7, hardware=hardware), now=utcnow())
-        assert not repository.insert_if_absent(queue_job(7, priority=5), now=utcnow())
+        assert repository.insert_if_absent(session, queue_job(7, hardware=hardware), now=utcnow())
+        assert not repository.insert_if_absent(session, queue_job(7, priority=5), now=utcnow())
     with unit_of_work(factory) as session:
         assert session.scalar(select(func.count()).select_from(QueuedJob)) == 1
     job = row(factory, 7)
@@ -95,12 +101,11 @@ def test_insert_is_idempotent_and_copies_hardware(factory: sessionmaker[Session]
 
 def test_insert_many_skips_jobs_already_queued(factory: sessionmaker[Session]) -> None:
     with unit_of_work(factory) as session:
-        repository = QueueRepository(session)
-        assert repository.insert_many_if_absent([queue_job(2)], now=utcnow()) == 1
+        assert repository.insert_many_if_absent(session, [queue_job(2)], now=utcnow()) == 1
         jobs = [queue_job(job_id, priority=3) for job_id in (1, 2, 3)]
-        assert repository.insert_many_if_absent(jobs, now=utcnow()) == 2
-        assert repository.insert_many_if_absent([], now=utcnow()) == 0
-        summaries = repository.summaries_by_job_id([1, 2, 3, 4])
+        assert repository.insert_many_if_absent(session, jobs, now=utcnow()) == 2
+        assert repository.insert_many_if_absent(session, [], now=utcnow()) == 0
+        summaries = repository.summaries_by_job_id(session, [1, 2, 3, 4])
     assert [(job_id, status) for _id, job_id, status in summaries] == [
         (2, JobStatus.QUEUED),
         (1, JobStatus.QUEUED),
@@ -346,38 +351,96 @@ def test_concurrent_pulls_lease_each_job_exactly_once(factory: sessionmaker[Sess
 
 def _transition(
     factory: sessionmaker[Session], target: JobStatus, *, worker: str = "w1"
-) -> StatusChange | None:
+) -> list[Change]:
+    """A report of ``worker`` moving job 1 to ``target``: what moved."""
     now = utcnow()
     with unit_of_work(factory) as session:
-        queue_id = QueueRepository(session).get_by_job_id(1).id  # type: ignore[union-attr]
-        return QueueRepository(session).transition(
+        queue_id = repository.get_by_job_id(session, 1).id  # type: ignore[union-attr]
+        moved = transition(
+            session,
             queue_id,
-            worker=worker,
-            target=target,
-            runtime_details=None,
+            target,
+            cause=Cause.REPORT,
             now=now,
+            worker=worker,
             lease_until=now + timedelta(seconds=60),
         )
+        return changes(moved)
 
 
 def test_transition_is_guarded_by_assignee_and_table(factory: sessionmaker[Session]) -> None:
     enqueue(factory, 1)
     lease(factory)
-    assert _transition(factory, JobStatus.RUNNING, worker="intruder") is None
-    assert _transition(factory, JobStatus.RUNNING) == StatusChange(1, JobStatus.RUNNING, None)
+    assert _transition(factory, JobStatus.RUNNING, worker="intruder") == []
+    assert _transition(factory, JobStatus.RUNNING) == [(1, JobStatus.RUNNING, None)]
     # Backwards, or the same status, is not a transition.
-    assert _transition(factory, JobStatus.PREPROCESSING) is None
-    assert _transition(factory, JobStatus.RUNNING) is None
-    assert _transition(factory, JobStatus.FINISHED) == StatusChange(1, JobStatus.FINISHED, None)
+    assert _transition(factory, JobStatus.PREPROCESSING) == []
+    assert _transition(factory, JobStatus.RUNNING) == []
+    assert _transition(factory, JobStatus.FINISHED) == [(1, JobStatus.FINISHED, None)]
     assert row(factory, 1).lease_expires_at is None
-    assert _transition(factory, JobStatus.ERROR) is None
+    assert _transition(factory, JobStatus.ERROR) == []
     assert row(factory, 1).status is JobStatus.FINISHED
+
+
+def test_reports_move_exactly_as_the_transition_table_allows(
+    factory: sessionmaker[Session],
+) -> None:
+    enqueue(factory, 1)
+    lease(factory)
+    queue_id = row(factory, 1).id
+    refused_moves: list[tuple[JobStatus, JobStatus]] = []
+    applied: list[tuple[JobStatus, JobStatus]] = []
+    for source in JobStatus:
+        for target in JobStatus:
+            with unit_of_work(factory) as session:
+                session.execute(
+                    update(QueuedJob).values(
+                        status=source,
+                        worker="w1",
+                        lease_expires_at=utcnow() + timedelta(seconds=60),
+                    )
+                )
+            now = utcnow()
+            with unit_of_work(factory) as session:
+                moved = transition(
+                    session,
+                    queue_id,
+                    target,
+                    cause=Cause.REPORT,
+                    now=now,
+                    worker="w1",
+                    lease_until=now + timedelta(seconds=60),
+                )
+            (applied if moved else refused_moves).append((source, target))
+            assert row(factory, 1).status is (target if moved else source)
+    assert set(applied) == {
+        (source, target) for source in JobStatus for target in ALLOWED_TRANSITIONS[source]
+    }
+    assert len(applied) + len(refused_moves) == len(JobStatus) ** 2
+
+
+@pytest.mark.parametrize(
+    ("cause", "target", "arguments"),
+    [
+        (Cause.LEASE, JobStatus.RUNNING, {"worker": "w1", "lease_until": utcnow()}),
+        (Cause.LEASE, JobStatus.PULLED, {"lease_until": utcnow()}),
+        (Cause.REPORT, JobStatus.RUNNING, {"worker": "w1"}),
+        (Cause.CANCEL, JobStatus.ERROR, {}),
+        (Cause.LOST, JobStatus.QUEUED, {"worker": "w1"}),
+        (Cause.REQUEUE, JobStatus.PULLED, {"lease_until": utcnow()}),
+    ],
+)
+def test_a_cause_takes_only_its_own_moves(
+    factory: sessionmaker[Session], cause: Cause, target: JobStatus, arguments: dict[str, Any]
+) -> None:
+    with unit_of_work(factory) as session, pytest.raises(ValueError, match=str(cause)):
+        transition(session, 1, target, cause=cause, now=utcnow(), **arguments)
 
 
 def test_hand_back_clears_worker_without_penalty(factory: sessionmaker[Session]) -> None:
     enqueue(factory, 1)
     lease(factory)
-    assert _transition(factory, JobStatus.QUEUED) == StatusChange(1, JobStatus.QUEUED, None)
+    assert _transition(factory, JobStatus.QUEUED) == [(1, JobStatus.QUEUED, None)]
     job = row(factory, 1)
     assert (job.status, job.worker, job.attempts, job.lease_expires_at) == (
         JobStatus.QUEUED,
@@ -398,7 +461,8 @@ def test_renew_extends_only_the_holders_lease_in_that_status(
 
     def renew(worker: str, status: JobStatus) -> bool:
         with unit_of_work(factory) as session:
-            return QueueRepository(session).renew(
+            return repository.renew(
+                session,
                 queue_id,
                 worker=worker,
                 status=status,
@@ -418,26 +482,26 @@ def test_renew_extends_only_the_holders_lease_in_that_status(
 def test_cancel_only_active_jobs(factory: sessionmaker[Session]) -> None:
     enqueue(factory, 1, 2)
     with unit_of_work(factory) as session:
-        repository = QueueRepository(session)
-        assert repository.cancel(1, now=utcnow(), log_upload_until=None)
-        assert not repository.cancel(1, now=utcnow(), log_upload_until=None)
-        assert not repository.cancel(99, now=utcnow(), log_upload_until=None)
+        for job_id, cancelled in ((1, True), (1, False), (99, False)):
+            moved = transition(
+                session, ByJobId(job_id), JobStatus.CANCELED, cause=Cause.CANCEL, now=utcnow()
+            )
+            assert bool(moved) is cancelled
     assert row(factory, 1).status is JobStatus.CANCELED
     assert lease(factory) == [2]
 
 
 def _cancel(factory: sessionmaker[Session], job_id: int, window: timedelta | None) -> bool:
-    now = utcnow()
+    """The user API cancels (``window``: the log grace) or deletes (None) the job."""
+    policy = QueuePolicy(cancel_log_grace_seconds=window.total_seconds() if window else 0)
     with unit_of_work(factory) as session:
-        return QueueRepository(session).cancel(
-            job_id, now=now, log_upload_until=None if window is None else now + window
-        )
+        return service.cancel(session, job_id, policy=policy, discard_outputs=window is None)
 
 
 def _log_upload_allowed(factory: sessionmaker[Session], job_id: int, worker: str = "w1") -> bool:
     queue_id = row(factory, job_id).id
     with unit_of_work(factory) as session:
-        allowed = QueueRepository(session).log_upload_allowed(queue_id, worker, now=utcnow())
+        allowed = repository.log_upload_allowed(session, queue_id, worker, now=utcnow())
         return allowed is not None
 
 
@@ -490,28 +554,28 @@ def _expire_leases(factory: sessionmaker[Session]) -> None:
 
 
 def _take_back(factory: sessionmaker[Session], max_retries: int) -> Reaped:
-    now = utcnow()
     with unit_of_work(factory) as session:
-        return QueueRepository(session).reap(
-            now=now,
-            max_retries=max_retries,
-            timeout=30,
-            cleanup_until=now + timedelta(seconds=60),
+        return reaper.take_back_expired(
+            session, QueuePolicy(lease_seconds=30, max_retries=max_retries)
         )
 
 
-def _requeue(factory: sessionmaker[Session], job: TakenBack) -> StatusChange | None:
+def _requeue(factory: sessionmaker[Session], job: TakenBack) -> bool:
     with unit_of_work(factory) as session:
-        return QueueRepository(session).requeue_taken_back(
-            job.queue_id, claimed_until=job.claimed_until, now=utcnow()
-        )
+        return reaper.requeue_taken_back(session, job, signals=QueueSignals())
 
 
-def _reap(factory: sessionmaker[Session], max_retries: int) -> list[StatusChange]:
-    """A reaper pass without results to delete: take back, then re-queue."""
+def _change(factory: sessionmaker[Session], job_id: int) -> Change:
+    job = row(factory, job_id)
+    return (job.job_id, job.status, job.runtime_details)
+
+
+def _reap(factory: sessionmaker[Session], max_retries: int) -> list[Change]:
+    """A reaper pass without results to delete (take back, then re-queue): the
+    jobs given up and re-queued, as they are then."""
     reaped = _take_back(factory, max_retries)
-    requeued = [_requeue(factory, job) for job in reaped.taken_back]
-    return [*reaped.failed, *(change for change in requeued if change is not None)]
+    requeued = [job.job_id for job in reaped.taken_back if _requeue(factory, job)]
+    return [_change(factory, job_id) for job_id in [*reaped.lost, *requeued]]
 
 
 def test_reap_requeues_then_fails(factory: sessionmaker[Session]) -> None:
@@ -520,7 +584,7 @@ def test_reap_requeues_then_fails(factory: sessionmaker[Session]) -> None:
     assert _reap(factory, max_retries=1) == []  # the lease has not expired
     _expire_leases(factory)
     assert _reap(factory, max_retries=1) == [
-        StatusChange(
+        (
             1,
             JobStatus.QUEUED,
             "worker w1 sent no keep-alive for 30 s (attempt 1 of 2, pulled); "
@@ -537,7 +601,7 @@ def test_reap_requeues_then_fails(factory: sessionmaker[Session]) -> None:
     assert lease(factory, limit=1) == [1]  # the same worker may retry
     _expire_leases(factory)
     [change] = _reap(factory, max_retries=1)
-    assert change == StatusChange(
+    assert change == (
         1,
         JobStatus.ERROR,
         "worker w1 sent no keep-alive for 30 s (attempt 2 of 2, pulled); giving up",
@@ -569,17 +633,17 @@ def test_reap_moves_only_as_the_transition_table_allows(
     _set_status(factory, 1, status)
     _expire_leases(factory)
     [change] = _reap(factory, max_retries=5)
-    assert change.status in ALLOWED_TRANSITIONS[status]
-    assert row(factory, 1).status is change.status
+    assert change[1] in ALLOWED_TRANSITIONS[status]
+    assert row(factory, 1).status is change[1]
     if JobStatus.QUEUED in ALLOWED_TRANSITIONS[status]:
-        assert change == StatusChange(
+        assert change == (
             1,
             JobStatus.QUEUED,
             f"worker w1 sent no keep-alive for 30 s (attempt 1 of 6, {status.value}); "
             "re-queued for attempt 2 of 6",
         )
     else:
-        assert change == StatusChange(
+        assert change == (
             1,
             JobStatus.ERROR,
             f"worker w1 sent no keep-alive for 30 s (attempt 1 of 6, {status.value}); "
@@ -595,7 +659,7 @@ def test_a_job_taken_back_is_nobodys_until_requeued(factory: sessionmaker[Sessio
     _set_status(factory, 1, JobStatus.RUNNING)
     _expire_leases(factory)
     reaped = _take_back(factory, max_retries=1)
-    assert reaped.failed == []
+    assert reaped.lost == []
     [taken] = reaped.taken_back
     assert (taken.job_id, taken.paths_upload) == (
         1,
@@ -610,8 +674,8 @@ def test_a_job_taken_back_is_nobodys_until_requeued(factory: sessionmaker[Sessio
     assert lease(factory) == []
     now = utcnow()
     with unit_of_work(factory) as session:
-        repository = QueueRepository(session)
         assert not repository.renew(
+            session,
             job.id,
             worker="w1",
             status=JobStatus.RUNNING,
@@ -619,21 +683,20 @@ def test_a_job_taken_back_is_nobodys_until_requeued(factory: sessionmaker[Sessio
             now=now,
             lease_until=now + timedelta(seconds=60),
         )
-        assert (
-            repository.transition(
-                job.id,
-                worker="w1",
-                target=JobStatus.POSTPROCESSING,
-                runtime_details=None,
-                now=now,
-                lease_until=now + timedelta(seconds=60),
-            )
-            is None
+        moved = transition(
+            session,
+            job.id,
+            JobStatus.POSTPROCESSING,
+            cause=Cause.REPORT,
+            now=now,
+            worker="w1",
+            lease_until=now + timedelta(seconds=60),
         )
-        assert repository.leased_to(job.id, "w1") is None
+        assert moved == []
+        assert repository.leased_to(session, job.id, "w1") is None
     assert _take_back(factory, max_retries=1) == Reaped()  # held, not expired
-    assert _requeue(factory, taken) is not None
-    assert _requeue(factory, taken) is None  # once
+    assert _requeue(factory, taken)
+    assert not _requeue(factory, taken)  # once
     assert lease(factory) == [1]
 
 
@@ -643,8 +706,8 @@ def test_a_cancelled_job_taken_back_is_not_requeued(factory: sessionmaker[Sessio
     _expire_leases(factory)
     [taken] = _take_back(factory, max_retries=1).taken_back
     with unit_of_work(factory) as session:
-        assert QueueRepository(session).cancel(1, now=utcnow(), log_upload_until=None)
-    assert _requeue(factory, taken) is None
+        assert service.cancel(session, 1, policy=QueuePolicy(), discard_outputs=True)
+    assert not _requeue(factory, taken)
     assert row(factory, 1).status is JobStatus.CANCELED
 
 
@@ -658,13 +721,13 @@ def test_a_take_back_whose_cleanup_never_ended_is_redone(factory: sessionmaker[S
     [first] = _take_back(factory, max_retries=1).taken_back
     _expire_leases(factory)
     with unit_of_work(factory) as session:  # a start-up extends no worker's lease here
-        assert QueueRepository(session).extend_leases(until=utcnow() + timedelta(seconds=60)) == 0
+        assert repository.extend_leases(session, until=utcnow() + timedelta(seconds=60)) == 0
     # Even with MAX_RETRIES lowered meanwhile, the first decision stands.
     [second] = _take_back(factory, max_retries=0).taken_back
     assert second.claimed_until != first.claimed_until
-    assert _requeue(factory, first) is None
-    change = _requeue(factory, second)
-    assert change == StatusChange(
+    assert not _requeue(factory, first)
+    assert _requeue(factory, second)
+    assert _change(factory, 1) == (
         1,
         JobStatus.QUEUED,
         "worker w1 sent no keep-alive for 30 s (attempt 1 of 2, pulled); "
@@ -682,18 +745,23 @@ def test_reap_remembers_each_silent_worker(factory: sessionmaker[Session]) -> No
     assert row(factory, 1).failed_workers == ["w1", "w2"]
 
 
+def _add_to_outbox(session: Session, job_id: int, status: JobStatus, details: str | None) -> None:
+    session.add(
+        StatusOutbox(job_id=job_id, status=status, runtime_details=details, created_at=utcnow())
+    )
+    session.flush()
+
+
 def test_outbox_is_read_in_id_order(factory: sessionmaker[Session]) -> None:
     with unit_of_work(factory) as session:
-        repository = QueueRepository(session)
-        assert repository.first_in_outbox() is None
-        repository.add_to_outbox(StatusChange(1, JobStatus.PULLED, None), now=utcnow())
-        repository.add_to_outbox(StatusChange(1, JobStatus.RUNNING, "x"), now=utcnow())
+        assert repository.first_in_outbox(session) is None
+        _add_to_outbox(session, 1, JobStatus.PULLED, None)
+        _add_to_outbox(session, 1, JobStatus.RUNNING, "x")
     with unit_of_work(factory) as session:
-        repository = QueueRepository(session)
-        first = repository.first_in_outbox()
+        first = repository.first_in_outbox(session)
         assert first is not None
         assert (first.job_id, first.status) == (1, JobStatus.PULLED)
-        repository.remove_from_outbox(first.id)
+        repository.remove_from_outbox(session, first.id)
     with unit_of_work(factory) as session:
         rows = session.scalars(select(StatusOutbox)).all()
         assert [(r.status, r.runtime_details) for r in rows] == [(JobStatus.RUNNING, "x")]
@@ -704,14 +772,16 @@ def test_concurrent_reapers_take_each_job_back_once(factory: sessionmaker[Sessio
     enqueue(factory, *range(1, total + 1))
     lease(factory, limit=total)
     _expire_leases(factory)
-    changes: list[StatusChange] = []
+    requeued: list[int] = []
     errors: list[BaseException] = []
     start = threading.Barrier(reapers)
 
     def reap() -> None:
         try:
             start.wait(timeout=10)
-            changes.extend(_reap(factory, max_retries=5))
+            reaped = _take_back(factory, max_retries=5)
+            assert reaped.lost == []
+            requeued.extend(job.job_id for job in reaped.taken_back if _requeue(factory, job))
         except BaseException as exc:
             errors.append(exc)
 
@@ -721,8 +791,10 @@ def test_concurrent_reapers_take_each_job_back_once(factory: sessionmaker[Sessio
     for thread in threads:
         thread.join(timeout=60)
     assert not errors
-    assert sorted(change.job_id for change in changes) == list(range(1, total + 1))
-    assert {change.status for change in changes} == {JobStatus.QUEUED}
+    assert sorted(requeued) == list(range(1, total + 1))
+    with unit_of_work(factory) as session:
+        statuses = session.scalars(select(QueuedJob.status).distinct()).all()
+    assert statuses == [JobStatus.QUEUED]
 
 
 @pytest.mark.postgres
@@ -737,7 +809,8 @@ def test_reaper_skips_a_lease_being_renewed(
     # A keep-alive for job 1 is in flight (its transaction holds the row) while the
     # reaper runs: the reaper leaves job 1 alone, and the renewal stands.
     with unit_of_work(factory) as keep_alive:
-        assert QueueRepository(keep_alive).renew(
+        assert repository.renew(
+            keep_alive,
             queue_id,
             worker="w1",
             status=JobStatus.PULLED,
@@ -745,7 +818,7 @@ def test_reaper_skips_a_lease_being_renewed(
             now=utcnow(),
             lease_until=utcnow() + timedelta(seconds=60),
         )
-        assert [change.job_id for change in _reap(factory, max_retries=5)] == [2]
+        assert [change[0] for change in _reap(factory, max_retries=5)] == [2]
     assert row(factory, 1).status is JobStatus.PULLED
     assert _reap(factory, max_retries=5) == []
 
@@ -766,7 +839,7 @@ def test_extend_leases_gives_every_lease_at_least_until(
         )
     until = utcnow() + timedelta(seconds=60)
     with unit_of_work(factory) as session:
-        assert QueueRepository(session).extend_leases(until=until) == 2
+        assert repository.extend_leases(session, until=until) == 2
     assert row(factory, 1).lease_expires_at > until  # type: ignore[operator]
     assert row(factory, 2).lease_expires_at == until
     assert row(factory, 3).lease_expires_at == until
@@ -777,19 +850,18 @@ def test_extend_leases_gives_every_lease_at_least_until(
 def test_only_the_first_outbox_row_is_claimed(postgres_factory: sessionmaker[Session]) -> None:
     factory = postgres_factory
     with unit_of_work(factory) as session:
-        repository = QueueRepository(session)
-        repository.add_to_outbox(StatusChange(1, JobStatus.PULLED, None), now=utcnow())
-        repository.add_to_outbox(StatusChange(1, JobStatus.RUNNING, None), now=utcnow())
+        _add_to_outbox(session, 1, JobStatus.PULLED, None)
+        _add_to_outbox(session, 1, JobStatus.RUNNING, None)
     with unit_of_work(factory) as first:
-        claimed = QueueRepository(first).claim_first_in_outbox()
+        claimed = repository.claim_first_in_outbox(first)
         assert claimed is not None and claimed.status is JobStatus.PULLED
         # Another process finds the head taken, and must not skip ahead to the next
         # change of the same job.
         with unit_of_work(factory) as second:
-            assert QueueRepository(second).claim_first_in_outbox() is None
-        QueueRepository(first).remove_from_outbox(claimed.id)
+            assert repository.claim_first_in_outbox(second) is None
+        repository.remove_from_outbox(first, claimed.id)
     with unit_of_work(factory) as second:
-        claimed = QueueRepository(second).claim_first_in_outbox()
+        claimed = repository.claim_first_in_outbox(second)
         assert claimed is not None and claimed.status is JobStatus.RUNNING
 
 

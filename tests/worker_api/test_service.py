@@ -1,6 +1,6 @@
 """Queue rules on SQLite and PostgreSQL: status reports (keep-alive, transitions,
-hand-back, refusals), the outbox rows they write, signals after commit, reaping,
-the long-polling pull and the delivery of the outbox to the user API."""
+hand-back, refusals, outcomes), the outbox rows they write, wake-ups after commit,
+reaping, the long-polling pull and the delivery of the outbox to the user API."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -19,27 +20,23 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from labcloud.contract import Environment, JobStatus
+from labcloud.contract import Environment, FailureKind, JobStatus, Outcome
 from labcloud.db import unit_of_work, utcnow
+from labcloud.outbox import register_waker
 from labcloud.storage import LocalStorage, Storage
 from tests.worker_api.conftest import queue_job
 from worker_api.clients.user_api import StatusForwarder
 from worker_api.models import QueuedJob, StatusOutbox
+from worker_api.queue import service
+from worker_api.queue.lifecycle import STATUS_OUTBOX
+from worker_api.queue.policy import QueuePolicy, QueueSignals
+from worker_api.queue.reaper import reap_once, run_reaper
 from worker_api.queue.schemas import WorkerOffer
-from worker_api.queue.service import (
-    InvalidTransition,
-    JobNotFound,
-    JobPuller,
-    QueuePolicy,
-    QueueService,
-    QueueSignals,
-    Wakeup,
-    reap_once,
-    run_reaper,
-)
+from worker_api.queue.service import InvalidTransition, JobNotFound, JobPuller, Wakeup
 
 POLICY = QueuePolicy(lease_seconds=60, max_retries=1)
 WORKER = WorkerOffer(name="w1", environment=Environment.LOCAL, memory=8000)
+T = TypeVar("T")
 
 
 class Counter:
@@ -50,14 +47,40 @@ class Counter:
         self.count += 1
 
 
-def run(
-    factory: sessionmaker[Session],
-    action: Callable[[QueueService], object],
-    signals: QueueSignals | None = None,
-    policy: QueuePolicy = POLICY,
-) -> object:
+def run(factory: sessionmaker[Session], action: Callable[[Session], T]) -> T:
     with unit_of_work(factory) as session:
-        return action(QueueService(session, policy, signals))
+        return action(session)
+
+
+def enqueue(
+    factory: sessionmaker[Session], job_id: int, signals: QueueSignals | None = None, **options: Any
+) -> QueuedJob:
+    job = queue_job(job_id, **options)
+    return run(factory, lambda s: service.enqueue(s, job, signals=signals or QueueSignals()))
+
+
+def pull(
+    factory: sessionmaker[Session],
+    offer: WorkerOffer = WORKER,
+    policy: QueuePolicy = POLICY,
+    limit: int = 1,
+) -> list[service.LeasedJob]:
+    return run(
+        factory, lambda s: service.lease_jobs(s, offer, policy=policy, limit=limit, older_than=0)
+    )
+
+
+def cancel(
+    factory: sessionmaker[Session],
+    job_id: int,
+    policy: QueuePolicy = POLICY,
+    *,
+    discard_outputs: bool = False,
+) -> bool:
+    return run(
+        factory,
+        lambda s: service.cancel(s, job_id, policy=policy, discard_outputs=discard_outputs),
+    )
 
 
 def outbox(factory: sessionmaker[Session]) -> list[tuple[int, str, str | None]]:
@@ -75,10 +98,8 @@ def queued(factory: sessionmaker[Session], job_id: int = 1) -> QueuedJob:
 
 
 def leased_queue_id(factory: sessionmaker[Session], job_id: int = 1) -> int:
-    run(factory, lambda q: q.enqueue(queue_job(job_id)))
-    leased = run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0))
-    assert isinstance(leased, list)
-    return int(leased[0].queue_id)
+    enqueue(factory, job_id)
+    return pull(factory)[0].queue_id
 
 
 async def eventually(condition: Callable[[], bool]) -> None:
@@ -96,20 +117,38 @@ def report(
     *,
     worker: str = "w1",
     details: str | None = None,
+    outcome: Outcome | None = None,
 ) -> None:
     run(
         factory,
-        lambda q: q.report_status(queue_id, worker=worker, status=status, runtime_details=details),
+        lambda s: service.report_status(
+            s,
+            queue_id,
+            policy=POLICY,
+            worker=worker,
+            status=status,
+            runtime_details=details,
+            outcome=outcome,
+        ),
     )
+
+
+@pytest.fixture
+def status_wakes() -> Iterator[Counter]:
+    """How often a commit woke the status relay of this process."""
+    wakes = Counter()
+    unregister = register_waker(STATUS_OUTBOX, wakes)
+    try:
+        yield wakes
+    finally:
+        unregister()
 
 
 def test_enqueue_is_idempotent_and_signals_only_new_jobs(factory: sessionmaker[Session]) -> None:
     enqueued = Counter()
     signals = QueueSignals(job_enqueued=enqueued)
-    first = run(factory, lambda q: q.enqueue(queue_job(5)), signals)
-    again = run(factory, lambda q: q.enqueue(queue_job(5, priority=4)), signals)
-    assert isinstance(first, QueuedJob)
-    assert isinstance(again, QueuedJob)
+    first = enqueue(factory, 5, signals)
+    again = enqueue(factory, 5, signals, priority=4)
     assert (again.id, again.priority, again.status) == (first.id, 0, JobStatus.QUEUED)
     assert enqueued.count == 1
     assert outbox(factory) == []
@@ -118,26 +157,21 @@ def test_enqueue_is_idempotent_and_signals_only_new_jobs(factory: sessionmaker[S
 def test_signals_fire_only_after_commit(factory: sessionmaker[Session]) -> None:
     enqueued = Counter()
     with pytest.raises(RuntimeError), unit_of_work(factory) as session:
-        QueueService(session, POLICY, QueueSignals(job_enqueued=enqueued)).enqueue(queue_job(1))
+        service.enqueue(session, queue_job(1), signals=QueueSignals(job_enqueued=enqueued))
         raise RuntimeError("rolled back")
     assert enqueued.count == 0
     with unit_of_work(factory) as session:
         assert session.scalars(select(QueuedJob)).first() is None
 
 
-def test_lease_returns_specs_and_records_pulled(factory: sessionmaker[Session]) -> None:
-    recorded = Counter()
-    run(factory, lambda q: q.enqueue(queue_job(1)))
-    leased = run(
-        factory,
-        lambda q: q.lease(WORKER, limit=5, older_than=0),
-        QueueSignals(status_recorded=recorded),
-    )
-    assert isinstance(leased, list)
-    [job] = leased
+def test_lease_returns_specs_and_records_pulled(
+    factory: sessionmaker[Session], status_wakes: Counter
+) -> None:
+    enqueue(factory, 1)
+    [job] = pull(factory, limit=5)
     assert job.spec == queue_job(1).job
     assert outbox(factory) == [(1, "pulled", None)]
-    assert recorded.count == 1
+    assert status_wakes.count == 1
 
 
 def test_status_reports_follow_the_state_machine(factory: sessionmaker[Session]) -> None:
@@ -167,6 +201,66 @@ def test_status_reports_follow_the_state_machine(factory: sessionmaker[Session])
     ]
 
 
+def outcomes(factory: sessionmaker[Session]) -> list[tuple[str, dict[str, object] | None]]:
+    with unit_of_work(factory) as session:
+        return [
+            (row.status.value, row.outcome)
+            for row in session.scalars(select(StatusOutbox).order_by(StatusOutbox.id))
+        ]
+
+
+def test_an_outcome_goes_with_the_end_and_its_attempt_is_counted_here(
+    factory: sessionmaker[Session], storage: LocalStorage
+) -> None:
+    queue_id = leased_queue_id(factory)
+    _expire(factory)
+    reap_once(factory, POLICY, QueueSignals(), storage)  # re-queued: the next lease is attempt 2
+    [job] = pull(factory)
+    said = Outcome(exit_code=0, attempt=1, log_tail="done")
+    report(factory, job.queue_id, JobStatus.RUNNING, outcome=said)
+    report(factory, job.queue_id, JobStatus.FINISHED, outcome=said)
+    assert outcomes(factory)[-3:] == [
+        ("pulled", None),
+        ("running", None),
+        ("finished", {"exit_code": 0, "attempt": 2, "log_tail": "done"}),
+    ]
+    assert queue_id == job.queue_id
+
+
+def test_a_job_given_up_by_the_reaper_is_lost(
+    factory: sessionmaker[Session], storage: LocalStorage
+) -> None:
+    leased_queue_id(factory)
+    _expire(factory)
+    reap_once(factory, QueuePolicy(lease_seconds=60, max_retries=0), QueueSignals(), storage)
+    status, outcome = outcomes(factory)[-1]
+    assert status == "error"
+    assert outcome is not None
+    assert Outcome.model_validate(outcome).failure is FailureKind.LOST
+    assert (outcome["attempt"], set(outcome)) == (1, {"failure", "attempt", "ended_at"})
+
+
+def test_status_changes_wake_the_relay_once_committed(
+    factory: sessionmaker[Session], status_wakes: Counter
+) -> None:
+    queue_id = leased_queue_id(factory)
+    assert status_wakes.count == 1
+    with pytest.raises(RuntimeError), unit_of_work(factory) as session:
+        service.report_status(
+            session,
+            queue_id,
+            policy=POLICY,
+            worker="w1",
+            status=JobStatus.RUNNING,
+            runtime_details=None,
+        )
+        raise RuntimeError("rolled back")
+    report(factory, queue_id, JobStatus.PULLED)  # a keep-alive tells nobody
+    assert cancel(factory, 1)  # the user API cancelled: it knows
+    assert status_wakes.count == 1
+    assert outbox(factory) == [(1, "pulled", None)]
+
+
 def test_phases_may_be_skipped(factory: sessionmaker[Session]) -> None:
     queue_id = leased_queue_id(factory)
     report(factory, queue_id, JobStatus.RUNNING)
@@ -185,9 +279,9 @@ def test_only_the_assignee_may_report(factory: sessionmaker[Session]) -> None:
 
 def test_cancelled_job_tells_its_worker_to_stop(factory: sessionmaker[Session]) -> None:
     queue_id = leased_queue_id(factory)
-    assert run(factory, lambda q: q.cancel(1)) is True
-    assert run(factory, lambda q: q.cancel(1)) is False
-    assert run(factory, lambda q: q.cancel(404)) is False
+    assert cancel(factory, 1) is True
+    assert cancel(factory, 1) is False
+    assert cancel(factory, 404) is False
     with pytest.raises(JobNotFound):
         report(factory, queue_id, JobStatus.PULLED)
     with pytest.raises(JobNotFound):
@@ -201,20 +295,20 @@ def test_cancel_keeps_a_log_window_unless_outputs_are_discarded(
     policy = QueuePolicy(lease_seconds=60, cancel_log_grace_seconds=120)
     queue_id = leased_queue_id(factory)
     before = utcnow()
-    assert run(factory, lambda q: q.cancel(1), policy=policy) is True
+    assert cancel(factory, 1, policy) is True
     window = queued(factory).log_upload_until
     assert window is not None
     assert before + timedelta(seconds=119) < window < utcnow() + timedelta(seconds=121)
     with pytest.raises(JobNotFound):  # keep-alives are refused at once
         report(factory, queue_id, JobStatus.RUNNING)
     # Deleting the job afterwards discards what the cancellation kept.
-    assert run(factory, lambda q: q.cancel(1, discard_outputs=True), policy=policy) is False
+    assert cancel(factory, 1, policy, discard_outputs=True) is False
     assert queued(factory).log_upload_until is None
     # No grace configured: no window.
-    run(factory, lambda q: q.enqueue(queue_job(2)))
-    run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0))
+    enqueue(factory, 2)
+    pull(factory)
     no_grace = QueuePolicy(cancel_log_grace_seconds=0)
-    assert run(factory, lambda q: q.cancel(2), policy=no_grace) is True
+    assert cancel(factory, 2, no_grace) is True
     assert queued(factory, 2).log_upload_until is None
     assert [status for _job, status, _ in outbox(factory)] == ["pulled", "pulled"]
 
@@ -227,8 +321,7 @@ def test_hand_back_requeues_for_anyone(factory: sessionmaker[Session]) -> None:
     with pytest.raises(JobNotFound):
         report(factory, queue_id, JobStatus.RUNNING)
     assert outbox(factory)[-1] == (1, "queued", None)
-    leased = run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0))
-    assert isinstance(leased, list) and len(leased) == 1
+    assert len(pull(factory)) == 1
 
 
 def test_hand_back_refused_while_uploading(factory: sessionmaker[Session]) -> None:
@@ -240,9 +333,9 @@ def test_hand_back_refused_while_uploading(factory: sessionmaker[Session]) -> No
 
 def test_status_of(factory: sessionmaker[Session]) -> None:
     queue_id = leased_queue_id(factory)
-    assert run(factory, lambda q: q.status_of(queue_id)) is JobStatus.PULLED
+    assert run(factory, lambda s: service.status_of(s, queue_id)) is JobStatus.PULLED
     with pytest.raises(JobNotFound):
-        run(factory, lambda q: q.status_of(queue_id + 1))
+        run(factory, lambda s: service.status_of(s, queue_id + 1))
 
 
 def _expire(factory: sessionmaker[Session]) -> None:
@@ -265,17 +358,18 @@ def _files(storage: Storage, user: str = "u1") -> list[str]:
 
 
 def test_reaper_requeues_then_fails_and_records(
-    factory: sessionmaker[Session], storage: LocalStorage
+    factory: sessionmaker[Session], storage: LocalStorage, status_wakes: Counter
 ) -> None:
-    recorded, enqueued = Counter(), Counter()
-    signals = QueueSignals(status_recorded=recorded, job_enqueued=enqueued)
+    enqueued = Counter()
+    signals = QueueSignals(job_enqueued=enqueued)
     queue_id = leased_queue_id(factory)
     _expire(factory)
     assert reap_once(factory, POLICY, signals, storage) == 1
     assert enqueued.count == 1  # waiting pulls see the job at once
     with pytest.raises(JobNotFound):  # the silent worker comes back too late
         report(factory, queue_id, JobStatus.RUNNING)
-    run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0))
+    wakes_before = status_wakes.count
+    pull(factory)
     _expire(factory)
     assert reap_once(factory, POLICY, signals, storage) == 1
     assert reap_once(factory, POLICY, signals, storage) == 0
@@ -289,7 +383,7 @@ def test_reaper_requeues_then_fails_and_records(
         (1, "pulled", requeued),  # attempt 2 says why it exists until its worker reports
         (1, "error", "worker w1 sent no keep-alive for 60 s (attempt 2 of 2, pulled); giving up"),
     ]
-    assert recorded.count == 2
+    assert status_wakes.count == wakes_before + 2  # the lease, then the end
 
 
 def test_reaper_removes_partial_results_before_the_next_attempt_can_start(
@@ -317,14 +411,13 @@ def test_reaper_removes_partial_results_before_the_next_attempt_can_start(
     with ThreadPoolExecutor(1) as pool:
         reaping = pool.submit(reap_once, factory, POLICY, QueueSignals(), slow)
         assert deleting.wait(timeout=60)
-        seen_while_deleting.append(run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0)))
+        seen_while_deleting.append(pull(factory))
         seen_while_deleting.append(outbox(factory)[-1][1])
         release.set()
         assert reaping.result(timeout=60) == 1
     assert seen_while_deleting == [[], "running"]
     assert _files(storage) == ["u1/data/job1/input.txt", "u1/output/job10/other.txt"]
-    leased = run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0))
-    assert isinstance(leased, list) and [job.queue_id for job in leased] == [queue_id]
+    assert [job.queue_id for job in pull(factory)] == [queue_id]
 
 
 def test_a_failed_deletion_keeps_the_job_held_and_is_retried(
@@ -341,7 +434,7 @@ def test_a_failed_deletion_keeps_the_job_held_and_is_retried(
     assert reap_once(factory, POLICY, QueueSignals(), BrokenStorage(storage.root)) == 0
     held = queued(factory)
     assert (held.status, held.worker) == (JobStatus.PULLED, None)
-    assert run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0)) == []
+    assert pull(factory) == []
     _expire(factory)  # the hold ends: the next pass retries
     assert reap_once(factory, POLICY, QueueSignals(), storage) == 1
     assert queued(factory).status is JobStatus.QUEUED
@@ -379,10 +472,9 @@ def test_retry_different_policy(factory: sessionmaker[Session], storage: LocalSt
     leased_queue_id(factory)
     _expire(factory)
     reap_once(factory, policy, QueueSignals(), storage)
-    assert run(factory, lambda q: q.lease(WORKER, limit=1, older_than=0), policy=policy) == []
+    assert pull(factory, policy=policy) == []
     other = WorkerOffer(name="w2", environment=Environment.LOCAL, memory=8000)
-    leased = run(factory, lambda q: q.lease(other, limit=1, older_than=0), policy=policy)
-    assert isinstance(leased, list) and len(leased) == 1
+    assert len(pull(factory, other, policy=policy)) == 1
 
 
 @pytest.mark.anyio
@@ -427,11 +519,11 @@ async def test_long_poll_wakes_on_enqueue(factory: sessionmaker[Session]) -> Non
     wakeup = Wakeup()
     signals = QueueSignals(job_enqueued=wakeup.notify)
     # Re-checks so rare that only the wake-up can explain a quick answer.
-    puller = JobPuller(factory, POLICY, signals, wakeup, recheck_seconds=60)
+    puller = JobPuller(factory, POLICY, wakeup, recheck_seconds=60)
 
     async def enqueue_later() -> None:
         await anyio.sleep(0.2)
-        await anyio.to_thread.run_sync(run, factory, lambda q: q.enqueue(queue_job(1)), signals)
+        await anyio.to_thread.run_sync(enqueue, factory, 1, signals)
 
     started = time.monotonic()
     async with anyio.create_task_group() as tasks:
@@ -444,12 +536,12 @@ async def test_long_poll_wakes_on_enqueue(factory: sessionmaker[Session]) -> Non
 @pytest.mark.anyio
 async def test_long_poll_rechecks_for_other_processes(factory: sessionmaker[Session]) -> None:
     wakeup = Wakeup()
-    puller = JobPuller(factory, POLICY, QueueSignals(), wakeup, recheck_seconds=0.05)
+    puller = JobPuller(factory, POLICY, wakeup, recheck_seconds=0.05)
 
     async def enqueue_elsewhere() -> None:
         await anyio.sleep(0.1)
         # No signal: as if another API process had enqueued the job.
-        await anyio.to_thread.run_sync(run, factory, lambda q: q.enqueue(queue_job(1)))
+        await anyio.to_thread.run_sync(enqueue, factory, 1)
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(enqueue_elsewhere)
@@ -459,7 +551,7 @@ async def test_long_poll_rechecks_for_other_processes(factory: sessionmaker[Sess
 
 @pytest.mark.anyio
 async def test_long_poll_gives_up_after_wait(factory: sessionmaker[Session]) -> None:
-    puller = JobPuller(factory, POLICY, QueueSignals(), Wakeup(), recheck_seconds=0.05)
+    puller = JobPuller(factory, POLICY, Wakeup(), recheck_seconds=0.05)
     started = time.monotonic()
     assert await puller.pull(WORKER, limit=1, older_than=0, wait=0.2) == []
     assert 0.2 <= time.monotonic() - started < 2
@@ -468,7 +560,7 @@ async def test_long_poll_gives_up_after_wait(factory: sessionmaker[Session]) -> 
 
 @pytest.mark.anyio
 async def test_long_poll_stops_when_the_caller_hung_up(factory: sessionmaker[Session]) -> None:
-    puller = JobPuller(factory, POLICY, QueueSignals(), Wakeup(), recheck_seconds=0.05)
+    puller = JobPuller(factory, POLICY, Wakeup(), recheck_seconds=0.05)
 
     async def gone() -> bool:
         return True
@@ -525,7 +617,7 @@ async def test_forwarder_delivers_in_order_and_retries(factory: sessionmaker[Ses
     assert seen[-1] == (
         "PUT",
         "http://user-api/_job_status",
-        {"job_id": 1, "status": "error", "runtime_details": "boom"},
+        {"job_id": 1, "status": "error", "runtime_details": "boom", "outcome": None},
     )
 
 

@@ -3,20 +3,25 @@ cancels (internal key)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 
-from fastapi import APIRouter, Body, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Query, Request, Response, status
+from pydantic import ValidationError
 
-from labcloud.contract import JobSpecs, JobStatus, QueueJob
+from labcloud.contract import JobSpecs, JobStatus, QueueJob, StatusReport
+from labcloud.errors import LabCloudError, PayloadTooLarge
 from labcloud.web import INT64_MAX, IdPath
 from worker_api.dependencies import (
     CurrentWorker,
     InternalCaller,
     PullerDep,
-    QueueServiceDep,
+    QueuePolicyDep,
+    QueueSignalsDep,
+    SessionDep,
     SettingsDep,
     worker_environment,
 )
+from worker_api.queue import service
 from worker_api.queue.schemas import EnqueuedJob, WorkerOffer, offered_gpus
 
 router = APIRouter(tags=["queue"])
@@ -30,6 +35,9 @@ MAX_NAME_LENGTH = 128
 MAX_GROUPS = 64
 # A status's details are the tail of a job's log; the worker sends them in the URL.
 MAX_RUNTIME_DETAILS = 65536
+# A status report's body is one outcome, whose log tail is at most 4,000 characters
+# (up to 6 bytes each, escaped in JSON): far below this.
+MAX_STATUS_REPORT_BYTES = 64 * 1024
 internal_router = APIRouter(tags=["internal"], dependencies=[InternalCaller])
 
 
@@ -100,31 +108,104 @@ async def pull_jobs(
 
 
 @router.get("/jobs/{queue_id}/status")
-def job_status(queue_id: IdPath, _worker: CurrentWorker, queue: QueueServiceDep) -> JobStatus:
+def job_status(queue_id: IdPath, _worker: CurrentWorker, session: SessionDep) -> JobStatus:
     """The job's status, e.g. ``"running"``."""
-    return queue.status_of(queue_id)
+    return service.status_of(session, queue_id)
 
 
-@router.put("/jobs/{queue_id}/status", status_code=status.HTTP_204_NO_CONTENT)
+class InvalidStatusReport(LabCloudError):
+    """The status report's body is not a valid ``StatusReport``."""
+
+    status_code: ClassVar[int] = 422
+
+
+async def status_report_body(request: Request) -> StatusReport | None:
+    """The optional JSON body of a status report (DECODE's worker sends none), read
+    up to ``MAX_STATUS_REPORT_BYTES``: 413 beyond, 422 when it is not a
+    ``StatusReport``."""
+    declared = request.headers.get("content-length", "")
+    too_large = PayloadTooLarge(
+        f"a status report's body is at most {MAX_STATUS_REPORT_BYTES:,} bytes"
+    )
+    if declared.isdigit() and int(declared) > MAX_STATUS_REPORT_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_STATUS_REPORT_BYTES:
+            raise too_large
+    if not body.strip():
+        return None
+    try:
+        return StatusReport.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+            for error in exc.errors(include_url=False)
+        )
+        raise InvalidStatusReport(f"invalid status report body: {problems}") from exc
+
+
+def _inlined(schema: Any, definitions: dict[str, Any]) -> Any:
+    """``schema`` with its ``#/$defs/...`` references replaced by the definitions
+    (an OpenAPI document resolves ``#`` against itself, not against the schema)."""
+    if isinstance(schema, dict):
+        reference = schema.get("$ref")
+        if isinstance(reference, str) and reference.startswith("#/$defs/"):
+            return _inlined(definitions[reference.removeprefix("#/$defs/")], definitions)
+        return {key: _inlined(value, definitions) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [_inlined(item, definitions) for item in schema]
+    return schema
+
+
+_report_schema = StatusReport.model_json_schema()
+_report_definitions = _report_schema.pop("$defs", {})
+# The body is read by ``status_report_body`` (bounded, optional); declared here.
+_STATUS_REPORT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "description": (
+            "Extension: how the attempt ended, sent with a terminal status "
+            f"(at most {MAX_STATUS_REPORT_BYTES:,} bytes)."
+        ),
+        "content": {"application/json": {"schema": _inlined(_report_schema, _report_definitions)}},
+    }
+}
+
+
+@router.put(
+    "/jobs/{queue_id}/status",
+    status_code=status.HTTP_204_NO_CONTENT,
+    openapi_extra=_STATUS_REPORT_BODY,
+)
 def report_status(
     queue_id: IdPath,
     worker: CurrentWorker,
-    queue: QueueServiceDep,
+    session: SessionDep,
+    policy: QueuePolicyDep,
+    report: Annotated[StatusReport | None, Depends(status_report_body)],
     status_: Annotated[JobStatus, Query(alias="status")],
     runtime_details: Annotated[str | None, Query(max_length=MAX_RUNTIME_DETAILS)] = None,
 ) -> Response:
     """Report the job's status; the same status again is the keep-alive. 404 means
     the worker no longer holds the job and must abandon it."""
-    queue.report_status(
-        queue_id, worker=worker.name, status=status_, runtime_details=runtime_details
+    service.report_status(
+        session,
+        queue_id,
+        policy=policy,
+        worker=worker.name,
+        status=status_,
+        runtime_details=runtime_details,
+        outcome=report.outcome if report is not None else None,
     )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @internal_router.post("/_jobs", status_code=status.HTTP_201_CREATED, response_model=EnqueuedJob)
-def enqueue(job: QueueJob, queue: QueueServiceDep) -> EnqueuedJob:
+def enqueue(job: QueueJob, session: SessionDep, signals: QueueSignalsDep) -> EnqueuedJob:
     """Enqueue a job (from the user API); a repeat returns the job already queued."""
-    queued = queue.enqueue(job)
+    queued = service.enqueue(session, job, signals=signals)
     return EnqueuedJob(id=queued.id, job_id=queued.job_id, status=queued.status)
 
 
@@ -134,17 +215,20 @@ MAX_BATCH = 500
 
 @internal_router.post("/_jobs/batch", response_model=list[EnqueuedJob])
 def enqueue_batch(
-    jobs: Annotated[list[QueueJob], Body(max_length=MAX_BATCH)], queue: QueueServiceDep
+    jobs: Annotated[list[QueueJob], Body(max_length=MAX_BATCH)],
+    session: SessionDep,
+    signals: QueueSignalsDep,
 ) -> list[EnqueuedJob]:
     """Extension: enqueue several jobs in one transaction (idempotent like ``POST
     /_jobs``); one invalid job refuses the whole batch with 422."""
-    return queue.enqueue_many(jobs)
+    return service.enqueue_many(session, jobs, signals=signals)
 
 
 @internal_router.delete("/_jobs/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
 def cancel(
     job_id: IdPath,
-    queue: QueueServiceDep,
+    session: SessionDep,
+    policy: QueuePolicyDep,
     discard_outputs: Annotated[
         bool,
         Query(
@@ -156,5 +240,5 @@ def cancel(
     ] = False,
 ) -> Response:
     """Cancel the job with this user API id if it is still active (idempotent)."""
-    queue.cancel(job_id, discard_outputs=discard_outputs)
+    service.cancel(session, job_id, policy=policy, discard_outputs=discard_outputs)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
