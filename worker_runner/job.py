@@ -347,6 +347,9 @@ class Job:
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             self._wake.wait(remaining)
+            # Every waker sets its condition first: a wake-up is never lost, and a
+            # stale one cannot make this loop spin.
+            self._wake.clear()
             if ended.done():
                 return ended.result()
             if self.reporter.gone.is_set():

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from labcloud.contract import HardwareSpec
 from tests.worker_runner.conftest import (
     A10,
     API,
@@ -21,6 +22,7 @@ from tests.worker_runner.conftest import (
     running,
     wait_for,
 )
+from worker_runner.backends.base import Capacity, Placement
 from worker_runner.backends.fake import FakeBackend, FakeProgram, FakeSettings
 from worker_runner.client import WorkerApiClient
 from worker_runner.dispatcher import Runner, RunnerAlreadyRunning, runner_identity
@@ -43,6 +45,7 @@ def test_gpu_job_on_host_without_gpu(
     assert details == "the job needs a GPU but this worker has none"
     assert backend.requests == []
     assert api.statuses_of("q1") == ["error"]
+    assert api.outcome("q1") == {"failure": "system_error"}
     assert {p["gpus"] for p in api.pull_params} == {"0"}
     assert {p["gpu_mem"] for p in api.pull_params} == {"0"}
 
@@ -332,3 +335,50 @@ def test_long_poll_repolls_at_once_and_sleeps_when_ignored(
         with running(runner):
             time.sleep(0.5)
     assert 1 <= len(quick.pull_params) <= 2
+
+
+class CloudLikeBackend(FakeBackend):
+    """A backend that places jobs elsewhere, as a cloud scheduler does: no local
+    GPUs to pick, every job up to a per-job size, as many in flight as slots."""
+
+    def __init__(self, settings: FakeSettings, program: FakeProgram) -> None:
+        super().__init__(settings, default=program)
+        self.in_flight = 0
+        self._count_lock = threading.Lock()
+
+    def capacity(self) -> Capacity | None:
+        with self._count_lock:
+            free = self.settings.slots - self.in_flight
+        if free < 1:
+            return None
+        return Capacity(memory=self.settings.fake_memory, cpu_cores=4, limit=free)
+
+    def reserve(self, needs: HardwareSpec) -> Placement | None:
+        with self._count_lock:
+            if self.in_flight >= self.settings.slots:
+                return None
+            self.in_flight += 1
+        return Placement(memory=needs.memory or 1024, cpus=float(needs.cpu_cores or 1))
+
+    def release(self, placement: Placement) -> None:
+        with self._count_lock:
+            self.in_flight -= 1
+
+
+def test_a_backend_with_room_for_many_leases_many_in_one_pull(
+    api: FakeWorkerApi,
+    settings: WorkerSettings,
+    client: WorkerApiClient,
+    fake_settings: FakeSettings,
+) -> None:
+    fake_settings.slots = 3
+    backend = CloudLikeBackend(fake_settings, FakeProgram(duration=0.5))
+    for n in range(4):
+        api.enqueue(f"q{n}", job_spec(job_id=n))
+    with running(Runner(settings, client, backend)):
+        wait_for(lambda: all(api.final(f"q{n}") for n in range(4)))
+    assert api.pull_params[0]["limit"] == "3"
+    assert api.leased[:3] == ["q0", "q1", "q2"]
+    # The three ran together and were followed by the same polls.
+    assert max(backend.polls) == 3
+    assert {api.final(f"q{n}") for n in range(4)} == {("finished", None)}
