@@ -278,10 +278,9 @@ class Relay(Generic[M]):
                     )
                 else:
                     delay = 0.0
-                    with anyio.move_on_after(self._poll):
-                        await woken.wait()
+                    await _wait(woken, self._poll)
                     continue
-                await anyio.sleep(delay)
+                await asyncio.sleep(delay)
         finally:
             unregister()
 
@@ -304,28 +303,38 @@ class Relay(Generic[M]):
     async def _round(self) -> Round[M] | None:
         session = self._sessions()
         try:
-            claimed, cancelled = await _in_thread_to_the_end(self._claim, session)
-            if not claimed:
-                if cancelled is not None:
-                    raise cancelled
-                return None
-            batch = Round(claimed)
-            if cancelled is None:
-                try:
-                    await self.outbox.send(batch)
-                except asyncio.CancelledError as exc:
-                    cancelled = exc
-                except Exception as exc:  # an adapter's bug: keep the order, retry later
-                    logger.exception("%s: sending failed", self.outbox.name)
-                    if batch.failure is None and batch.unsent:
-                        batch.record(Failed(batch.unsent[0], f"{type(exc).__name__}: {exc}"))
-            _, also_cancelled = await _in_thread_to_the_end(self._settle, session, batch)
-            cancelled = cancelled or also_cancelled
-        finally:
-            await _in_thread_to_the_end(session.close)
+            batch, cancelled = await self._claim_send_settle(session)
+        except BaseException as exc:
+            _, stopping = await in_thread_to_the_end(session.close)
+            if stopping is not None and not isinstance(exc, asyncio.CancelledError):
+                raise stopping from exc  # stopping wins over a failed round
+            raise
+        _, stopping = await in_thread_to_the_end(session.close)
+        cancelled = cancelled or stopping
         if cancelled is not None:
             raise cancelled
         return batch
+
+    async def _claim_send_settle(
+        self, session: Session
+    ) -> tuple[Round[M] | None, asyncio.CancelledError | None]:
+        """One round; the cancellation that arrived meanwhile is returned, to be
+        raised once the session is closed."""
+        claimed, cancelled = await in_thread_to_the_end(self._claim, session)
+        if not claimed:
+            return None, cancelled
+        batch = Round(claimed)
+        if cancelled is None:
+            try:
+                await self.outbox.send(batch)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+            except Exception as exc:  # an adapter's bug: keep the order, retry later
+                logger.exception("%s: sending failed", self.outbox.name)
+                if batch.failure is None and batch.unsent:
+                    batch.record(Failed(batch.unsent[0], f"{type(exc).__name__}: {exc}"))
+        _, stopping = await in_thread_to_the_end(self._settle, session, batch)
+        return batch, cancelled or stopping
 
     # -- the database side of a round (in a worker thread) ---------------------------
 
@@ -360,7 +369,17 @@ class Relay(Generic[M]):
         session.commit()
 
 
-async def _in_thread_to_the_end(
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait until ``event`` is set, at most ``seconds``. (No timeout context: one
+    expiring just as the task is cancelled could swallow the cancellation.)"""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((waiter,), timeout=seconds)
+    finally:
+        waiter.cancel()
+
+
+async def in_thread_to_the_end(
     func: Callable[[*Ts], T], *args: *Ts
 ) -> tuple[T, asyncio.CancelledError | None]:
     """Run ``func(*args)`` in a worker thread and wait for it even through

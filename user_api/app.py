@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from labcloud.auth import TokenVerifier
 from labcloud.auth.local import LocalTokenIssuer, cognito_verifier
 from labcloud.db import create_db_engine, make_session_factory, migrate, unit_of_work
+from labcloud.outbox import Backoff, Relay
 from labcloud.settings import AuthMode, load_settings
 from labcloud.storage.factory import make_storage
 from labcloud.storage.signing import Audience, UrlSigner
@@ -27,9 +28,10 @@ from user_api.auth import service as auth_service
 from user_api.auth.endpoints import router as auth_router
 from user_api.catalog.endpoints import router as catalog_router
 from user_api.catalog.store import CatalogStore
-from user_api.clients.worker_api import WorkerApiForwarder
+from user_api.clients.worker_api import WorkerApiClient
 from user_api.files.endpoints import router as files_router
 from user_api.jobs.endpoints import router as jobs_router
+from user_api.jobs.outbox import WorkerApiOutbox
 from user_api.notifications.endpoints import router as notifications_router
 from user_api.notifications.sender import build_email_sender
 from user_api.settings import UserApiSettings
@@ -88,12 +90,13 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
                 )
         catalog_store = CatalogStore(settings.application_config_file)
         client = httpx.AsyncClient(base_url=settings.workerfacing_api_url, timeout=30)
-        forwarder = WorkerApiForwarder(
-            session_factory=sessions,
-            client=client,
-            internal_key=settings.internal_api_key_secret.get_secret_value(),
+        worker_outbox = Relay(
+            WorkerApiOutbox(
+                WorkerApiClient(client, settings.internal_api_key_secret.get_secret_value())
+            ),
+            sessions,
             poll_seconds=settings.forward_poll_seconds,
-            max_backoff_seconds=settings.forward_retry_max_seconds,
+            backoff=Backoff(first_seconds=0.2, max_seconds=settings.forward_retry_max_seconds),
         )
         app.state.settings = settings
         app.state.engine = engine
@@ -109,9 +112,8 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
             ),
         )
         app.state.catalog_store = catalog_store
-        app.state.forwarder = forwarder
         tasks = [
-            asyncio.create_task(forwarder.run(), name="worker-outbox"),
+            asyncio.create_task(worker_outbox.run(), name="worker-outbox"),
             asyncio.create_task(catalog_store.watch(), name="catalog-watcher"),
         ]
         if email_sender is not None:

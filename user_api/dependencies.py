@@ -36,7 +36,6 @@ from labcloud.web import (
 )
 from user_api.auth.service import AuthenticatedUser, resolve_caller
 from user_api.catalog.store import CatalogStore
-from user_api.clients.worker_api import WorkerApiForwarder
 from user_api.limits import default_limits
 from user_api.settings import UserApiSettings
 
@@ -83,14 +82,6 @@ async def get_catalog_store(request: Request) -> CatalogStore:
 
 
 CatalogStoreDep = Annotated[CatalogStore, Depends(get_catalog_store)]
-
-
-async def get_forwarder(request: Request) -> WorkerApiForwarder:
-    forwarder: WorkerApiForwarder = request.app.state.forwarder
-    return forwarder
-
-
-ForwarderDep = Annotated[WorkerApiForwarder, Depends(get_forwarder)]
 
 
 async def get_issuer(request: Request) -> LocalTokenIssuer:
@@ -225,7 +216,6 @@ __all__ = [
     "CurrentAdmin",
     "CurrentUser",
     "CurrentUserBeforeWrites",
-    "ForwarderDep",
     "InternalCaller",
     "IssuerDep",
     "OptionalCaller",

@@ -423,3 +423,23 @@ async def test_two_relays_on_one_postgresql_database_deliver_one_at_a_time_in_or
     assert received == bodies
     assert most_in_flight == 1
     assert all(each.settled > 0 for each in relays), [each.settled for each in relays]
+
+
+@pytest.mark.anyio
+async def test_a_relay_stops_whenever_it_is_cancelled(sessions: sessionmaker[Session]) -> None:
+    # The receiver fails at once and the back-off is short, so the relay goes
+    # through claims, sends, settlements, closes and sleeps all the time: a
+    # cancellation landing in any of them ends the task.
+    async def failing(body: str) -> str:
+        return "receiver down"
+
+    write(sessions, "stuck", wake=False)
+    for attempt in range(40):
+        task = asyncio.ensure_future(
+            relay(sessions, MessagesOutbox(failing), backoff=Backoff(0.001, 0.001)).run()
+        )
+        await asyncio.sleep(0.002 * (attempt % 10))
+        task.cancel()
+        done, _ = await asyncio.wait((task,), timeout=10)
+        assert done, f"attempt {attempt}: the relay did not stop"
+        assert task.cancelled()

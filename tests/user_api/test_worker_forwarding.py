@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,12 +20,10 @@ from sqlalchemy import select
 
 from labcloud.auth.local import generate_private_key_pem
 from labcloud.contract import INTERNAL_API_KEY_HEADER
-from labcloud.db import create_db_engine, make_session_factory
 from tests.user_api.conftest import TEST_CATALOG
 from tests.user_api.helpers import signup
 from tests.waiting import wait_for
 from user_api.app import create_app
-from user_api.jobs import repository
 from user_api.models import Job, WorkerOutbox
 from user_api.settings import UserApiSettings
 
@@ -273,16 +272,36 @@ def test_a_job_cancelled_before_its_enqueue_left_is_never_sent(
     assert worker_api.requests("DELETE") == []
 
 
+def test_a_job_is_handed_over_at_once_after_its_commit(
+    settings: UserApiSettings, worker_api: FakeWorkerApi
+) -> None:
+    # Polling only every minute: the commit of the submission wakes the relay.
+    slow_poll = settings.model_copy(update={"forward_poll_seconds": 60.0})
+    with TestClient(create_app(slow_poll)) as client:
+        headers = signup(client, "ada@example.org")
+        upload = client.post("/files/data/upload", files={"file": ("a.txt", b"x")}, headers=headers)
+        assert upload.status_code == 201, upload.text
+        time.sleep(0.2)  # the relay found the outbox empty and rests
+        started = time.monotonic()
+        job_id = submit(client, headers, "job-0")
+        wait_for(lambda: worker_api.enqueued() == [job_id], timeout=30)
+        assert time.monotonic() - started < 10  # far under the poll interval
+        assert client.post(f"/jobs/{job_id}/cancel", headers=headers).status_code == 200
+        [cancel] = wait_for(lambda: worker_api.requests("DELETE"), timeout=30)
+        assert cancel.path == f"/_jobs/{job_id}?discard_outputs=false"
+
+
 @pytest.mark.postgres
-def test_one_process_at_a_time_delivers_on_postgresql(postgres_database: str) -> None:
-    engine = create_db_engine(postgres_database)
-    sessions = make_session_factory(engine)
-    try:
-        with sessions() as holder, holder.begin():
-            assert repository.lock_outbox_delivery(holder)
-            with sessions() as other, other.begin():
-                assert not repository.lock_outbox_delivery(other)
-        with sessions() as later, later.begin():
-            assert repository.lock_outbox_delivery(later)  # released with the transaction
-    finally:
-        engine.dispose()
+def test_two_api_processes_hand_jobs_over_in_order(
+    settings: UserApiSettings, worker_api: FakeWorkerApi, postgres_database: str
+) -> None:
+    # Both relays share one PostgreSQL database; whichever holds the outbox's lock
+    # delivers, so jobs arrive in the order they were submitted.
+    shared = settings.model_copy(update={"database_url": postgres_database})
+    with TestClient(create_app(shared)) as first, TestClient(create_app(shared)) as second:
+        headers = signup(first, "ada@example.org")
+        upload = first.post("/files/data/upload", files={"file": ("a.txt", b"x")}, headers=headers)
+        assert upload.status_code == 201, upload.text
+        jobs = [submit(first if n % 2 else second, headers, f"job-{n}") for n in range(12)]
+        wait_for(lambda: not outbox(first))
+    assert worker_api.enqueued() == jobs

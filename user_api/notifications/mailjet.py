@@ -21,7 +21,7 @@ SENDER_NAME = "LabCloud"
 REQUEST_TIMEOUT_SECONDS = 30.0
 
 
-class Outcome(StrEnum):
+class SendOutcome(StrEnum):
     SENT = "sent"
     # Worth another try later: rate limit, server error, network trouble.
     RETRY = "retry"
@@ -39,10 +39,10 @@ class OutgoingEmail:
 
 
 @dataclass(frozen=True, slots=True)
-class Delivery:
+class SendResult:
     """The result of one attempt to hand an email to Mailjet."""
 
-    outcome: Outcome
+    outcome: SendOutcome
     reason: str = ""
     # Seconds the server asked us to wait (``Retry-After``), when it said so.
     retry_after: float | None = None
@@ -73,7 +73,7 @@ class MailjetTransport:
     def close(self) -> None:
         self._client.close()
 
-    def send(self, message: OutgoingEmail) -> Delivery:
+    def send(self, message: OutgoingEmail) -> SendResult:
         payload = {
             "Messages": [
                 {
@@ -90,19 +90,19 @@ class MailjetTransport:
             response = self._client.send.create(data=payload)
         except Exception as exc:  # mailjet-rest wraps every failure; classify them below
             return _classify_failure(exc)
-        return Delivery(Outcome.SENT, f"Mailjet answered {response.status_code}")
+        return SendResult(SendOutcome.SENT, f"Mailjet answered {response.status_code}")
 
 
-def _classify_failure(exc: Exception) -> Delivery:
+def _classify_failure(exc: Exception) -> SendResult:
     response = _response_of(exc)
     if response is None:
         # No answer at all (connection refused, timeout, DNS): transient.
-        return Delivery(Outcome.RETRY, f"{type(exc).__name__}: {exc}")
+        return SendResult(SendOutcome.RETRY, f"{type(exc).__name__}: {exc}")
     status = response.status_code
     reason = f"Mailjet answered {status}: {_error_text(response)}"
     if status == 429 or status >= 500 or status == 408:
-        return Delivery(Outcome.RETRY, reason, retry_after=parse_retry_after(response))
-    return Delivery(Outcome.REJECTED, reason)
+        return SendResult(SendOutcome.RETRY, reason, retry_after=parse_retry_after(response))
+    return SendResult(SendOutcome.REJECTED, reason)
 
 
 def _response_of(exc: BaseException) -> requests.Response | None:

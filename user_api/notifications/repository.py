@@ -1,11 +1,12 @@
 """SQL for the email outbox and the users' email preference.
 
 Rows move ``pending`` -> ``sent`` | ``failed`` through guarded updates: a process
-claims a due row by moving its ``next_attempt_at`` forward only if nobody else did
-since it was read, so several API processes never send the same email."""
+claims due rows by moving their ``next_attempt_at`` past a lease in one statement
+that only takes rows still due, so several API processes never send the same email."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -72,53 +73,48 @@ def set_email_notifications(session: Session, user_id: int, enabled: bool) -> No
     session.execute(update(User).where(User.id == user_id).values(email_notifications=enabled))
 
 
-def claim_next(
-    session: Session, *, now: datetime, lease_until: datetime, candidates: int
-) -> ClaimedEmail | None:
-    """Take the oldest due pending row, or None when nothing is due.
-
-    A few candidates are read at once so that losing the race for the first (to
-    another process) still yields work in the same transaction."""
-    due = session.execute(
-        select(EmailOutbox.id, EmailOutbox.next_attempt_at)
-        .where(EmailOutbox.status == EmailStatus.PENDING.value, EmailOutbox.next_attempt_at <= now)
-        .order_by(EmailOutbox.id)
-        .limit(candidates)
+def claim_due(
+    session: Session, *, now: datetime, lease_until: datetime, limit: int
+) -> list[ClaimedEmail]:
+    """Take the oldest ``limit`` due pending rows (oldest first) until ``lease_until``;
+    none when nothing is due. Rows another process leased meanwhile are no longer
+    due, so the guard in the update itself decides who gets them."""
+    outbox = EmailOutbox
+    is_due = (outbox.status == EmailStatus.PENDING.value, outbox.next_attempt_at <= now)
+    oldest = select(outbox.id).where(*is_due).order_by(outbox.id).limit(limit)
+    rows = session.execute(
+        update(outbox)
+        .where(outbox.id.in_(oldest.scalar_subquery()), *is_due)
+        .values(next_attempt_at=lease_until)
+        .returning(
+            outbox.id,
+            outbox.job_id,
+            outbox.recipient,
+            outbox.subject,
+            outbox.html,
+            outbox.text,
+            outbox.attempts,
+        )
+        .execution_options(synchronize_session=False)
     ).all()
-    for row_id, seen_due in due:
-        result = session.execute(
+    return sorted(
+        (ClaimedEmail(*row, lease_until=lease_until) for row in rows), key=lambda email: email.id
+    )
+
+
+def release(session: Session, emails: Sequence[ClaimedEmail], *, due_at: datetime) -> None:
+    """Let claimed rows go unsent: due again at ``due_at`` (not after their lease)."""
+    for email in emails:
+        session.execute(
             update(EmailOutbox)
             .where(
-                EmailOutbox.id == row_id,
+                EmailOutbox.id == email.id,
                 EmailOutbox.status == EmailStatus.PENDING.value,
-                EmailOutbox.next_attempt_at == seen_due,
+                EmailOutbox.next_attempt_at == email.lease_until,
             )
-            .values(next_attempt_at=lease_until)
+            .values(next_attempt_at=due_at)
             .execution_options(synchronize_session=False)
         )
-        if not result.rowcount:  # type: ignore[attr-defined]
-            continue
-        row = session.execute(
-            select(
-                EmailOutbox.job_id,
-                EmailOutbox.recipient,
-                EmailOutbox.subject,
-                EmailOutbox.html,
-                EmailOutbox.text,
-                EmailOutbox.attempts,
-            ).where(EmailOutbox.id == row_id)
-        ).one()
-        return ClaimedEmail(
-            id=row_id,
-            job_id=row.job_id,
-            recipient=row.recipient,
-            subject=row.subject,
-            html=row.html,
-            text=row.text,
-            attempts=row.attempts,
-            lease_until=lease_until,
-        )
-    return None
 
 
 def mark_sent(session: Session, email_id: int, *, at: datetime) -> None:

@@ -1,51 +1,175 @@
-"""The background task that sends queued completion emails.
+"""The email outbox: completion emails, delivered by the outbox relay
+(``labcloud.outbox.Relay``) under the name ``email_outbox``.
 
-Each pass claims one due row at a time (a guarded update moving its
-``next_attempt_at`` past a lease, see ``repository.claim_next``), sends it in a
-worker thread and records the result in its own transaction. Rows are in the
-database, so a restarted API sends what was pending; a sent row is never sent again.
-If a process dies between claiming and recording, the lease expires and another
-pass sends the email again: the only case where an email may arrive twice.
+A round claims the oldest due row (moving its ``next_attempt_at`` past a lease,
+``repository.claim_due``), sends it through the transport in a worker thread and
+records the result. Rows are in the database, so a restarted API sends what was
+pending; a sent row is never sent again. A send under way when the API stops is
+waited for and recorded; a row claimed but not sent is let go, due at once. If a
+process dies between sending and recording, the email is sent again (after the
+lease on SQLite; at once on PostgreSQL, where the round's transaction rolls back):
+the only case where an email may arrive twice.
+
+Each row keeps its own retry schedule (``backoff_delay``, ``Retry-After``) and
+gives up after the configured number of attempts; a refusal (bad credentials, a
+request Mailjet refuses) ends it at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from labcloud.db import unit_of_work, utcnow
-from labcloud.threads import run_to_completion
+from labcloud.db import utcnow
+from labcloud.outbox import (
+    Acknowledged,
+    Backoff,
+    Delivery,
+    Failed,
+    Rejected,
+    Relay,
+    Round,
+    in_thread_to_the_end,
+)
+from user_api.models import EmailOutbox
 from user_api.notifications import repository
-from user_api.notifications.mailjet import Delivery, MailjetTransport, Outcome, OutgoingEmail
+from user_api.notifications.mailjet import (
+    MailjetTransport,
+    OutgoingEmail,
+    SendOutcome,
+    SendResult,
+)
 from user_api.notifications.repository import ClaimedEmail
 from user_api.notifications.service import CompletionEmails, enable_completion_emails
 from user_api.settings import EmailSenderService, UserApiSettings
 
 logger = logging.getLogger(__name__)
 
+NAME = EmailOutbox.__tablename__
 # First retry delay; it doubles with each failed attempt up to the configured cap.
 BASE_RETRY_SECONDS = 30.0
-# Rows read per claim: enough to find one that another process did not take first.
-CLAIM_CANDIDATES = 5
+# Rows claimed per round. One: an email is recorded right after it is sent, which
+# keeps the window in which a dying process makes an email arrive twice as short
+# as one send.
+BATCH_SIZE = 1
 
 
 class MailTransport(Protocol):
     """Hands one email to a provider (blocking)."""
 
-    def send(self, message: OutgoingEmail) -> Delivery: ...
+    def send(self, message: OutgoingEmail) -> SendResult: ...
 
     def close(self) -> None: ...
 
 
+class CompletionEmailOutbox:
+    """The email outbox's side of its relay (``labcloud.outbox.Outbox``)."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        transport: MailTransport,
+        *,
+        max_attempts: int,
+        retry_max_seconds: float,
+        lease_seconds: float = 120.0,
+        base_retry_seconds: float = BASE_RETRY_SECONDS,
+        jitter: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self._transport = transport
+        self._max_attempts = max_attempts
+        self._retry_max = retry_max_seconds
+        self._lease = timedelta(seconds=lease_seconds)
+        self._base_retry = base_retry_seconds
+        self._jitter = jitter
+
+    def claim(self, session: Session) -> list[ClaimedEmail]:
+        now = utcnow()
+        return repository.claim_due(
+            session, now=now, lease_until=now + self._lease, limit=BATCH_SIZE
+        )
+
+    async def send(self, batch: Round[ClaimedEmail]) -> None:
+        for email in batch.claimed:
+            message = OutgoingEmail(
+                job_id=email.job_id,
+                recipient=email.recipient,
+                subject=email.subject,
+                html=email.html,
+                text=email.text,
+            )
+            # A send cannot be taken back: when the API stops meanwhile, it is
+            # waited for and recorded, so that it is not sent again after the restart.
+            delivery, stopping = await in_thread_to_the_end(self._transport.send, message)
+            result = self._judge(email, delivery)
+            batch.record(result)
+            if stopping is not None:
+                raise stopping
+            if isinstance(result, Failed):
+                return
+
+    def _judge(self, email: ClaimedEmail, delivery: SendResult) -> Delivery[ClaimedEmail]:
+        if delivery.outcome is SendOutcome.SENT:
+            return Acknowledged(email)
+        if delivery.outcome is SendOutcome.REJECTED:
+            logger.error(
+                "job %s: completion email to %s rejected, not retried: %s",
+                email.job_id,
+                email.recipient,
+                delivery.reason,
+            )
+            return Rejected(email, delivery.reason)
+        attempt = email.attempts + 1
+        if attempt >= self._max_attempts:
+            logger.error(
+                "job %s: completion email to %s given up after %d attempts: %s",
+                email.job_id,
+                email.recipient,
+                attempt,
+                delivery.reason,
+            )
+            return Rejected(email, delivery.reason)
+        return Failed(email, delivery.reason, retry_after=delivery.retry_after)
+
+    def settle(self, session: Session, batch: Round[ClaimedEmail]) -> None:
+        now = utcnow()
+        for email in batch.acknowledged:
+            repository.mark_sent(session, email.id, at=now)
+            logger.info("job %s: completion email sent to %s", email.job_id, email.recipient)
+        for rejected in batch.rejected:
+            repository.mark_failed(session, rejected.message.id, error=rejected.reason)
+        if batch.failure is not None:
+            email = batch.failure.message
+            attempt = email.attempts + 1
+            delay = backoff_delay(
+                attempt,
+                batch.failure.retry_after,
+                base=self._base_retry,
+                cap=self._retry_max,
+                jitter=self._jitter,
+            )
+            repository.reschedule(
+                session, email.id, at=now + timedelta(seconds=delay), error=batch.failure.reason
+            )
+            logger.warning(
+                "job %s: completion email not sent (attempt %d of %d: %s); retrying in %.1f s",
+                email.job_id,
+                attempt,
+                self._max_attempts,
+                batch.failure.reason,
+                delay,
+            )
+        repository.release(session, batch.unsent, due_at=now)
+
+
 class EmailSender:
-    """Sends due outbox rows until cancelled."""
+    """The relay of the email outbox; closes the transport when it stops."""
 
     def __init__(
         self,
@@ -59,110 +183,29 @@ class EmailSender:
         base_retry_seconds: float = BASE_RETRY_SECONDS,
         jitter: Callable[[float, float], float] = random.uniform,
     ) -> None:
-        self._sessions = session_factory
         self._transport = transport
-        self._poll = poll_seconds
-        self._max_attempts = max_attempts
-        self._retry_max = retry_max_seconds
-        self._lease = timedelta(seconds=lease_seconds)
-        self._base_retry = base_retry_seconds
-        self._jitter = jitter
+        self.relay = Relay(
+            CompletionEmailOutbox(
+                transport,
+                max_attempts=max_attempts,
+                retry_max_seconds=retry_max_seconds,
+                lease_seconds=lease_seconds,
+                base_retry_seconds=base_retry_seconds,
+                jitter=jitter,
+            ),
+            session_factory,
+            poll_seconds=poll_seconds,
+            # Each row keeps its own schedule; while Mailjet fails, the next due
+            # email is tried after at most one poll interval, as when idle.
+            backoff=Backoff(first_seconds=min(0.1, poll_seconds), max_seconds=poll_seconds),
+        )
 
     async def run(self) -> None:
-        """Send forever (until cancelled); a database outage only delays sending."""
+        """Send until cancelled; a database or Mailjet outage only delays sending."""
         try:
-            while True:
-                try:
-                    while await self.send_next():
-                        pass
-                except SQLAlchemyError as exc:
-                    logger.warning("email outbox unavailable (%s); retrying", exc)
-                except Exception:  # the task must outlive any one bad pass
-                    logger.exception("email sender: unexpected error; retrying")
-                await asyncio.sleep(self._poll)
+            await self.relay.run()
         finally:
             self._transport.close()
-
-    async def send_next(self) -> bool:
-        """Send one due email; False when none is due."""
-        # Claiming, sending and recording the result are one step that a
-        # cancellation (the API shutting down) waits for: an email handed to Mailjet
-        # is then always recorded as sent and not sent again after the restart, and
-        # one claimed just before the shutdown is not left claimed, unsent, for the
-        # whole lease (the restarted API would wait that long to send it).
-        return await run_to_completion(self._claim_and_deliver)
-
-    def _claim_and_deliver(self) -> bool:
-        claimed = self._claim()
-        if claimed is None:
-            return False
-        self._deliver(claimed)
-        return True
-
-    def _deliver(self, email: ClaimedEmail) -> None:
-        delivery = self._transport.send(
-            OutgoingEmail(
-                job_id=email.job_id,
-                recipient=email.recipient,
-                subject=email.subject,
-                html=email.html,
-                text=email.text,
-            )
-        )
-        self._record(email, delivery)
-
-    def _claim(self) -> ClaimedEmail | None:
-        now = utcnow()
-        with unit_of_work(self._sessions) as session:
-            return repository.claim_next(
-                session, now=now, lease_until=now + self._lease, candidates=CLAIM_CANDIDATES
-            )
-
-    def _record(self, email: ClaimedEmail, delivery: Delivery) -> None:
-        attempt = email.attempts + 1
-        with unit_of_work(self._sessions) as session:
-            if delivery.outcome is Outcome.SENT:
-                repository.mark_sent(session, email.id, at=utcnow())
-                logger.info("job %s: completion email sent to %s", email.job_id, email.recipient)
-            elif delivery.outcome is Outcome.REJECTED:
-                repository.mark_failed(session, email.id, error=delivery.reason)
-                logger.error(
-                    "job %s: completion email to %s rejected, not retried: %s",
-                    email.job_id,
-                    email.recipient,
-                    delivery.reason,
-                )
-            elif attempt >= self._max_attempts:
-                repository.mark_failed(session, email.id, error=delivery.reason)
-                logger.error(
-                    "job %s: completion email to %s given up after %d attempts: %s",
-                    email.job_id,
-                    email.recipient,
-                    attempt,
-                    delivery.reason,
-                )
-            else:
-                delay = backoff_delay(
-                    attempt,
-                    delivery.retry_after,
-                    base=self._base_retry,
-                    cap=self._retry_max,
-                    jitter=self._jitter,
-                )
-                repository.reschedule(
-                    session,
-                    email.id,
-                    at=utcnow() + timedelta(seconds=delay),
-                    error=delivery.reason,
-                )
-                logger.warning(
-                    "job %s: completion email not sent (attempt %d of %d: %s); retrying in %.1f s",
-                    email.job_id,
-                    attempt,
-                    self._max_attempts,
-                    delivery.reason,
-                    delay,
-                )
 
 
 def backoff_delay(
