@@ -1,7 +1,8 @@
-"""HTTP glue for storage: stream a file or a zipped folder out, store an upload in.
+"""HTTP glue for storage: stream a file or a zipped folder out.
 
-Used by both APIs' download and upload routes, including the signed ones. The
-functions block (file system, network); call them from sync endpoints.
+Used by both APIs' download routes, including the signed ones. (Uploads are written
+by ``labcloud.storage.quota.write_files_within_limit``, within the owner's limit.)
+The functions block (file system, network); call them from sync endpoints.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from pathlib import PurePosixPath
 from typing import BinaryIO
 from urllib.parse import quote
 
-from fastapi import UploadFile
 from starlette.responses import FileResponse, Response, StreamingResponse
 
-from labcloud.errors import Conflict, NotFound
-from labcloud.storage.base import CHUNK_SIZE, Entry, EntryType, Storage
+from labcloud.errors import NotFound
+from labcloud.storage.base import CHUNK_SIZE, EntryType, Storage
 from labcloud.storage.zipstream import zip_stream
 
 
@@ -61,13 +61,3 @@ def download_response(storage: Storage, key: str, *, filename: str | None = None
             "Content-Length": str(entry.size),
         },
     )
-
-
-def store_upload(storage: Storage, key: str, upload: UploadFile) -> Entry:
-    """Write an uploaded file (already spooled to disk by the form parser) to
-    ``key``, replacing a file there but never a folder."""
-    existing = storage.stat(key)
-    if existing is not None and existing.type is EntryType.DIRECTORY:
-        raise Conflict(f"{key!r} is a folder; a file cannot replace it")
-    upload.file.seek(0)
-    return storage.write(key, upload.file)

@@ -14,13 +14,12 @@ from typing import Any, BinaryIO
 import anyio
 import httpx
 import pytest
-from fastapi import FastAPI, UploadFile
+from fastapi import FastAPI
 from starlette.responses import Response
 
-from labcloud.errors import Conflict, LabCloudError, NotFound
+from labcloud.errors import LabCloudError, NotFound
 from labcloud.storage import zipstream
-from labcloud.storage.base import Entry, EntryType
-from labcloud.storage.http import content_disposition, download_response, store_upload
+from labcloud.storage.http import content_disposition, download_response
 from labcloud.storage.local import LocalStorage
 from labcloud.storage.zipstream import zip_stream
 from labcloud.web import install_error_handlers
@@ -257,9 +256,6 @@ class Client:
     def get(self, url: str) -> httpx.Response:
         return self.request("GET", url)
 
-    def post(self, url: str, **kwargs: object) -> httpx.Response:
-        return self.request("POST", url, **kwargs)
-
 
 def make_client(storage: LocalStorage) -> Client:
     app = FastAPI()
@@ -268,11 +264,6 @@ def make_client(storage: LocalStorage) -> Client:
     @app.get("/get/{key:path}")
     def get(key: str) -> Response:
         return download_response(storage, key)
-
-    @app.post("/put/{key:path}", status_code=201)
-    def post(key: str, file: UploadFile) -> dict[str, object]:
-        entry = store_upload(storage, key, file)
-        return {"key": entry.key, "size": entry.size}
 
     return Client(app)
 
@@ -306,17 +297,6 @@ def test_download_response_filename_override(storage: LocalStorage) -> None:
     assert response.headers["content-disposition"] == 'attachment; filename="other.txt"'
     with pytest.raises(LabCloudError):
         download_response(storage, "u1/data/none")
-
-
-def test_store_upload(storage: LocalStorage) -> None:
-    client = make_client(storage)
-    created = client.post("/put/u1/output/job/r.txt", files={"file": ("r.txt", b"result")})
-    assert created.status_code == 201
-    assert created.json() == {"key": "u1/output/job/r.txt", "size": 6}
-    assert storage.stat("u1/output/job/r.txt") == Entry("u1/output/job/r.txt", EntryType.FILE, 6)
-    refused = client.post("/put/u1/output/job", files={"file": ("r.txt", b"result")})
-    assert refused.status_code == Conflict.status_code
-    assert "is a folder" in refused.json()["detail"]
 
 
 def test_content_disposition_quotes_odd_names() -> None:
