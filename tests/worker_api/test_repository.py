@@ -427,7 +427,8 @@ def test_reports_move_exactly_as_the_transition_table_allows(
         (Cause.REPORT, JobStatus.RUNNING, {"worker": "w1"}),
         (Cause.CANCEL, JobStatus.ERROR, {}),
         (Cause.LOST, JobStatus.QUEUED, {"worker": "w1"}),
-        (Cause.REQUEUE, JobStatus.PULLED, {"lease_until": utcnow()}),
+        (Cause.REQUEUE, JobStatus.PULLED, {"claimed_until": utcnow(), "lease_until": utcnow()}),
+        (Cause.REQUEUE, JobStatus.QUEUED, {}),
     ],
 )
 def test_a_cause_takes_only_its_own_moves(

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.contract import Environment, FailureKind, JobStatus, Outcome
@@ -259,6 +259,36 @@ def test_status_changes_wake_the_relay_once_committed(
     assert cancel(factory, 1)  # the user API cancelled: it knows
     assert status_wakes.count == 1
     assert outbox(factory) == [(1, "pulled", None)]
+
+
+def test_a_report_that_ends_the_job_costs_three_statements(factory: sessionmaker[Session]) -> None:
+    """The keep-alive's guarded renewal (which finds another status), the guarded
+    move, the outbox row: no read in between."""
+    queue_id = leased_queue_id(factory)
+    statements: list[str] = []
+
+    def count(_connection: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement.split()[0].upper())
+
+    engine = factory.kw["bind"]
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with unit_of_work(factory) as session:
+            session.connection()  # the transaction's own BEGIN is not a statement of the report
+            statements.clear()
+            service.report_status(
+                session,
+                queue_id,
+                policy=POLICY,
+                worker="w1",
+                status=JobStatus.FINISHED,
+                runtime_details="exit 0",
+                outcome=Outcome(exit_code=0),
+            )
+            reported = list(statements)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert reported == ["UPDATE", "UPDATE", "INSERT"]
 
 
 def test_phases_may_be_skipped(factory: sessionmaker[Session]) -> None:

@@ -134,7 +134,9 @@ def transition(
 
     ``outcome`` goes to the user API with a terminal status (ignored otherwise),
     its ``attempt`` set to the number of leases the job has had."""
-    _check_arguments(cause, target, worker=worker, lease_until=lease_until)
+    _check_arguments(
+        cause, target, worker=worker, lease_until=lease_until, claimed_until=claimed_until
+    )
     if isinstance(ref, Selection):
         ref_kind: Shape = ("selection", ref.shape)
         parameters: dict[str, Any] = dict(ref.parameters)
@@ -161,10 +163,17 @@ def transition(
 
 
 def _check_arguments(
-    cause: Cause, target: JobStatus, *, worker: str | None, lease_until: datetime | None
+    cause: Cause,
+    target: JobStatus,
+    *,
+    worker: str | None,
+    lease_until: datetime | None,
+    claimed_until: datetime | None,
 ) -> None:
     if cause in (Cause.LEASE, Cause.REPORT, Cause.LOST) and worker is None:
         raise ValueError(f"a {cause} names its worker")
+    if cause is Cause.REQUEUE and claimed_until is None:
+        raise ValueError(f"a {cause} names the hold of the pass that took the job back")
     if (cause is Cause.LEASE or target in LEASED_STATUSES) and lease_until is None:
         raise ValueError(f"a {cause} to {target} needs the lease's end")
     expected = {
