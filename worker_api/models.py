@@ -75,7 +75,7 @@ class QueuedJob(Base):
     ``log_upload_until`` is set when a running job is cancelled with its outputs
     kept: until then its last worker may still upload the job's log.
 
-    Indexes (see ``worker_api.queue.repository`` for the plans they give):
+    Indexes (see ``worker_api.queue.lease`` for the plans they give):
     ``ix_queued_jobs_pull`` holds only queued rows, in pull order per environment,
     so a pull reads the head of the line however many finished jobs accumulate,
     and their hardware requirements, so that it passes over jobs needing more than
