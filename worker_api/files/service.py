@@ -34,7 +34,7 @@ from labcloud.storage import Entry, Storage, check_key, child_key, normalise_pat
 from labcloud.storage.quota import write_files_within_limit
 from labcloud.storage.uploads import IncomingFile, check_file_target, folder_upload_keys
 from worker_api.clients.accounts import AccountChecker
-from worker_api.queue.repository import QueueRepository
+from worker_api.queue import repository
 from worker_api.queue.service import JobNotFound
 
 # How far a job's log may go beyond its owner's storage limit: the log of a job
@@ -64,12 +64,11 @@ def upload_target(
     ``base_path`` must stay inside. Raises ``JobNotFound``.
 
     After a cancellation that keeps the job's outputs, its last worker may still
-    upload the job's log for a short grace (``QueueService.cancel``)."""
-    repository = QueueRepository(session)
-    job = repository.leased_to(queue_id, worker)
+    upload the job's log for a short grace (``worker_api.queue.service.cancel``)."""
+    job = repository.leased_to(session, queue_id, worker)
     grace_until: datetime | None = None
     if job is None and kind is OutputKind.LOG:
-        job = repository.log_upload_allowed(queue_id, worker, now=utcnow())
+        job = repository.log_upload_allowed(session, queue_id, worker, now=utcnow())
         grace_until = job.log_upload_until if job is not None else None
     if job is None:
         raise JobNotFound(f"job {queue_id} not found or not held by worker {worker}")
@@ -108,7 +107,7 @@ def upload_request(
 def input_key(session: Session, uri: str, *, worker: str) -> str:
     """``uri`` as a storage key, if it is an input of a job ``worker`` holds.
     Raises ``InputNotHeld``."""
-    for job in QueueRepository(session).jobs_leased_to(worker):
+    for job in repository.jobs_leased_to(session, worker):
         if uri in job.spec.get("handler", {}).get("files_down", {}).values():
             return check_key(uri)
     raise InputNotHeld(f"{uri!r} is not an input of a job held by worker {worker}")
