@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 BUSY_WAIT_S = 2.0
 # How long shutdown waits for jobs to be handed back after the grace ended.
 HAND_BACK_JOIN_S = 30.0
+# The most jobs the worker API leases in one pull (its ``limit`` bound).
+MAX_PULL_LIMIT = 100
 
 
 class RunnerAlreadyRunning(RunnerError):
@@ -232,9 +234,10 @@ class Runner:
             wait = self._settings.wait
             if self._running_jobs():
                 wait = min(wait, BUSY_WAIT_S)
+            limit = min(capacity.limit, MAX_PULL_LIMIT)
             polled_at = time.monotonic()
             try:
-                jobs = self._client.pull_jobs(capacity.query(), limit=capacity.limit, wait=wait)
+                jobs = self._client.pull_jobs(capacity.query(), limit=limit, wait=wait)
             except WorkerApiError as exc:
                 logger.warning("pull failed: %s", exc.message)
                 stop.wait(self._settings.timeout_job)
@@ -254,9 +257,9 @@ class Runner:
                 for queue_id, _ in items:
                     self._hand_back_unstarted(queue_id, "the worker is shutting down")
                 break
-            for queue_id, _ in items[capacity.limit :]:
+            for queue_id, _ in items[limit:]:
                 self._hand_back_unstarted(queue_id, "the pull returned more than asked")
-            for queue_id, raw in items[: capacity.limit]:
+            for queue_id, raw in items[:limit]:
                 try:
                     self._start(queue_id, raw)
                 except Exception:
