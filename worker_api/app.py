@@ -8,12 +8,12 @@
   it after start-up
 - ``storage`` (``Storage``), whose signed URLs (local storage) name this API
 - ``queue_policy`` (``QueuePolicy``), ``queue_signals`` (``QueueSignals``)
-- ``job_wakeup``, ``status_wakeup`` (``Wakeup``): a job was enqueued / a status
-  change awaits delivery
+- ``job_wakeup`` (``Wakeup``): a job was enqueued (status changes wake their relay
+  through ``labcloud.outbox``)
 - ``puller`` (``JobPuller``): long-polling pulls
-- ``http_client`` (``httpx.AsyncClient``), ``status_forwarder`` (``StatusForwarder``)
+- ``http_client`` (``httpx.AsyncClient``), ``status_relay`` (the status outbox's ``Relay``)
 - ``account_checker`` (``AccountChecker``): is a worker's account still active?
-- ``background_tasks``: the reaper and the status forwarder
+- ``background_tasks``: the reaper and the status relay
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,21 +33,21 @@ from fastapi import FastAPI
 from labcloud.auth import TokenVerifier
 from labcloud.auth.local import cognito_verifier, local_jwks_verifier
 from labcloud.db import create_db_engine, make_session_factory, migrate
-from labcloud.outbox import register_waker
+from labcloud.outbox import Backoff, Relay
 from labcloud.settings import AuthMode
 from labcloud.storage import Audience, LocalTransfers, UrlSigner, make_storage
 from labcloud.web import install_error_handlers, install_request_guards
 from worker_api.clients.accounts import AccountChecker
-from worker_api.clients.user_api import StatusForwarder
+from worker_api.clients.user_api import UserApiClient
 from worker_api.dependencies import SessionDep
 from worker_api.files.endpoints import router as files_router
 from worker_api.queue import service as queue_service
 from worker_api.queue.endpoints import internal_router
 from worker_api.queue.endpoints import router as queue_router
-from worker_api.queue.lifecycle import STATUS_OUTBOX
 from worker_api.queue.policy import QueuePolicy, QueueSignals
 from worker_api.queue.reaper import run_reaper
 from worker_api.queue.service import JobPuller, Wakeup
+from worker_api.queue.status_relay import UserApiStatusOutbox
 from worker_api.settings import WorkerApiSettings
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -89,7 +89,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool_timeout=settings.db_pool_timeout,
     )
     tasks: list[asyncio.Task[None]] = []
-    unregister_wakers: list[Callable[[], None]] = []
     app.state.account_checker = account_checker = AccountChecker(
         user_api_url=settings.userfacing_api_url,
         api_key=settings.internal_api_key_secret.get_secret_value(),
@@ -99,8 +98,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         await anyio.to_thread.run_sync(migrate, engine, MIGRATIONS)
         factory = make_session_factory(engine)
-        job_wakeup, status_wakeup = Wakeup(), Wakeup()
-        unregister_wakers.append(register_waker(STATUS_OUTBOX, status_wakeup.notify))
+        job_wakeup = Wakeup()
         policy = QueuePolicy(
             lease_seconds=settings.timeout_failure,
             max_retries=settings.max_retries,
@@ -123,20 +121,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.queue_policy = policy
         state.queue_signals = signals
         state.job_wakeup = job_wakeup
-        state.status_wakeup = status_wakeup
         state.puller = JobPuller(factory, policy, job_wakeup)
         async with httpx.AsyncClient(
             timeout=settings.status_forward_timeout_seconds
         ) as http_client:
             state.http_client = http_client
-            state.status_forwarder = StatusForwarder(
-                factory=factory,
-                client=http_client,
+            user_api = UserApiClient(
+                http_client,
                 user_api_url=settings.userfacing_api_url,
                 api_key=settings.internal_api_key_secret.get_secret_value(),
-                wakeup=status_wakeup,
+            )
+            state.status_relay = Relay(
+                UserApiStatusOutbox(user_api),
+                factory,
                 poll_seconds=settings.status_forward_poll_seconds,
-                retry_max_seconds=settings.status_forward_retry_max_seconds,
+                backoff=Backoff(
+                    first_seconds=0.1, max_seconds=settings.status_forward_retry_max_seconds
+                ),
             )
             tasks.append(
                 asyncio.create_task(
@@ -151,17 +152,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 )
             )
             tasks.append(
-                asyncio.create_task(
-                    state.status_forwarder.run(), name="worker_api status forwarder"
-                )
+                asyncio.create_task(state.status_relay.run(), name="worker_api status relay")
             )
             state.background_tasks = tasks
             yield
             await _stop(tasks)
     finally:
         await _stop(tasks)
-        for unregister in unregister_wakers:
-            unregister()
         account_checker.close()
         engine.dispose()
 

@@ -1,11 +1,10 @@
 """Queue rules on SQLite and PostgreSQL: status reports (keep-alive, transitions,
 hand-back, refusals, outcomes), the outbox rows they write, wake-ups after commit,
-reaping, the long-polling pull and the delivery of the outbox to the user API."""
+reaping, the long-polling pull."""
 
 from __future__ import annotations
 
 import io
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import httpx
 import pytest
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,7 +23,6 @@ from labcloud.db import unit_of_work, utcnow
 from labcloud.outbox import register_waker
 from labcloud.storage import LocalStorage, Storage
 from tests.worker_api.conftest import queue_job
-from worker_api.clients.user_api import StatusForwarder
 from worker_api.models import QueuedJob, StatusOutbox
 from worker_api.queue import service
 from worker_api.queue.lifecycle import STATUS_OUTBOX
@@ -598,126 +595,3 @@ async def test_long_poll_stops_when_the_caller_hung_up(factory: sessionmaker[Ses
     started = time.monotonic()
     assert await puller.pull(WORKER, limit=1, older_than=0, wait=10, caller_gone=gone) == []
     assert time.monotonic() - started < 2
-
-
-# -- delivery of the outbox ------------------------------------------------------------
-
-
-def _forwarder(
-    factory: sessionmaker[Session], handler: Callable[[httpx.Request], httpx.Response]
-) -> tuple[StatusForwarder, httpx.AsyncClient]:
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    forwarder = StatusForwarder(
-        factory=factory,
-        client=client,
-        user_api_url="http://user-api/",
-        api_key="k" * 20,
-        wakeup=Wakeup(),
-        poll_seconds=0.05,
-        retry_max_seconds=0.05,
-    )
-    return forwarder, client
-
-
-@pytest.mark.anyio
-async def test_forwarder_delivers_in_order_and_retries(factory: sessionmaker[Session]) -> None:
-    queue_id = leased_queue_id(factory)
-    report(factory, queue_id, JobStatus.RUNNING)
-    report(factory, queue_id, JobStatus.ERROR, details="boom")
-    answers = [503, 500]
-    seen: list[tuple[str, str, dict[str, object]]] = []
-
-    def user_api(request: httpx.Request) -> httpx.Response:
-        import json
-
-        seen.append((request.method, str(request.url), json.loads(request.content)))
-        assert request.headers["x-api-key"] == "k" * 20
-        if answers:
-            return httpx.Response(answers.pop(0))
-        return httpx.Response(204)
-
-    forwarder, client = _forwarder(factory, user_api)
-    async with client, anyio.create_task_group() as tasks:
-        tasks.start_soon(forwarder.run)
-        await eventually(lambda: not outbox(factory))
-        tasks.cancel_scope.cancel()
-    delivered = [body["status"] for _m, _u, body in seen]
-    # Each failure was retried with the same (first) row: order is kept.
-    assert delivered == ["pulled", "pulled", "pulled", "running", "error"]
-    assert seen[-1] == (
-        "PUT",
-        "http://user-api/_job_status",
-        {"job_id": 1, "status": "error", "runtime_details": "boom", "outcome": None},
-    )
-
-
-@pytest.mark.anyio
-async def test_forwarder_keeps_rows_until_acknowledged(factory: sessionmaker[Session]) -> None:
-    leased_queue_id(factory)
-
-    def down(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
-
-    forwarder, client = _forwarder(factory, down)
-    async with client:
-        with pytest.raises(Exception, match="cannot reach the user API"):
-            await forwarder.deliver_pending()
-    assert outbox(factory) == [(1, "pulled", None)]
-
-    # A job deleted on the user API answers 404: nothing left to tell, the row goes.
-    forwarder, client = _forwarder(factory, lambda _request: httpx.Response(404))
-    async with client:
-        assert await forwarder.deliver_pending() == 1
-    assert outbox(factory) == []
-
-
-@pytest.mark.anyio
-@pytest.mark.postgres
-async def test_forwarders_of_several_processes_deliver_each_row_once_in_order(
-    postgres_factory: sessionmaker[Session],
-) -> None:
-    # Three worker API processes share the database; the user API is slow, so
-    # their deliveries overlap. Every change arrives once, each job's in order.
-    factory = postgres_factory
-    for job_id in range(1, 6):
-        queue_id = leased_queue_id(factory, job_id)
-        report(factory, queue_id, JobStatus.PREPROCESSING)
-        report(factory, queue_id, JobStatus.RUNNING)
-        report(factory, queue_id, JobStatus.FINISHED)
-    received: list[tuple[int, str]] = []
-
-    async def slow_user_api(request: httpx.Request) -> httpx.Response:
-        await anyio.sleep(0.01)
-        body = json.loads(request.content)
-        received.append((body["job_id"], body["status"]))
-        return httpx.Response(204)
-
-    clients = [httpx.AsyncClient(transport=httpx.MockTransport(slow_user_api)) for _ in range(3)]
-    forwarders = [
-        StatusForwarder(
-            factory=factory,
-            client=client,
-            user_api_url="http://user-api",
-            api_key="k" * 20,
-            wakeup=Wakeup(),
-            poll_seconds=0.01,
-            retry_max_seconds=0.05,
-        )
-        for client in clients
-    ]
-    async with anyio.create_task_group() as tasks:
-        for forwarder in forwarders:
-            tasks.start_soon(forwarder.run)
-        await eventually(lambda: not outbox(factory))
-        await anyio.sleep(0.1)
-        tasks.cancel_scope.cancel()
-    for client in clients:
-        await client.aclose()
-    assert len(received) == 20
-    for job_id in range(1, 6):
-        assert [status for job, status in received if job == job_id] == [
-            "pulled",
-            "preprocessing",
-            "running",
-            "finished",
-        ]
