@@ -2,7 +2,8 @@
 of held jobs only, uploads into folders as DECODE's worker sends them, the storage's
 transfer requests (local storage's signed URLs, redeemed at ``/_signed/{token}``:
 once, while their owner is active, within the size they allow) and the owner's
-storage limit, against a stand-in user API on loopback."""
+storage limit, against a stand-in user API on loopback; the queue database on
+SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
+from labcloud.db import create_db_engine
 from labcloud.storage import LocalStorage
 from tests.worker_api.conftest import FakeUserApi, queue_job
 from worker_api.app import create_app
@@ -24,8 +27,25 @@ INTERNAL = {"x-api-key": KEY}
 ClientFactory = Callable[..., TestClient]
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def queue_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh SQLite file, or the session's PostgreSQL queue database emptied."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'queue.db'}"
+    url: str = request.getfixturevalue("queue_postgres_url")
+    engine = create_db_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            text("TRUNCATE queued_jobs, status_outbox, used_upload_tokens RESTART IDENTITY")
+        )
+    engine.dispose()
+    return url
+
+
 @pytest.fixture
-def make_client(tmp_path: Path, fake_user_api: FakeUserApi) -> Iterator[ClientFactory]:
+def make_client(
+    tmp_path: Path, fake_user_api: FakeUserApi, queue_db_url: str
+) -> Iterator[ClientFactory]:
     """Start the app (lifespan included) with test settings and ``overrides``."""
     clients: list[TestClient] = []
 
@@ -33,7 +53,7 @@ def make_client(tmp_path: Path, fake_user_api: FakeUserApi) -> Iterator[ClientFa
         values: dict[str, Any] = {
             "internal_api_key_secret": KEY,
             "userfacing_api_url": fake_user_api.url,
-            "queue_db_url": f"sqlite:///{tmp_path / 'queue.db'}",
+            "queue_db_url": queue_db_url,
             "user_data_root_path": tmp_path / "data",
             "public_url": "http://testserver",
             "status_forward_poll_seconds": 0.05,
