@@ -26,12 +26,13 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, TypeVarTuple
+from typing import Any, Generic, Protocol, TypeVar
 
-import anyio
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+
+from labcloud.threads import run_to_the_end
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,6 @@ def _forget_after_rollback(session: Session) -> None:
 # -- the relay engine ------------------------------------------------------------------
 
 M = TypeVar("M")
-T = TypeVar("T")
-Ts = TypeVarTuple("Ts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,11 +304,11 @@ class Relay(Generic[M]):
         try:
             batch, cancelled = await self._claim_send_settle(session)
         except BaseException as exc:
-            _, stopping = await in_thread_to_the_end(session.close)
+            _, stopping = await run_to_the_end(session.close)
             if stopping is not None and not isinstance(exc, asyncio.CancelledError):
                 raise stopping from exc  # stopping wins over a failed round
             raise
-        _, stopping = await in_thread_to_the_end(session.close)
+        _, stopping = await run_to_the_end(session.close)
         cancelled = cancelled or stopping
         if cancelled is not None:
             raise cancelled
@@ -320,7 +319,7 @@ class Relay(Generic[M]):
     ) -> tuple[Round[M] | None, asyncio.CancelledError | None]:
         """One round; the cancellation that arrived meanwhile is returned, to be
         raised once the session is closed."""
-        claimed, cancelled = await in_thread_to_the_end(self._claim, session)
+        claimed, cancelled = await run_to_the_end(self._claim, session)
         if not claimed:
             return None, cancelled
         batch = Round(claimed)
@@ -333,7 +332,7 @@ class Relay(Generic[M]):
                 logger.exception("%s: sending failed", self.outbox.name)
                 if batch.failure is None and batch.unsent:
                     batch.record(Failed(batch.unsent[0], f"{type(exc).__name__}: {exc}"))
-        _, stopping = await in_thread_to_the_end(self._settle, session, batch)
+        _, stopping = await run_to_the_end(self._settle, session, batch)
         return batch, cancelled or stopping
 
     # -- the database side of a round (in a worker thread) ---------------------------
@@ -377,26 +376,3 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait((waiter,), timeout=seconds)
     finally:
         waiter.cancel()
-
-
-async def in_thread_to_the_end(
-    func: Callable[[*Ts], T], *args: *Ts
-) -> tuple[T, asyncio.CancelledError | None]:
-    """Run ``func(*args)`` in a worker thread and wait for it even through
-    cancellations; returns its result and the cancellation that arrived meanwhile,
-    for the caller to raise once it has recorded what it must.
-
-    A thread cannot be interrupted: a task that stopped waiting for it could reuse
-    its session while it still commits, or lose what it did (a claim, a send)."""
-    future = asyncio.ensure_future(anyio.to_thread.run_sync(func, *args))
-    cancelled: asyncio.CancelledError | None = None
-    while not future.done():
-        try:
-            await asyncio.wait((future,))
-        except asyncio.CancelledError as exc:
-            cancelled = cancelled or exc
-    if cancelled is not None and future.exception() is not None:
-        # Stopping wins over a failed step; the failure must not keep the task alive.
-        logger.error("failed while stopping", exc_info=future.exception())
-        raise cancelled
-    return future.result(), cancelled

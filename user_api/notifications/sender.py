@@ -34,8 +34,8 @@ from labcloud.outbox import (
     Rejected,
     Relay,
     Round,
-    in_thread_to_the_end,
 )
+from labcloud.threads import run_to_the_end
 from user_api.models import EmailOutbox
 from user_api.notifications import repository
 from user_api.notifications.mailjet import (
@@ -106,7 +106,7 @@ class CompletionEmailOutbox:
             )
             # A send cannot be taken back: when the API stops meanwhile, it is
             # waited for and recorded, so that it is not sent again after the restart.
-            delivery, stopping = await in_thread_to_the_end(self._transport.send, message)
+            delivery, stopping = await run_to_the_end(self._transport.send, message)
             result = self._judge(email, delivery)
             batch.record(result)
             if stopping is not None:
