@@ -169,36 +169,11 @@ class CompletionEmailOutbox:
 
 
 class EmailSender:
-    """The relay of the email outbox; closes the transport when it stops."""
+    """The email outbox's relay, and the transport it closes when it stops."""
 
-    def __init__(
-        self,
-        *,
-        session_factory: sessionmaker[Session],
-        transport: MailTransport,
-        poll_seconds: float,
-        max_attempts: int,
-        retry_max_seconds: float,
-        lease_seconds: float = 120.0,
-        base_retry_seconds: float = BASE_RETRY_SECONDS,
-        jitter: Callable[[float, float], float] = random.uniform,
-    ) -> None:
+    def __init__(self, relay: Relay[ClaimedEmail], transport: MailTransport) -> None:
+        self.relay = relay
         self._transport = transport
-        self.relay = Relay(
-            CompletionEmailOutbox(
-                transport,
-                max_attempts=max_attempts,
-                retry_max_seconds=retry_max_seconds,
-                lease_seconds=lease_seconds,
-                base_retry_seconds=base_retry_seconds,
-                jitter=jitter,
-            ),
-            session_factory,
-            poll_seconds=poll_seconds,
-            # Each row keeps its own schedule; while Mailjet fails, the next due
-            # email is tried after at most one poll interval, as when idle.
-            backoff=Backoff(first_seconds=min(0.1, poll_seconds), max_seconds=poll_seconds),
-        )
 
     async def run(self) -> None:
         """Send until cancelled; a database or Mailjet outage only delays sending."""
@@ -246,10 +221,13 @@ def build_email_sender(
         sender_address=str(settings.email_sender_address),
     )
     enable_completion_emails(sessions, CompletionEmails(frontend_url=settings.frontend_url))
-    return EmailSender(
-        session_factory=sessions,
-        transport=transport,
-        poll_seconds=settings.email_poll_seconds,
+    outbox = CompletionEmailOutbox(
+        transport,
         max_attempts=settings.email_max_attempts,
         retry_max_seconds=settings.email_retry_max_seconds,
     )
+    poll = settings.email_poll_seconds
+    # Each row keeps its own schedule; while Mailjet fails, the next due email is
+    # tried after at most one poll interval, as when idle.
+    backoff = Backoff(first_seconds=min(0.1, poll), max_seconds=poll)
+    return EmailSender(Relay(outbox, sessions, poll_seconds=poll, backoff=backoff), transport)

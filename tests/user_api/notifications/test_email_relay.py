@@ -13,11 +13,12 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.db import create_db_engine, make_session_factory, migrate, unit_of_work, utcnow
+from labcloud.outbox import Backoff, Relay
 from user_api.app import MIGRATIONS
 from user_api.models import EmailOutbox, EmailStatus
 from user_api.notifications import repository
 from user_api.notifications.mailjet import OutgoingEmail, SendOutcome, SendResult
-from user_api.notifications.sender import EmailSender
+from user_api.notifications.sender import CompletionEmailOutbox, EmailSender
 
 
 class RecordingTransport:
@@ -70,13 +71,10 @@ def rows(sessions: sessionmaker[Session]) -> list[tuple[str, int, bool]]:
 
 
 def sender(sessions: sessionmaker[Session], transport: RecordingTransport) -> EmailSender:
-    return EmailSender(
-        session_factory=sessions,
-        transport=transport,
-        poll_seconds=60,  # only a wake-up or the start delivers
-        max_attempts=3,
-        retry_max_seconds=0.05,
-    )
+    outbox = CompletionEmailOutbox(transport, max_attempts=3, retry_max_seconds=0.05)
+    # Polling only every minute: only the start delivers.
+    relay = Relay(outbox, sessions, poll_seconds=60, backoff=Backoff(0.01, 0.05))
+    return EmailSender(relay, transport)
 
 
 def test_a_shutdown_during_a_claim_lets_the_email_go_due_at_once(
