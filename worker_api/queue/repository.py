@@ -355,30 +355,3 @@ def list_append(
             JSON,
         )
     return func.json_insert(column, "$[#]", value)
-
-
-class QueueRepository:
-    """The method-style access ``worker_api.files.service`` and
-    ``worker_api.clients.user_api`` still use, delegating to the functions above;
-    it goes once they call the functions."""
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-
-    def leased_to(self, queue_id: int, worker: str) -> QueuedJob | None:
-        return leased_to(self._session, queue_id, worker)
-
-    def jobs_leased_to(self, worker: str) -> Sequence[QueuedJob]:
-        return jobs_leased_to(self._session, worker)
-
-    def log_upload_allowed(self, queue_id: int, worker: str, *, now: datetime) -> QueuedJob | None:
-        return log_upload_allowed(self._session, queue_id, worker, now=now)
-
-    def first_in_outbox(self) -> StatusOutbox | None:
-        return first_in_outbox(self._session)
-
-    def claim_first_in_outbox(self) -> StatusOutbox | None:
-        return claim_first_in_outbox(self._session)
-
-    def remove_from_outbox(self, outbox_id: int) -> None:
-        remove_from_outbox(self._session, outbox_id)
