@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from labcloud.contract import JobStatus
 from labcloud.outbox import note_written
 from user_api.auth.service import AuthenticatedUser
-from user_api.models import EmailOutbox, Job
+from user_api.models import EmailOutbox
 from user_api.notifications import repository
 from user_api.notifications.schemas import NotificationSettings
 from user_api.notifications.templates import JobFacts, render_completion_email
@@ -65,33 +64,6 @@ def queue_completion_email(session: Session, job: JobFacts, recipient: str) -> b
         note_written(session, EmailOutbox.__tablename__)
         logger.info("job %s: completion email to %s queued", job.id, recipient)
     return added
-
-
-def enqueue_completion_email(session: Session, job: Job) -> bool:
-    """``queue_completion_email`` for a loaded ``job`` whose terminal status was set
-    by a bulk update: reads the job and its owner again. Kept for the worker
-    outbox's give-up until it ends jobs through ``user_api.jobs.lifecycle``, which
-    needs neither read."""
-    if session.info.get(_INFO_KEY) is None:
-        return False
-    session.refresh(job)
-    owner = repository.owner(session, job.user_id)
-    if owner is None or not owner.email_notifications:
-        return False
-    application = job.application
-    facts = JobFacts(
-        id=job.id,
-        name=job.job_name,
-        application=str(application.get("application", "")),
-        version=str(application.get("version", "")),
-        entrypoint=str(application.get("entrypoint", "")),
-        status=JobStatus(job.status),
-        date_created=job.date_created,
-        date_started=job.date_started,
-        date_finished=job.date_finished,
-        runtime_details=job.runtime_details,
-    )
-    return queue_completion_email(session, facts, owner.email)
 
 
 def get_notification_settings(session: Session, *, user: AuthenticatedUser) -> NotificationSettings:
