@@ -12,7 +12,6 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from labcloud.contract import JobStatus, allowed_sources
-from labcloud.db import utcnow
 from labcloud.outbox import note_written
 from user_api.models import JOBS, WORKER_OUTBOX, Job, OutboxKind, User, WorkerOutbox
 
@@ -100,39 +99,6 @@ def owner_email(session: Session, job: Job) -> str:
 
 def owner_subject(session: Session, job: Job) -> str:
     return session.scalars(select(User.subject).where(User.id == job.user_id)).one()
-
-
-def transition(
-    session: Session, job_id: int, target: JobStatus, runtime_details: str | None
-) -> bool:
-    """Move a job to ``target`` if its current status allows it; False otherwise
-    (a duplicate or late update is then a no-op). Ending a job gives its owner's
-    active-job slot back in the same transaction."""
-    now = utcnow()
-    values: dict[str, Any] = {"status": target.value}
-    if runtime_details is not None or target in (JobStatus.QUEUED, JobStatus.PULLED):
-        values["runtime_details"] = runtime_details
-    if target is JobStatus.PULLED:
-        values["date_started"] = now
-    if target.is_terminal:
-        values["date_finished"] = now
-    owner = session.scalar(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_([s.value for s in allowed_sources(target)]))
-        .values(**values)
-        .returning(Job.user_id)
-        .execution_options(synchronize_session=False)
-    )
-    if owner is None:
-        return False
-    if target.is_terminal:  # every source of a terminal status is active: a slot frees
-        session.execute(
-            update(User)
-            .where(User.id == owner)
-            .values(active_jobs=User.active_jobs - 1)
-            .execution_options(synchronize_session=False)
-        )
-    return True
 
 
 # Core statements on the tables (not the ORM entities) with the values passed as
