@@ -167,12 +167,18 @@ class Runner:
         dispatcher = threading.Thread(
             target=self._dispatch, args=(stop,), name="dispatcher", daemon=True
         )
+        room = self._backend.capacity()  # before the first pull takes any of it
         dispatcher.start()
         logger.info(
-            "worker %s (runner %s) started on %s, job folders in %s",
+            "worker %s (runner %s) started: up to %d job(s) at once on %s "
+            "(largest job: %d core(s), %d MiB, %d GPU(s)), job folders in %s",
             self._settings.worker_name,
             self.runner_id,
+            room.limit if room is not None else 0,
             type(self._backend).__name__,
+            room.cpu_cores if room is not None else 0,
+            room.memory if room is not None else 0,
+            room.gpus if room is not None else 0,
             self._backend.job_root,
         )
         while not stop.wait(0.5):
