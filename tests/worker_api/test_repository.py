@@ -1,7 +1,6 @@
 """The queue's SQL on SQLite and PostgreSQL: matching, ordering, leasing under
 concurrency (``worker_api.queue.lease``), guarded transitions
-(``worker_api.queue.lifecycle``), cancellation, reaping (``worker_api.queue.reaper``),
-the outbox."""
+(``worker_api.queue.lifecycle``), cancellation, reaping (``worker_api.queue.reaper``)."""
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from labcloud.contract import (
 )
 from labcloud.db import unit_of_work, utcnow
 from tests.worker_api.conftest import queue_job
-from worker_api.models import QueuedJob, StatusOutbox
+from worker_api.models import QueuedJob
 from worker_api.queue import reaper, repository, service
 from worker_api.queue.lease import lease as lease_jobs
 from worker_api.queue.lifecycle import ByJobId, Cause, transition
@@ -746,28 +745,6 @@ def test_reap_remembers_each_silent_worker(factory: sessionmaker[Session]) -> No
     assert row(factory, 1).failed_workers == ["w1", "w2"]
 
 
-def _add_to_outbox(session: Session, job_id: int, status: JobStatus, details: str | None) -> None:
-    session.add(
-        StatusOutbox(job_id=job_id, status=status, runtime_details=details, created_at=utcnow())
-    )
-    session.flush()
-
-
-def test_outbox_is_read_in_id_order(factory: sessionmaker[Session]) -> None:
-    with unit_of_work(factory) as session:
-        assert repository.first_in_outbox(session) is None
-        _add_to_outbox(session, 1, JobStatus.PULLED, None)
-        _add_to_outbox(session, 1, JobStatus.RUNNING, "x")
-    with unit_of_work(factory) as session:
-        first = repository.first_in_outbox(session)
-        assert first is not None
-        assert (first.job_id, first.status) == (1, JobStatus.PULLED)
-        repository.remove_from_outbox(session, first.id)
-    with unit_of_work(factory) as session:
-        rows = session.scalars(select(StatusOutbox)).all()
-        assert [(r.status, r.runtime_details) for r in rows] == [(JobStatus.RUNNING, "x")]
-
-
 def test_concurrent_reapers_take_each_job_back_once(factory: sessionmaker[Session]) -> None:
     total, reapers = 300, 4
     enqueue(factory, *range(1, total + 1))
@@ -845,25 +822,6 @@ def test_extend_leases_gives_every_lease_at_least_until(
     assert row(factory, 2).lease_expires_at == until
     assert row(factory, 3).lease_expires_at == until
     assert _reap(factory, max_retries=5) == []
-
-
-@pytest.mark.postgres
-def test_only_the_first_outbox_row_is_claimed(postgres_factory: sessionmaker[Session]) -> None:
-    factory = postgres_factory
-    with unit_of_work(factory) as session:
-        _add_to_outbox(session, 1, JobStatus.PULLED, None)
-        _add_to_outbox(session, 1, JobStatus.RUNNING, None)
-    with unit_of_work(factory) as first:
-        claimed = repository.claim_first_in_outbox(first)
-        assert claimed is not None and claimed.status is JobStatus.PULLED
-        # Another process finds the head taken, and must not skip ahead to the next
-        # change of the same job.
-        with unit_of_work(factory) as second:
-            assert repository.claim_first_in_outbox(second) is None
-        repository.remove_from_outbox(first, claimed.id)
-    with unit_of_work(factory) as second:
-        claimed = repository.claim_first_in_outbox(second)
-        assert claimed is not None and claimed.status is JobStatus.RUNNING
 
 
 @pytest.mark.postgres

@@ -1,6 +1,7 @@
-"""The queue's SQL besides status changes (``worker_api.queue.lifecycle``) and the
-pull (``worker_api.queue.lease``): reads, enqueueing, keep-alives, the reaper's
-holds, the status outbox. Functions take the caller's ``Session``; the caller's
+"""The queue's SQL besides status changes (``worker_api.queue.lifecycle``), the
+pull (``worker_api.queue.lease``) and the status outbox's delivery
+(``worker_api.queue.status_relay``): reads, enqueueing, keep-alives, the reaper's
+holds. Functions take the caller's ``Session``; the caller's
 unit of work commits.
 
 Writes are guarded statements whose WHERE clause is the precondition, so
@@ -27,7 +28,6 @@ from sqlalchemy import (
     String,
     case,
     cast,
-    delete,
     exists,
     func,
     literal,
@@ -39,7 +39,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from labcloud.contract import LEASED_STATUSES, HardwareSpec, JobStatus, QueueJob
-from worker_api.models import QueuedJob, StatusOutbox
+from worker_api.models import QueuedJob
 
 # -- reads ---------------------------------------------------------------------------
 
@@ -308,30 +308,6 @@ def extend_leases(session: Session, *, until: datetime) -> int:
         .returning(job.id)
     )
     return len(result.all())
-
-
-# -- the status outbox's reading side --------------------------------------------------
-
-
-def first_in_outbox(session: Session) -> StatusOutbox | None:
-    return session.scalars(select(StatusOutbox).order_by(StatusOutbox.id).limit(1)).one_or_none()
-
-
-def claim_first_in_outbox(session: Session) -> StatusOutbox | None:
-    """The first row of the outbox, locked until this transaction ends; None when
-    the outbox is empty or another transaction holds its first row.
-
-    Only the first row is ever claimed, never the next one, so that the changes of
-    one job cannot overtake each other while several processes deliver."""
-    outbox = StatusOutbox
-    head = select(func.min(outbox.id)).scalar_subquery()
-    return session.scalars(
-        select(outbox).where(outbox.id == head).with_for_update(skip_locked=True)
-    ).one_or_none()
-
-
-def remove_from_outbox(session: Session, outbox_id: int) -> None:
-    session.execute(delete(StatusOutbox).where(StatusOutbox.id == outbox_id))
 
 
 # -- JSON lists, per dialect ------------------------------------------------------------
