@@ -1,5 +1,6 @@
-"""SQL for jobs and the worker outbox. Status changes are guarded compare-and-set
-updates: the row they return says whether the transition happened."""
+"""SQL for jobs, and the writing side of the worker outbox (its relay reads and
+deletes messages in ``user_api.jobs.outbox``). Status changes are guarded
+compare-and-set updates: the row they return says whether the transition happened."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from labcloud.contract import JobStatus, allowed_sources
@@ -93,14 +94,6 @@ def move(
     return MovedJob(*row) if row is not None else None
 
 
-def owner_email(session: Session, job: Job) -> str:
-    return session.scalars(select(User.email).where(User.id == job.user_id)).one()
-
-
-def owner_subject(session: Session, job: Job) -> str:
-    return session.scalars(select(User.subject).where(User.id == job.user_id)).one()
-
-
 # Core statements on the tables (not the ORM entities) with the values passed as
 # parameters: compiled once and cached, where the ORM's unit of work or an
 # ``insert(Entity).values(...)`` would cost as much again on the hottest write path.
@@ -137,45 +130,3 @@ def drop_pending_enqueue(session: Session, job_id: int) -> bool:
         )
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-# Key of the advisory lock held by the process delivering the outbox (PostgreSQL).
-_OUTBOX_DELIVERY_LOCK = 0x4C43_5742  # "LCWB"
-
-
-def holds_lock_while_sending(session: Session) -> bool:
-    """Whether a delivery round keeps its transaction (and lock) open while it sends:
-    on PostgreSQL yes; on SQLite that would hold the database's write lock."""
-    return session.get_bind().dialect.name == "postgresql"
-
-
-def lock_outbox_delivery(session: Session) -> bool:
-    """Take the outbox delivery lock for this transaction; False when another
-    process holds it. Always True on SQLite (one process)."""
-    if not holds_lock_while_sending(session):
-        return True
-    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(_OUTBOX_DELIVERY_LOCK))))
-
-
-def outbox_batch(session: Session, limit: int) -> Sequence[WorkerOutbox]:
-    """The oldest ``limit`` messages, in the order they were written."""
-    return session.scalars(select(WorkerOutbox).order_by(WorkerOutbox.id).limit(limit)).all()
-
-
-def acknowledge_outbox(session: Session, outbox_ids: Sequence[int]) -> set[int]:
-    """Delete delivered messages; returns the ids that were still there (a message
-    missing was withdrawn meanwhile)."""
-    if not outbox_ids:
-        return set()
-    result = session.execute(
-        delete(WorkerOutbox).where(WorkerOutbox.id.in_(outbox_ids)).returning(WorkerOutbox.id)
-    )
-    return set(result.scalars())
-
-
-def record_outbox_failure(session: Session, outbox_id: int, error: str) -> None:
-    session.execute(
-        update(WorkerOutbox)
-        .where(WorkerOutbox.id == outbox_id)
-        .values(attempts=WorkerOutbox.attempts + 1, last_error=error[:2000])
-    )
