@@ -292,3 +292,24 @@ def detect_hardware(*, cpu_cores: int | None = None, memory: int | None = None) 
         memory=memory if memory is not None else detect_memory(),
         gpus=tuple(detect_gpus()),
     )
+
+
+class PlacedOnHost:
+    """The placement calls of ``ExecutionBackend`` answered by one host's
+    ``ResourcePool``: for backends whose runs share the runner's host (the Docker
+    backend, the fake). Listed before ``ExecutionBackend`` among the bases; the
+    backend sets ``_pool``."""
+
+    _pool: ResourcePool
+
+    def capacity(self) -> Capacity | None:
+        return self._pool.capacity()
+
+    def reserve(self, needs: HardwareSpec) -> Placement | None:
+        return self._pool.place(needs)
+
+    def release(self, placement: Placement) -> None:
+        self._pool.unplace(placement)
+
+    def unfit_reason(self, needs: HardwareSpec) -> str | None:
+        return self._pool.unfit_reason(needs)

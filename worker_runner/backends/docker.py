@@ -36,22 +36,19 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest
 from pydantic import Field, model_validator
 
-from labcloud.contract import HardwareSpec
 from worker_runner.backends.base import (
     DEFAULT_STOP_GRACE_S,
     MOUNT_POINT,
     BackendError,
     BackendSettings,
-    Capacity,
     ExecutionBackend,
     ImageUnavailable,
-    Placement,
     RunHandle,
     RunRequest,
     RunResult,
 )
 from worker_runner.backends.docker_exits import ExitWatch, explain
-from worker_runner.hardware import HostHardware, ResourcePool, detect_hardware
+from worker_runner.hardware import HostHardware, PlacedOnHost, ResourcePool, detect_hardware
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +97,7 @@ class DockerSettings(BackendSettings):
         return self.path_host_base if self.path_host_base is not None else self.path_base
 
 
-class DockerBackend(ExecutionBackend):
+class DockerBackend(PlacedOnHost, ExecutionBackend):
     """``ExecutionBackend`` on a Docker engine (``docker.from_env()`` by default),
     placing jobs on this host's ``hardware`` (detected by ``from_settings``)."""
 
@@ -176,18 +173,6 @@ class DockerBackend(ExecutionBackend):
     def hardware(self) -> HostHardware:
         """The host's hardware the jobs are placed on."""
         return self._pool.hardware
-
-    def capacity(self) -> Capacity | None:
-        return self._pool.capacity()
-
-    def reserve(self, needs: HardwareSpec) -> Placement | None:
-        return self._pool.place(needs)
-
-    def release(self, placement: Placement) -> None:
-        self._pool.unplace(placement)
-
-    def unfit_reason(self, needs: HardwareSpec) -> str | None:
-        return self._pool.unfit_reason(needs)
 
     def host_path(self, folder: Path) -> Path:
         """``folder`` (under ``PATH_BASE``) as the Docker host sees it."""

@@ -25,20 +25,17 @@ from typing import Self
 
 from pydantic import Field
 
-from labcloud.contract import HardwareSpec
 from worker_runner.backends.base import (
     DEFAULT_STOP_GRACE_S,
     BackendError,
     BackendSettings,
-    Capacity,
     ExecutionBackend,
     ImageUnavailable,
-    Placement,
     RunHandle,
     RunRequest,
     RunResult,
 )
-from worker_runner.hardware import GpuInfo, HostHardware, ResourcePool
+from worker_runner.hardware import GpuInfo, HostHardware, PlacedOnHost, ResourcePool
 
 # What a shell killed by the SIGTERM of a stop exits with.
 STOPPED_EXIT_CODE = 143
@@ -81,7 +78,7 @@ class _FakeRun:
     timer: threading.Timer | None = None
 
 
-class FakeBackend(ExecutionBackend):
+class FakeBackend(PlacedOnHost, ExecutionBackend):
     """Runs nothing; plays ``FakeProgram``\\s on the hardware of its settings
     (plus ``gpus``). Thread-safe."""
 
@@ -124,18 +121,6 @@ class FakeBackend(ExecutionBackend):
     @property
     def job_root(self) -> Path:
         return self.settings.path_base
-
-    def capacity(self) -> Capacity | None:
-        return self._pool.capacity()
-
-    def reserve(self, needs: HardwareSpec) -> Placement | None:
-        return self._pool.place(needs)
-
-    def release(self, placement: Placement) -> None:
-        self._pool.unplace(placement)
-
-    def unfit_reason(self, needs: HardwareSpec) -> str | None:
-        return self._pool.unfit_reason(needs)
 
     # -- runs ------------------------------------------------------------------
 
