@@ -19,12 +19,6 @@ from user_api.models import EmailOutbox, EmailStatus, User
 
 
 @dataclass(frozen=True, slots=True)
-class Owner:
-    email: str
-    email_notifications: bool
-
-
-@dataclass(frozen=True, slots=True)
 class ClaimedEmail:
     """A pending row this process now holds until ``lease_until``."""
 
@@ -37,12 +31,6 @@ class ClaimedEmail:
     attempts: int
     lease_until: datetime
 
-
-def owner(session: Session, user_id: int) -> Owner | None:
-    row = session.execute(
-        select(User.email, User.email_notifications).where(User.id == user_id)
-    ).first()
-    return Owner(row.email, row.email_notifications) if row is not None else None
 
 
 def add_once(session: Session, values: dict[str, Any]) -> bool:
