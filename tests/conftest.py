@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+# moto's server for tests that use AWS (fixtures ``aws`` and ``moto_server``).
+from tests.aws import aws, moto_server  # noqa: F401
 from tests.databases import temporary_postgres_database
 
 POSTGRES_ADMIN_URL = os.environ.get(
