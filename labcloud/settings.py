@@ -13,10 +13,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Self, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from labcloud.secrets import resolve_secret
+from labcloud.secrets import resolve_secret_setting
 
 # Values that .env.example ships with; refused outside development so that a copied
 # example file never becomes a production configuration.
@@ -65,13 +72,15 @@ class ServiceSettings(BaseSettings):
     cognito_jwks_url: str | None = None
     cognito_issuer: str | None = None
 
+    @field_validator("internal_api_key_secret", "cognito_secret")
+    @classmethod
+    def _resolve_service_secrets(
+        cls, value: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        return resolve_secret_setting(value, str(info.field_name).upper())
+
     @model_validator(mode="after")
-    def _resolve_and_check(self) -> Self:
-        self.internal_api_key_secret = SecretStr(
-            resolve_secret(self.internal_api_key_secret.get_secret_value())
-        )
-        if self.cognito_secret is not None:
-            self.cognito_secret = SecretStr(resolve_secret(self.cognito_secret.get_secret_value()))
+    def _check(self) -> Self:
         key = self.internal_api_key_secret.get_secret_value()
         if not self.development and (key.lower() in PLACEHOLDER_SECRETS or len(key) < 16):
             raise ValueError(

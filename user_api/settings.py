@@ -6,10 +6,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
-from pydantic import EmailStr, Field, SecretStr, field_validator, model_validator
+from pydantic import EmailStr, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from labcloud.db import build_database_url
-from labcloud.secrets import resolve_secret
+from labcloud.secrets import resolve_secret_setting
 from labcloud.settings import AuthMode, ServiceSettings
 
 
@@ -79,14 +79,19 @@ class UserApiSettings(ServiceSettings):
     forward_retry_max_seconds: float = Field(default=10.0, gt=0)
     forward_poll_seconds: float = Field(default=1.0, gt=0)
 
+    # Resolved once here, so that the database URL is built without calling AWS again
+    # and an unreadable secret stops the start instead of the first connection.
+    @field_validator("database_secret", "local_auth_private_key", "email_sender_secret_key")
+    @classmethod
+    def _resolve_user_api_secrets(
+        cls, value: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        return resolve_secret_setting(value, str(info.field_name).upper())
+
     @model_validator(mode="after")
     def _check_user_api(self) -> Self:
-        if self.auth is AuthMode.LOCAL:
-            if self.local_auth_private_key is None:
-                raise ValueError("AUTH=local needs LOCAL_AUTH_PRIVATE_KEY (an Ed25519 PEM key)")
-            self.local_auth_private_key = SecretStr(
-                resolve_secret(self.local_auth_private_key.get_secret_value())
-            )
+        if self.auth is AuthMode.LOCAL and self.local_auth_private_key is None:
+            raise ValueError("AUTH=local needs LOCAL_AUTH_PRIVATE_KEY (an Ed25519 PEM key)")
         if self.email_sender_service is EmailSenderService.MAILJET:
             missing = [
                 name
@@ -99,10 +104,6 @@ class UserApiSettings(ServiceSettings):
             ]
             if missing:
                 raise ValueError(f"EMAIL_SENDER_SERVICE=mailjet needs {', '.join(missing)}")
-            assert self.email_sender_secret_key is not None
-            self.email_sender_secret_key = SecretStr(
-                resolve_secret(self.email_sender_secret_key.get_secret_value())
-            )
         if (self.bootstrap_admin_email is None) != (self.bootstrap_admin_password is None):
             raise ValueError(
                 "set both BOOTSTRAP_ADMIN_EMAIL and BOOTSTRAP_ADMIN_PASSWORD, or neither"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from labcloud.db import build_database_url
+from labcloud.secrets import resolve_secret_setting
 from labcloud.settings import ServiceSettings
 
 
@@ -76,6 +77,13 @@ class WorkerApiSettings(ServiceSettings):
         description="Seconds an answer of the user API about an account is reused (0: never).",
     )
     account_check_timeout_seconds: float = Field(default=3.0, gt=0)
+
+    # Resolved once here, so that the queue database's URL is built without calling AWS
+    # again and an unreadable secret stops the start instead of the first connection.
+    @field_validator("queue_db_secret")
+    @classmethod
+    def _resolve_queue_db_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        return resolve_secret_setting(value, "QUEUE_DB_SECRET")
 
     @model_validator(mode="after")
     def _normalise_urls(self) -> Self:

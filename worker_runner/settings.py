@@ -18,6 +18,7 @@ import httpx
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from labcloud.secrets import resolve_secret_setting
 from labcloud.settings import describe_settings_error
 from worker_runner.backends.registry import BackendKind
 
@@ -83,7 +84,10 @@ class WorkerSettings(BaseSettings):
     def _check_password(cls, value: SecretStr) -> SecretStr:
         if not value.get_secret_value():
             raise ValueError("must not be empty")
-        return value
+        # A value or a Secrets Manager ARN, resolved once at start.
+        resolved = resolve_secret_setting(value, "PASSWORD")
+        assert resolved is not None
+        return resolved
 
     @property
     def worker_name(self) -> str:
