@@ -66,7 +66,8 @@ def resolve_secret(value: str, setting: str = "a secret setting") -> str:
         response = client.get_secret_value(SecretId=value)
     except Exception as exc:  # botocore raises a family of untyped errors
         raise SecretResolutionError(
-            f"{setting} names a Secrets Manager secret that cannot be read ({_reason(exc)})"
+            f"{setting} names a Secrets Manager secret that cannot be read "
+            f"({aws_error_reason(exc)})"
         ) from None
     secret = response.get("SecretString")
     if not isinstance(secret, str):
@@ -84,9 +85,10 @@ def resolve_secret_setting(value: SecretStr | None, setting: str) -> SecretStr |
     return SecretStr(resolve_secret(value.get_secret_value(), setting))
 
 
-def _reason(exc: Exception) -> str:
-    """What went wrong, without the exception's text: botocore's messages quote the
-    secret's identifier."""
+def aws_error_reason(exc: Exception) -> str:
+    """What went wrong in an AWS call: AWS's error code (``AccessDeniedException``), or
+    the exception's class for failures without one (``EndpointConnectionError``).
+    Never the exception's text: botocore's messages quote the resource's identifier."""
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         code = response.get("Error", {}).get("Code")

@@ -27,6 +27,7 @@ from user_api.admin.endpoints import router as admin_router
 from user_api.auth import service as auth_service
 from user_api.auth.endpoints import router as auth_router
 from user_api.catalog.endpoints import router as catalog_router
+from user_api.catalog.sources import catalog_source
 from user_api.catalog.store import CatalogStore
 from user_api.clients.worker_api import WorkerApiClient
 from user_api.files.endpoints import router as files_router
@@ -88,7 +89,12 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
                     email=str(settings.bootstrap_admin_email),
                     password=settings.bootstrap_admin_password.get_secret_value(),
                 )
-        catalog_store = CatalogStore(settings.application_config_file)
+        catalog_store = CatalogStore(
+            catalog_source(
+                settings.application_config_file,
+                poll_seconds=settings.application_config_poll_seconds,
+            )
+        )
         client = httpx.AsyncClient(base_url=settings.workerfacing_api_url, timeout=30)
         worker_outbox = Relay(
             WorkerApiOutbox(

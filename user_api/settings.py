@@ -11,6 +11,7 @@ from pydantic import EmailStr, Field, SecretStr, ValidationInfo, field_validator
 from labcloud.db import build_database_url
 from labcloud.secrets import resolve_secret_setting
 from labcloud.settings import AuthMode, ServiceSettings
+from user_api.catalog.sources import parse_s3_location
 
 
 class EmailSenderService(StrEnum):
@@ -35,7 +36,18 @@ class UserApiSettings(ServiceSettings):
     )
     signed_url_expiry_seconds: int = Field(default=3600, ge=10, le=7 * 24 * 3600)
 
-    application_config_file: Path = Path("application_config.yaml")
+    # A local path or s3://BUCKET/KEY (user_api.catalog.sources).
+    application_config_file: str | Path = "application_config.yaml"
+    application_config_poll_seconds: float = Field(
+        default=30.0, gt=0, description="How often an S3 catalog's ETag is checked."
+    )
+
+    @field_validator("application_config_file")
+    @classmethod
+    def _check_catalog_location(cls, value: str | Path) -> str | Path:
+        if isinstance(value, str):
+            parse_s3_location(value)
+        return value
 
     # Local auth.
     local_auth_private_key: SecretStr | None = Field(

@@ -1,8 +1,9 @@
-"""The catalog in memory, hot reloaded when its file changes.
+"""The catalog in memory, hot reloaded when its source changes.
 
 Requests read ``CatalogStore.current``, an immutable ``Catalog`` held in memory, so
-serving them costs no file system call. ``watch`` follows the file and swaps in a
-new catalog only when the whole file validates; an invalid edit keeps the last good
+serving them costs no file system or network call. ``watch`` follows the source (a
+local file or an S3 object, see ``user_api.catalog.sources``) and swaps in a new
+catalog only when the whole text validates; an invalid edit keeps the last good
 catalog, is logged, and is kept in ``status`` for admins.
 """
 
@@ -12,15 +13,14 @@ import asyncio
 import logging
 import threading
 from datetime import UTC, datetime
-from pathlib import Path
 
 import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ConfigDict
-from watchfiles import Change, awatch
 
-from user_api.catalog.loader import CatalogError, parse_catalog, read_catalog_text
+from user_api.catalog.loader import CatalogError, parse_catalog
 from user_api.catalog.schemas import Catalog
+from user_api.catalog.sources import CatalogSource
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ class CatalogStatus(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    path: Path
+    path: str
+    """The catalog's location: a file's path or an ``s3://bucket/key`` URL."""
     loaded_at: datetime
     version: int
     last_error: str | None = None
@@ -38,45 +39,25 @@ class CatalogStatus(BaseModel):
 
 
 class CatalogStore:
-    """Holds the current catalog and reloads it from ``path``.
+    """Holds the current catalog and reloads it from ``source``.
 
-    The constructor loads the file once and raises ``CatalogError`` when it is
-    invalid: the service must not start with a broken catalog. Watcher timings are
-    arguments so tests can react in milliseconds. ``force_polling`` is for file
-    systems without change notifications (network mounts); polling compares
-    modification times, so a second edit within the same second may be missed.
+    The constructor reads the source once and raises ``CatalogError`` when it cannot
+    be read or is invalid: the service must not start with a broken catalog.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        debounce_ms: int = 500,
-        step_ms: int = 50,
-        force_polling: bool = False,
-        poll_delay_ms: int = 300,
-    ) -> None:
-        self._path = path.absolute()
-        self._debounce_ms = debounce_ms
-        self._step_ms = step_ms
-        self._force_polling = force_polling
-        self._poll_delay_ms = poll_delay_ms
+    def __init__(self, source: CatalogSource) -> None:
+        self._source = source
         # reload() runs in worker threads; the lock keeps catalog, text and status
         # consistent with each other when two reloads overlap.
         self._lock = threading.Lock()
-        # A symlinked file (a Kubernetes ConfigMap, for one) changes when a link
-        # elsewhere in its folder is swapped, with no event on its own name; every
-        # change in the folder then triggers a reload, and reload() ignores those
-        # that leave the content as it was.
-        self._any_change_in_folder = path.is_symlink()
-        self._text = read_catalog_text(self._path)
-        self._catalog = parse_catalog(self._text, str(self._path))
-        self._status = CatalogStatus(path=self._path, loaded_at=_now(), version=1)
-        logger.info("application catalog loaded from %s", self._path)
+        self._text = source.read()
+        self._catalog = parse_catalog(self._text, source.location)
+        self._status = CatalogStatus(path=source.location, loaded_at=_now(), version=1)
+        logger.info("application catalog loaded from %s", source.location)
 
     @property
-    def path(self) -> Path:
-        return self._path
+    def location(self) -> str:
+        return self._source.location
 
     @property
     def current(self) -> Catalog:
@@ -88,15 +69,15 @@ class CatalogStore:
         return self._status
 
     def reload(self) -> bool:
-        """Read and validate the file; swap it in when valid.
+        """Read and validate the source; swap it in when valid.
 
-        Returns ``True`` when the file is valid (and is now the current catalog),
+        Returns ``True`` when the text is valid (and is now the current catalog),
         ``False`` when it was refused and the previous catalog stays. Blocking: call
         it from a thread when on the event loop.
         """
         try:
-            text = read_catalog_text(self._path)
-            catalog = parse_catalog(text, str(self._path))
+            text = self._source.read()
+            catalog = parse_catalog(text, self._source.location)
         except CatalogError as exc:
             with self._lock:
                 self._status = self._status.model_copy(
@@ -105,7 +86,7 @@ class CatalogStore:
                 version = self._status.version
             logger.error(
                 "application catalog %s refused, keeping version %d:\n%s",
-                self._path,
+                self._source.location,
                 version,
                 exc.message,
             )
@@ -113,7 +94,7 @@ class CatalogStore:
         with self._lock:
             if text == self._text:
                 # Watchers report touches and unrelated writes too; an unchanged
-                # file is not a new version, but it does clear a past error.
+                # text is not a new version, but it does clear a past error.
                 self._status = self._status.model_copy(
                     update={"last_error": None, "last_error_at": None}
                 )
@@ -121,42 +102,27 @@ class CatalogStore:
             self._text = text
             self._catalog = catalog
             self._status = CatalogStatus(
-                path=self._path, loaded_at=_now(), version=self._status.version + 1
+                path=self._source.location, loaded_at=_now(), version=self._status.version + 1
             )
             version = self._status.version
-        logger.info("application catalog %s reloaded (version %d)", self._path, version)
+        logger.info("application catalog %s reloaded (version %d)", self._source.location, version)
         return True
 
     async def watch(self, stop_event: anyio.Event | asyncio.Event | None = None) -> None:
-        """Reload the catalog whenever its file changes, until ``stop_event`` is set.
-
-        The parent folder is watched rather than the file: editors and deployment
-        tools replace a file by renaming a new one over it, which a watch on the
-        old file would not see.
-        """
+        """Reload the catalog whenever its source changes, until ``stop_event`` is set."""
         # An edit made between the constructor's load and the start of the watch
         # would otherwise go unnoticed until the next one.
         await anyio.to_thread.run_sync(self.reload)
         try:
-            async for _changes in awatch(
-                self._path.parent,
-                watch_filter=self._concerns_catalog,
-                debounce=self._debounce_ms,
-                step=self._step_ms,
-                stop_event=stop_event,
-                recursive=False,
-                force_polling=self._force_polling,
-                poll_delay_ms=self._poll_delay_ms,
-            ):
+            async for _change in self._source.changes(stop_event):
                 await anyio.to_thread.run_sync(self.reload)
         except Exception:
             # The watcher usually runs as a background task whose failure nobody
             # awaits; say that edits are no longer followed.
-            logger.exception("watching %s failed; catalog edits are no longer applied", self._path)
+            logger.exception(
+                "watching %s failed; catalog edits are no longer applied", self._source.location
+            )
             raise
-
-    def _concerns_catalog(self, _change: Change, changed: str) -> bool:
-        return self._any_change_in_folder or Path(changed).name == self._path.name
 
 
 def _now() -> datetime:

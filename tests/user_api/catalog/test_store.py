@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from user_api.catalog.loader import CatalogError
+from user_api.catalog.sources import LocalCatalogFile
 from user_api.catalog.store import CatalogStore
 
 ONE_VERSION = """\
@@ -47,7 +48,7 @@ def catalog_file(tmp_path: Path) -> Path:
 
 
 def fast_store(path: Path) -> CatalogStore:
-    return CatalogStore(path, debounce_ms=20, step_ms=10)
+    return CatalogStore(LocalCatalogFile(path, debounce_ms=20, step_ms=10))
 
 
 def versions(store: CatalogStore) -> list[str]:
@@ -55,9 +56,9 @@ def versions(store: CatalogStore) -> list[str]:
 
 
 def test_initial_load(catalog_file: Path) -> None:
-    store = CatalogStore(catalog_file)
+    store = CatalogStore(LocalCatalogFile(catalog_file))
     assert versions(store) == ["latest"]
-    assert store.status.path == catalog_file
+    assert store.status.path == str(catalog_file)
     assert store.status.version == 1
     assert store.status.last_error is None
     assert store.status.loaded_at.tzinfo is not None
@@ -66,18 +67,18 @@ def test_initial_load(catalog_file: Path) -> None:
 def test_an_invalid_file_refuses_to_start(catalog_file: Path) -> None:
     catalog_file.write_text(INVALID, encoding="utf-8")
     with pytest.raises(CatalogError, match=r"line 6: demo/latest/wc/aws_resources/timeout"):
-        CatalogStore(catalog_file)
+        CatalogStore(LocalCatalogFile(catalog_file))
 
 
 def test_a_missing_file_refuses_to_start(tmp_path: Path) -> None:
     with pytest.raises(CatalogError, match="cannot read"):
-        CatalogStore(tmp_path / "absent.yaml")
+        CatalogStore(LocalCatalogFile(tmp_path / "absent.yaml"))
 
 
 def test_reload_swaps_only_valid_files(
     catalog_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = CatalogStore(catalog_file)
+    store = CatalogStore(LocalCatalogFile(catalog_file))
 
     catalog_file.write_text(TWO_VERSIONS, encoding="utf-8")
     assert store.reload() is True
@@ -104,7 +105,7 @@ def test_reload_swaps_only_valid_files(
 
 
 def test_reload_of_an_unchanged_file_keeps_the_version(catalog_file: Path) -> None:
-    store = CatalogStore(catalog_file)
+    store = CatalogStore(LocalCatalogFile(catalog_file))
     catalog = store.current
     assert store.reload() is True
     assert store.current is catalog
@@ -112,7 +113,7 @@ def test_reload_of_an_unchanged_file_keeps_the_version(catalog_file: Path) -> No
 
 
 def test_a_deleted_file_keeps_the_last_catalog(catalog_file: Path) -> None:
-    store = CatalogStore(catalog_file)
+    store = CatalogStore(LocalCatalogFile(catalog_file))
     catalog_file.unlink()
     assert store.reload() is False
     assert versions(store) == ["latest"]
@@ -121,7 +122,7 @@ def test_a_deleted_file_keeps_the_last_catalog(catalog_file: Path) -> None:
 
 
 def test_public_view_is_built_once_per_catalog(catalog_file: Path) -> None:
-    store = CatalogStore(catalog_file)
+    store = CatalogStore(LocalCatalogFile(catalog_file))
     assert store.current.public_view() is store.current.public_view()
 
 
