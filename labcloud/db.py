@@ -17,17 +17,17 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from labcloud.secrets import resolve_secret
 from labcloud.threads import run_to_completion
 
 
 def build_database_url(url: str, secret: str | None = None) -> str:
-    """Fill the ``{}`` placeholder of ``url`` with the (resolved, URL-quoted) secret and
-    select the psycopg 3 driver for plain ``postgresql://`` URLs."""
+    """Fill the ``{}`` placeholder of ``url`` with the URL-quoted secret (a value: the
+    settings resolved any Secrets Manager ARN when they were loaded) and select the
+    psycopg 3 driver for plain ``postgresql://`` URLs."""
     if "{}" in url:
         if not secret:
             raise ValueError("the database URL has a {} placeholder but no secret is set")
-        url = url.replace("{}", urllib.parse.quote(resolve_secret(secret), safe=""))
+        url = url.replace("{}", urllib.parse.quote(secret, safe=""))
     if url.startswith("postgres://"):
         url = "postgresql://" + url.removeprefix("postgres://")
     if url.startswith("postgresql://"):
