@@ -32,7 +32,6 @@ class ClaimedEmail:
     lease_until: datetime
 
 
-
 def add_once(session: Session, values: dict[str, Any]) -> bool:
     """Insert an outbox row unless the job already has one; True if inserted.
 
