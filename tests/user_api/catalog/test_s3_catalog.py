@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import copy
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
 
 import anyio
 import pytest
@@ -16,7 +15,13 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from tests.aws import MotoServer
-from tests.user_api.catalog.test_store import INVALID, ONE_VERSION, TWO_VERSIONS, versions
+from tests.user_api.catalog.test_store import (
+    INVALID,
+    ONE_VERSION,
+    TWO_VERSIONS,
+    versions,
+    watching,
+)
 from tests.user_api.conftest import TEST_CATALOG
 from tests.user_api.helpers import login, signup
 from tests.waiting import wait_for
@@ -43,17 +48,6 @@ def bucket(aws: MotoServer) -> MotoServer:
 
 def upload(aws: MotoServer, text: str) -> None:
     aws.client("s3").put_object(Bucket=BUCKET, Key=KEY, Body=text.encode())
-
-
-@asynccontextmanager
-async def watching(store: CatalogStore) -> AsyncIterator[None]:
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(store.watch, stop)
-        try:
-            yield
-        finally:
-            stop.set()
 
 
 async def until(condition: Callable[[], object]) -> None:
