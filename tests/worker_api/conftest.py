@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,7 +31,8 @@ from labcloud.contract import (
     QueueJob,
 )
 from labcloud.db import create_db_engine, make_session_factory, migrate
-from worker_api.app import MIGRATIONS
+from worker_api.app import MIGRATIONS, create_app
+from worker_api.settings import WorkerApiSettings
 
 # -- databases ------------------------------------------------------------------
 
@@ -218,3 +220,56 @@ def postgres_factory(queue_postgres_url: str) -> Iterator[sessionmaker[Session]]
         yield make_session_factory(engine)
     finally:
         engine.dispose()
+
+
+KEY = "internal-key-for-tests-0123456789"
+INTERNAL = {"x-api-key": KEY}
+ClientFactory = Callable[..., TestClient]
+
+
+def app_clients(
+    tmp_path: Path, fake_user_api: FakeUserApi, **defaults: Any
+) -> Iterator[ClientFactory]:
+    """For a fixture to ``yield from``: a factory that starts the app (lifespan
+    included) with test settings, then ``defaults``, then the call's overrides;
+    every app started is stopped at the end."""
+    clients: list[TestClient] = []
+
+    def start(**overrides: Any) -> TestClient:
+        values: dict[str, Any] = {
+            "internal_api_key_secret": KEY,
+            "userfacing_api_url": fake_user_api.url,
+            "queue_db_url": f"sqlite:///{tmp_path / 'queue.db'}",
+            "user_data_root_path": tmp_path / "data",
+            "public_url": "http://testserver",
+            "status_forward_poll_seconds": 0.05,
+            "status_forward_retry_max_seconds": 0.05,
+            **defaults,
+            **overrides,
+        }
+        client = TestClient(create_app(WorkerApiSettings(_env_file=None, **values)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    try:
+        yield start
+    finally:
+        for client in clients:
+            client.__exit__(None, None, None)
+
+
+def enqueue(client: TestClient, job_id: int, **options: Any) -> dict[str, Any]:
+    response = client.post(
+        "/_jobs", json=queue_job(job_id, **options).model_dump(mode="json"), headers=INTERNAL
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def pull(client: TestClient, headers: dict[str, str], **params: Any) -> dict[str, Any]:
+    response = client.get("/jobs", params={"memory": 8000, **params}, headers=headers)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body

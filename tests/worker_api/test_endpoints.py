@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,67 +18,31 @@ from sqlalchemy import select
 from labcloud.contract import Environment, HardwareSpec, JobStatus
 from labcloud.db import create_db_engine, make_session_factory, unit_of_work
 from tests.waiting import wait_for
-from tests.worker_api.conftest import FakeUserApi, queue_job
-from worker_api.app import create_app
+from tests.worker_api.conftest import (
+    INTERNAL,
+    KEY,
+    ClientFactory,
+    FakeUserApi,
+    app_clients,
+    enqueue,
+    pull,
+    queue_job,
+)
 from worker_api.models import StatusOutbox
 from worker_api.queue.service import JobPuller
-from worker_api.settings import WorkerApiSettings
-
-KEY = "internal-key-for-tests-0123456789"
-INTERNAL = {"x-api-key": KEY}
-ClientFactory = Callable[..., TestClient]
 
 
 @pytest.fixture
 def make_client(tmp_path: Path, fake_user_api: FakeUserApi) -> Iterator[ClientFactory]:
     """Start the app (lifespan included) with test settings and ``overrides``."""
-    clients: list[TestClient] = []
-
-    def start(**overrides: Any) -> TestClient:
-        values: dict[str, Any] = {
-            "internal_api_key_secret": KEY,
-            "userfacing_api_url": fake_user_api.url,
-            "queue_db_url": f"sqlite:///{tmp_path / 'queue.db'}",
-            "user_data_root_path": tmp_path / "data",
-            "public_url": "http://testserver",
-            "reaper_interval_seconds": 0.05,
-            "status_forward_poll_seconds": 0.05,
-            "status_forward_retry_max_seconds": 0.05,
-            "max_wait_seconds": 5,
-            **overrides,
-        }
-        settings = WorkerApiSettings(_env_file=None, **values)
-        client = TestClient(create_app(settings))
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    try:
-        yield start
-    finally:
-        for client in clients:
-            client.__exit__(None, None, None)
+    yield from app_clients(
+        tmp_path, fake_user_api, reaper_interval_seconds=0.05, max_wait_seconds=5
+    )
 
 
 @pytest.fixture
 def client(make_client: ClientFactory) -> TestClient:
     return make_client()
-
-
-def enqueue(client: TestClient, job_id: int, **options: Any) -> dict[str, Any]:
-    response = client.post(
-        "/_jobs", json=queue_job(job_id, **options).model_dump(mode="json"), headers=INTERNAL
-    )
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-def pull(client: TestClient, headers: dict[str, str], **params: Any) -> dict[str, Any]:
-    response = client.get("/jobs", params={"memory": 8000, **params}, headers=headers)
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def put_status(

@@ -7,7 +7,7 @@ SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,14 @@ from sqlalchemy import text
 
 from labcloud.db import create_db_engine
 from labcloud.storage import LocalStorage
-from tests.worker_api.conftest import FakeUserApi, queue_job
-from worker_api.app import create_app
+from tests.worker_api.conftest import (
+    ClientFactory,
+    FakeUserApi,
+    app_clients,
+    enqueue,
+    pull,
+)
 from worker_api.files.service import LOG_ALLOWANCE_BYTES
-from worker_api.settings import WorkerApiSettings
-
-KEY = "internal-key-for-tests-0123456789"
-INTERNAL = {"x-api-key": KEY}
-ClientFactory = Callable[..., TestClient]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -47,50 +47,12 @@ def make_client(
     tmp_path: Path, fake_user_api: FakeUserApi, queue_db_url: str
 ) -> Iterator[ClientFactory]:
     """Start the app (lifespan included) with test settings and ``overrides``."""
-    clients: list[TestClient] = []
-
-    def start(**overrides: Any) -> TestClient:
-        values: dict[str, Any] = {
-            "internal_api_key_secret": KEY,
-            "userfacing_api_url": fake_user_api.url,
-            "queue_db_url": queue_db_url,
-            "user_data_root_path": tmp_path / "data",
-            "public_url": "http://testserver",
-            "status_forward_poll_seconds": 0.05,
-            "status_forward_retry_max_seconds": 0.05,
-            **overrides,
-        }
-        client = TestClient(create_app(WorkerApiSettings(_env_file=None, **values)))
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    try:
-        yield start
-    finally:
-        for client in clients:
-            client.__exit__(None, None, None)
+    yield from app_clients(tmp_path, fake_user_api, queue_db_url=queue_db_url)
 
 
 @pytest.fixture
 def client(make_client: ClientFactory) -> TestClient:
     return make_client()
-
-
-def enqueue(client: TestClient, job_id: int, **options: Any) -> dict[str, Any]:
-    response = client.post(
-        "/_jobs", json=queue_job(job_id, **options).model_dump(mode="json"), headers=INTERNAL
-    )
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-def pull(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
-    response = client.get("/jobs", params={"memory": 8000}, headers=headers)
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def put_status(client: TestClient, queue_id: str, status: str, headers: dict[str, str]) -> int:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from tests.openapi_probe import numeric_probes, undocumented_operations, unsecured_operations
-from tests.worker_api.conftest import FakeUserApi
-from tests.worker_api.test_endpoints import INTERNAL, client, make_client  # noqa: F401
+from tests.worker_api.conftest import INTERNAL, FakeUserApi
+from tests.worker_api.test_endpoints import client, make_client  # noqa: F401
 
 PUBLIC = {"/access_info", "/health", "/_signed/{token}"}
 
