@@ -422,7 +422,9 @@ async def test_two_relays_on_one_postgresql_database_deliver_one_at_a_time_in_or
             engine.dispose()
     assert received == bodies
     assert most_in_flight == 1
-    assert all(each.settled > 0 for each in relays), [each.settled for each in relays]
+    # Which relay sends which round is up to the scheduler (one may win every
+    # round), and the relays are stopped as soon as the outbox is empty, before
+    # they count their last round: their counts are not part of the check.
 
 
 @pytest.mark.anyio
