@@ -36,6 +36,9 @@ from typing import Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
+from uvicorn.importer import import_from_string
+
+from labcloud.startup import one_line_startup_errors, wrap_factory
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ def _serve_one(
     ``STARTUP_FAILURE``: starting it again would fail the same way, so the
     supervisor stops instead (or, in a reload, keeps the processes it has)."""
     config = uvicorn.Config(
-        app,
+        wrap_factory(import_from_string(app)),
         factory=True,
         log_config=log_config,
         backlog=BACKLOG,
@@ -255,7 +258,7 @@ def serve_one_process(app: Any, *, host: str, port: int, log_config: dict[str, A
     """Serve ``app`` from this process until SIGINT/SIGTERM, then stop within about
     ``GRACEFUL_SHUTDOWN_SECONDS`` whatever its requests are doing."""
     config = uvicorn.Config(
-        app,
+        one_line_startup_errors(app),
         host=host,
         port=port,
         log_config=log_config,

@@ -17,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from labcloud.startup import StartupError
 from user_api.catalog.schemas import Catalog
 
 # Pydantic marks an error about a mapping's key (rather than its value) with this
@@ -24,7 +25,7 @@ from user_api.catalog.schemas import Catalog
 _KEY_MARKER = "[key]"
 
 
-class CatalogError(ValueError):
+class CatalogError(StartupError, ValueError):
     """The application catalog is invalid; the message names file, line and problem."""
 
     def __init__(self, message: str) -> None:
