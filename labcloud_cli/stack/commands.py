@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from labcloud_cli.stack import setup
+from labcloud.contract import Group
+from labcloud_cli.stack import aws_emulator, setup
+from labcloud_cli.stack.env_file import read_stack_env_file
 from labcloud_cli.stack.processes import (
     Service,
     StartupError,
@@ -21,6 +24,7 @@ from labcloud_cli.stack.processes import (
 from labcloud_cli.stack.setup import ADMIN_ACCOUNT, url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CATALOG = REPO_ROOT / "application_config.yaml"
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,10 +54,33 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     up.add_argument(
         "--catalog",
         type=Path,
-        default=REPO_ROOT / "application_config.yaml",
-        help="the application catalog (edits take effect without a restart)",
+        default=None,
+        help="the application catalog (edits take effect without a restart; default: "
+        "the repository's application_config.yaml)",
     )
     up.add_argument("--skip-demo-image", action="store_true", help="do not build the demo image")
+    up.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="settings (KEY=value lines, as in .env.example) given to every service of "
+        "the stack; they override the stack's defaults",
+    )
+    up.add_argument(
+        "--aws-emulator",
+        action="store_true",
+        help="run on a local AWS emulator (moto): S3 storage, Cognito accounts, secrets "
+        "by ARN, the catalog on S3. Its state lives in memory: accounts, files and jobs "
+        "are gone when the stack stops",
+    )
+    up.add_argument(
+        "--aws-emulator-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="port of the AWS emulator (default: a free one)",
+    )
 
     runner = commands.add_parser(
         "runner", help="run a worker runner", description="Run a worker runner in this process."
@@ -75,6 +102,12 @@ def _log_to_terminal() -> None:
 
 
 def _runner(args: argparse.Namespace) -> int:
+    # AWS_* lines of the file (a stack on the AWS emulator writes them) go to the
+    # environment: boto3, which the runner's Cognito login and secrets use, reads
+    # them only from there.
+    for name, value in setup.read_env_file(args.env_file).items():
+        if name.upper().startswith("AWS_"):
+            os.environ[name.upper()] = value
     exec_module("worker_runner", ["--env-file", str(args.env_file)])
 
 
@@ -99,8 +132,20 @@ def _up(args: argparse.Namespace) -> int:
     host: str = args.host or ("0.0.0.0" if advertised else "127.0.0.1")  # noqa: S104
     # What this machine's own processes use: loopback when listening everywhere.
     local_host = "127.0.0.1" if host in setup.WILDCARDS else host
+    ports = {"--user-port": args.user_port, "--worker-port": args.worker_port}
+    if args.aws_emulator:
+        ports["--aws-emulator-port"] = args.aws_emulator_port or setup.free_port(host)
+    # Everything that can be refused is checked before anything starts or is written.
     try:
-        setup.check_ports(host, {"--user-port": args.user_port, "--worker-port": args.worker_port})
+        setup.check_ports(host, ports)
+        given = (
+            read_stack_env_file(args.env_file, aws_emulator=args.aws_emulator)
+            if args.env_file
+            else {}
+        )
+        catalog = _catalog(args.catalog, given, aws_emulator=args.aws_emulator)
+        if args.aws_emulator:
+            aws_emulator.check_installed()
     except StartupError as exc:
         print(f"labcloud up failed: {exc}", file=sys.stderr)
         return 1
@@ -126,13 +171,13 @@ def _up(args: argparse.Namespace) -> int:
         "AUTH": "local",
         "LOG_LEVEL": "INFO",
     }
+    databases = data_dir
     user_env = {
         **common,
-        "DATABASE_URL": f"sqlite:///{data_dir / 'user_api.db'}",
         "LOCAL_AUTH_PRIVATE_KEY": secret["local_auth_key.pem"],
         "PUBLIC_URL": public_user_url,
         "WORKERFACING_API_URL": public_worker_url,
-        "APPLICATION_CONFIG_FILE": str(args.catalog.resolve()),
+        "APPLICATION_CONFIG_FILE": catalog,
         # Development setting: anyone who reaches the port can create a user account.
         "ALLOW_SELF_SIGNUP": "true",
         "BOOTSTRAP_ADMIN_EMAIL": ADMIN_ACCOUNT,
@@ -140,10 +185,14 @@ def _up(args: argparse.Namespace) -> int:
     }
     worker_env = {
         **common,
-        "QUEUE_DB_URL": f"sqlite:///{data_dir / 'worker_api.db'}",
         "PUBLIC_URL": public_worker_url,
         "USERFACING_API_URL": user_url,
     }
+    # Given to the runners' processes: the env file's settings, and in the emulator's
+    # mode what points boto3 (their Cognito login) at it.
+    runner_env = dict(given)
+    runner_file_lines: dict[str, str] = {}
+    unset: tuple[str, ...] = ()
     services: list[Service] = []
     stopping = False
 
@@ -153,32 +202,80 @@ def _up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
+        aws: aws_emulator.EmulatedAws | None = None
+        if args.aws_emulator:
+            emulator = aws_emulator.start_emulator(
+                host,
+                ports["--aws-emulator-port"],
+                advertised or local_host,
+                data_dir,
+                services,
+            )
+            aws = aws_emulator.provision(
+                emulator, catalog=Path(catalog), internal_api_key=secret["internal_api_key"]
+            )
+            aws_emulator.create_account(
+                aws, ADMIN_ACCOUNT, secret["admin_password"], (Group.USERS, Group.ADMINS)
+            )
+            databases = aws_emulator.fresh_state_folder(data_dir)
+            for env in (user_env, worker_env):
+                env.update(aws.settings())
+            user_env.update(aws.user_api_settings())
+            for name in (
+                "LOCAL_AUTH_PRIVATE_KEY",
+                "BOOTSTRAP_ADMIN_EMAIL",
+                "BOOTSTRAP_ADMIN_PASSWORD",
+            ):
+                user_env.pop(name)
+            runner_file_lines = emulator.environment()
+            runner_env.update(runner_file_lines)
+            unset = aws_emulator.REAL_AWS_VARIABLES
+        user_env["DATABASE_URL"] = f"sqlite:///{databases / 'user_api.db'}"
+        worker_env["QUEUE_DB_URL"] = f"sqlite:///{databases / 'worker_api.db'}"
+        user_env.update(given)
+        worker_env.update(given)
+
         user_args = ["user_api", "--host", host, "--port", str(args.user_port)]
-        services.append(start("user-api", user_args, user_env, data_dir))
+        services.append(start("user-api", user_args, user_env, data_dir, unset=unset))
         wait_ready(user_url, services)
         worker_args = ["worker_api", "--host", host, "--port", str(args.worker_port)]
-        services.append(start("worker-api", worker_args, worker_env, data_dir))
+        services.append(start("worker-api", worker_args, worker_env, data_dir, unset=unset))
         wait_ready(worker_url, services)
         # Every runner has an account of its own: the worker API tells runners apart
         # by account, and a runner cleans up the containers its account left behind.
-        admin = setup.admin_headers(user_url, secret["admin_password"])
+        if aws is not None:
+            pool = aws
+
+            def create_account(account: str, password: str) -> None:
+                aws_emulator.create_account(pool, account, password, (Group.WORKERS,))
+        else:
+            admin = setup.admin_headers(user_url, secret["admin_password"])
+            create_account = setup.worker_account_via_api(user_url, admin)
         jobs = data_dir / "jobs"
         env_file = setup.worker_env(
-            data_dir, "worker", public_user_url, public_worker_url, admin, jobs, via=user_url
+            data_dir,
+            "worker",
+            public_user_url,
+            public_worker_url,
+            jobs,
+            create_account=create_account,
+            extra=runner_file_lines,
         )
         for index in range(1, args.runners + 1):
-            runner_env = setup.worker_env(
+            runner_file = setup.worker_env(
                 data_dir / "runners",
                 f"runner-{index}",
                 user_url,
                 worker_url,
-                admin,
                 jobs,
-                via=user_url,
+                create_account=create_account,
+                extra=runner_file_lines,
             )
-            runner_args = ["worker_runner", "--env-file", str(runner_env)]
-            services.append(start(f"runner-{index}", runner_args, {}, data_dir))
-        _print_welcome(public_user_url, public_worker_url, data_dir, env_file)
+            runner_args = ["worker_runner", "--env-file", str(runner_file)]
+            services.append(
+                start(f"runner-{index}", runner_args, runner_env, data_dir, unset=unset)
+            )
+        _print_welcome(public_user_url, public_worker_url, data_dir, env_file, aws)
         while not stopping:
             for service in services:
                 if service.process.poll() is not None:
@@ -196,17 +293,46 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_welcome(user_url: str, worker_url: str, data_dir: Path, env_file: Path) -> None:
+def _catalog(option: Path | None, given: dict[str, str], *, aws_emulator: bool) -> str:
+    """The catalog the user API reads: ``--catalog``, else the env file's
+    ``APPLICATION_CONFIG_FILE`` (which may be ``s3://``), else the repository's. With
+    the emulator, the file that is uploaded to its bucket."""
+    from_file = given.pop("APPLICATION_CONFIG_FILE", None)
+    if option is not None and from_file is not None:
+        raise StartupError("give the catalog either with --catalog or in --env-file, not both")
+    if from_file is not None:
+        return from_file
+    chosen = (option or DEFAULT_CATALOG).resolve()
+    if not chosen.is_file():
+        raise StartupError(f"--catalog {chosen}: no such file")
+    return str(chosen)
+
+
+def _print_welcome(
+    user_url: str,
+    worker_url: str,
+    data_dir: Path,
+    env_file: Path,
+    aws: aws_emulator.EmulatedAws | None,
+) -> None:
+    emulated = ""
+    if aws is not None:
+        emulated = (
+            f"  AWS emulator {aws.emulator.endpoint_url} (moto) with\n{aws.describe()}\n"
+            "  the emulator keeps everything in memory: accounts, files and jobs are gone\n"
+            "  when the stack stops (its databases start empty each time)\n"
+        )
+    signup = "self-signup is ON" + (" (through Cognito)" if aws is not None else "")
     print(
         f"""
 LabCloud is up.
   user API    {user_url}   (docs: {user_url}/docs)
   worker API  {worker_url}
   data        {data_dir}
-  admin       {ADMIN_ACCOUNT} / password in {data_dir / "admin_password"}
+{emulated}  admin       {ADMIN_ACCOUNT} / password in {data_dir / "admin_password"}
   add a runner (e.g. on a GPU machine): labcloud runner --env-file {env_file}
     (that file holds the account of one more runner; each runner needs its own)
-  self-signup is ON: a development setting, never for a public server
+  {signup}: a development setting, never for a public server
 
 Example session (paste in another terminal):
 

@@ -30,14 +30,23 @@ class Service:
     process: subprocess.Popen[bytes]
 
 
-def start(name: str, module_args: list[str], env: dict[str, str], data_dir: Path) -> Service:
-    """``python -m <module_args>`` with ``env`` added, logging to ``data_dir/logs/<name>.log``."""
+def start(
+    name: str,
+    module_args: list[str],
+    env: dict[str, str],
+    data_dir: Path,
+    *,
+    unset: tuple[str, ...] = (),
+) -> Service:
+    """``python -m <module_args>`` with ``env`` added and the variables ``unset``
+    removed, logging to ``data_dir/logs/<name>.log``."""
     log_dir = data_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     log = (log_dir / f"{name}.log").open("ab")
+    environment = {key: value for key, value in os.environ.items() if key not in unset}
     process = subprocess.Popen(  # noqa: S603 - our own interpreter and modules
         [sys.executable, "-m", *module_args],
-        env={**os.environ, **env},
+        env={**environment, **env},
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=data_dir,

@@ -50,6 +50,17 @@ def url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def free_port(host: str) -> int:
+    """A port nothing listens on at ``host`` now (the system's choice)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.bind(address)
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def port_problem(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be listened on, or None.
 
@@ -95,20 +106,40 @@ def admin_headers(user_url: str, admin_password: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token.json()['id_token']}"}
 
 
+# Makes a ``workers`` account (email, password) unless it exists.
+CreateWorkerAccount = Callable[[str, str], None]
+
+
+def worker_account_via_api(via: str, admin: dict[str, str]) -> CreateWorkerAccount:
+    """Worker accounts made by the stack's admin through the user API at ``via``."""
+
+    def create(account: str, password: str) -> None:
+        created = httpx.post(
+            f"{via}/user",
+            data={"username": account, "password": password, "groups": [Group.WORKERS.value]},
+            headers=admin,
+            timeout=30,
+        )
+        if created.status_code not in (201, 409):
+            raise StartupError(f"cannot create the worker account {account}: {created.text}")
+
+    return create
+
+
 def worker_env(
     folder: Path,
     name: str,
     user_url: str,
     worker_url: str,
-    admin: dict[str, str],
     jobs: Path,
     *,
-    via: str,
+    create_account: CreateWorkerAccount,
+    extra: dict[str, str] | None = None,
 ) -> Path:
     """Write ``folder/<name>.env`` for a runner with its own ``workers`` account,
-    creating the account the first time (the password is kept in the file).
-    ``user_url`` and ``worker_url`` are what the runner will use; ``via`` is
-    where this process reaches the user API."""
+    made by ``create_account`` the first time (the password is kept in the file).
+    ``user_url`` and ``worker_url`` are what the runner will use; ``extra`` are
+    more lines of the file."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.env"
     account = f"{name}@labcloud.example.org"
@@ -116,14 +147,7 @@ def worker_env(
     password = values.get("PASSWORD", "")
     if password_problem(password) is not None:
         password = generate_password()
-    created = httpx.post(
-        f"{via}/user",
-        data={"username": account, "password": password, "groups": [Group.WORKERS.value]},
-        headers=admin,
-        timeout=30,
-    )
-    if created.status_code not in (201, 409):
-        raise StartupError(f"cannot create the worker account {account}: {created.text}")
+    create_account(account, password)
     lines = {
         "API_URL": worker_url,
         "AUTH_URL": user_url,
@@ -133,6 +157,7 @@ def worker_env(
         "PATH_HOST_BASE": str(jobs),
         # Keep-alives every 2 s: a cancelled job's container stops within seconds.
         "TIMEOUT_STATUS": "2",
+        **(extra or {}),
     }
     path.touch(mode=0o600)
     path.write_text(
