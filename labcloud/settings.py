@@ -57,9 +57,14 @@ class ServiceSettings(BaseSettings):
 
     auth: AuthMode = AuthMode.LOCAL
     filesystem: FilesystemKind = FilesystemKind.LOCAL
+    # With FILESYSTEM=s3, the key prefix inside S3_BUCKET ("" or "." for the top).
     user_data_root_path: Path = Path("./.labcloud/data")
-    s3_bucket: str | None = None
     s3_region: str | None = None
+    # An S3-compatible store or emulator (http://127.0.0.1:5000); None: AWS, or the
+    # AWS_ENDPOINT_URL boto3 reads from the environment.
+    s3_endpoint_url: str | None = None
+    # Declared after the fields its check reads.
+    s3_bucket: str | None = None
 
     internal_api_key_secret: SecretStr
 
@@ -78,6 +83,21 @@ class ServiceSettings(BaseSettings):
         cls, value: SecretStr | None, info: ValidationInfo
     ) -> SecretStr | None:
         return resolve_secret_setting(value, str(info.field_name).upper())
+
+    @field_validator("s3_bucket")
+    @classmethod
+    def _check_bucket(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """With FILESYSTEM=s3, the bucket must exist and answer at start: a service
+        that cannot store files says so in one line rather than at the first upload."""
+        if value and info.data.get("filesystem") is FilesystemKind.S3:
+            from labcloud.storage.s3 import check_bucket, key_prefix, s3_client
+
+            key_prefix(info.data.get("user_data_root_path", ""))
+            client = s3_client(
+                region=info.data.get("s3_region"), endpoint_url=info.data.get("s3_endpoint_url")
+            )
+            check_bucket(client, value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Self:
