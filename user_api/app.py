@@ -14,6 +14,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from labcloud.auth import TokenVerifier
+from labcloud.auth.cognito import CognitoAppClient, CognitoUserPool
+from labcloud.auth.jwt import JwtVerifier
 from labcloud.auth.local import LocalTokenIssuer, cognito_verifier
 from labcloud.db import create_db_engine, make_session_factory, migrate, unit_of_work
 from labcloud.outbox import Backoff, Relay
@@ -25,6 +27,7 @@ from labcloud.web import install_error_handlers, install_request_guards
 from user_api.admin.endpoints import internal_router as admin_internal_router
 from user_api.admin.endpoints import router as admin_router
 from user_api.auth import service as auth_service
+from user_api.auth.cognito import CognitoAccounts
 from user_api.auth.endpoints import router as auth_router
 from user_api.catalog.endpoints import router as catalog_router
 from user_api.catalog.sources import catalog_source
@@ -49,6 +52,35 @@ MAX_REQUEST_BODY_BYTES = 1024 * 1024
 """The largest request body other than a file upload (README "Request limits")."""
 
 
+def make_cognito_verifier(settings: UserApiSettings) -> JwtVerifier:
+    """ID tokens of the pool's app client, checked against the pool's JWKS."""
+    assert settings.cognito_client_id is not None, "checked by the settings"
+    return cognito_verifier(
+        jwks_url=settings.resolved_cognito_jwks_url,
+        issuer=settings.resolved_cognito_issuer,
+        client_id=settings.cognito_client_id,
+    )
+
+
+def make_cognito_accounts(settings: UserApiSettings, verifier: TokenVerifier) -> CognitoAccounts:
+    """Sign-up, login and the admin API's changes in the Cognito user pool."""
+    assert settings.cognito_client_id is not None, "checked by the settings"
+    assert settings.cognito_user_pool_id is not None, "checked by the settings"
+    secret = settings.cognito_secret.get_secret_value() if settings.cognito_secret else None
+    return CognitoAccounts(
+        app_client=CognitoAppClient(
+            client_id=settings.cognito_client_id,
+            region=settings.cognito_region,
+            client_secret=secret,
+        ),
+        pool=CognitoUserPool(
+            user_pool_id=settings.cognito_user_pool_id, region=settings.cognito_region
+        ),
+        verifier=verifier,
+        confirm_signups=settings.cognito_confirm_signups,
+    )
+
+
 def create_app(settings: UserApiSettings | None = None) -> FastAPI:
     settings = settings or load_settings(UserApiSettings, os.environ.get(ENV_FILE_VARIABLE))
 
@@ -65,6 +97,7 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
         if email_sender is None:
             logger.info("email notifications off (EMAIL_SENDER_SERVICE is empty)")
         issuer: LocalTokenIssuer | None = None
+        cognito_accounts: CognitoAccounts | None = None
         verifier: TokenVerifier
         if settings.auth is AuthMode.LOCAL:
             assert settings.local_auth_private_key is not None  # checked by the settings
@@ -76,12 +109,13 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
             if settings.allow_self_signup:
                 logger.warning("self-signup is ON (ALLOW_SELF_SIGNUP): a development setting")
         else:
-            assert settings.cognito_client_id is not None
-            verifier = cognito_verifier(
-                jwks_url=settings.resolved_cognito_jwks_url,
-                issuer=settings.resolved_cognito_issuer,
-                client_id=settings.cognito_client_id,
-            )
+            verifier = make_cognito_verifier(settings)
+            cognito_accounts = make_cognito_accounts(settings, verifier)
+            if settings.cognito_auth_routes:
+                logger.warning(
+                    "POST /user, /token and /login sign up and log in through Cognito "
+                    "(COGNITO_AUTH_ROUTES): a development setting"
+                )
         if settings.bootstrap_admin_email and settings.bootstrap_admin_password:
             with unit_of_work(sessions) as session:
                 auth_service.ensure_bootstrap_admin(
@@ -109,6 +143,7 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
         app.state.session_factory = sessions
         app.state.issuer = issuer
         app.state.verifier = verifier
+        app.state.cognito_accounts = cognito_accounts
         app.state.storage = make_storage(
             settings,
             transfers=LocalTransfers(

@@ -34,6 +34,7 @@ from labcloud.web import (
     bearer_token,
     check_internal_key,
 )
+from user_api.auth.cognito import AccountPool, CognitoAccounts
 from user_api.auth.service import AuthenticatedUser, resolve_caller
 from user_api.catalog.store import CatalogStore
 from user_api.limits import default_limits
@@ -94,6 +95,34 @@ async def get_issuer(request: Request) -> LocalTokenIssuer:
 IssuerDep = Annotated[LocalTokenIssuer, Depends(get_issuer)]
 
 
+async def get_auth_routes(request: Request) -> LocalTokenIssuer | CognitoAccounts:
+    """What serves ``POST /user``, ``/token`` and ``/login``: the local issuer, or the
+    Cognito pool when ``COGNITO_AUTH_ROUTES`` is on (404 otherwise)."""
+    issuer: LocalTokenIssuer | None = request.app.state.issuer
+    if issuer is not None:
+        return issuer
+    settings: UserApiSettings = request.app.state.settings
+    accounts: CognitoAccounts | None = request.app.state.cognito_accounts
+    if accounts is None or not settings.cognito_auth_routes:
+        raise NotFound(
+            "with AUTH=cognito, sign up and log in through the Cognito user pool "
+            "(these routes need COGNITO_AUTH_ROUTES=true)"
+        )
+    return accounts
+
+
+AuthRoutesDep = Annotated[LocalTokenIssuer | CognitoAccounts, Depends(get_auth_routes)]
+
+
+async def get_account_pool(request: Request) -> AccountPool | None:
+    """The Cognito pool the admin API changes accounts in; None with local auth."""
+    accounts: CognitoAccounts | None = request.app.state.cognito_accounts
+    return accounts
+
+
+AccountPoolDep = Annotated[AccountPool | None, Depends(get_account_pool)]
+
+
 def _verify(request: Request) -> Principal:
     verifier: TokenVerifier = request.app.state.verifier
     return verifier.verify(bearer_token(request))
@@ -136,9 +165,11 @@ def _approved(caller: AuthenticatedUser) -> AuthenticatedUser:
 
 
 async def get_current_user(caller: Caller) -> AuthenticatedUser:
+    # Approval first: a Cognito account waiting for it is in no group yet.
+    _approved(caller)
     if not caller.has(Group.USERS):
         raise Forbidden("this route needs an account in group 'users'")
-    return _approved(caller)
+    return caller
 
 
 CurrentUser = Annotated[AuthenticatedUser, Depends(get_current_user)]
@@ -212,6 +243,8 @@ async def require_internal_key(request: Request, _scheme: InternalKeyScheme = No
 InternalCaller = Depends(require_internal_key)
 
 __all__ = [
+    "AccountPoolDep",
+    "AuthRoutesDep",
     "CatalogStoreDep",
     "CurrentAdmin",
     "CurrentUser",

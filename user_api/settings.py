@@ -59,6 +59,22 @@ class UserApiSettings(ServiceSettings):
     bootstrap_admin_email: EmailStr | None = None
     bootstrap_admin_password: SecretStr | None = None
 
+    # Cognito (AUTH=cognito).
+    cognito_auth_routes: bool = Field(
+        default=False,
+        description=(
+            "POST /user, /token and /login sign up and log in through the Cognito user "
+            "pool (development and test stacks; DECODE's clients use them)."
+        ),
+    )
+    cognito_confirm_signups: bool = Field(
+        default=True,
+        description=(
+            "Accounts created through POST /user are confirmed by the user API "
+            "(admin_confirm_sign_up) instead of by the code Cognito sends."
+        ),
+    )
+
     signup_requires_approval: bool = Field(
         default=False, description="Self-signed-up accounts wait for an admin's approval."
     )
@@ -74,6 +90,29 @@ class UserApiSettings(ServiceSettings):
         if isinstance(value, str) and value.strip().lower() in ("", "unlimited", "none"):
             return None
         return value
+
+    # Bytes stored per account are counted in the database (user_api.files.usage).
+    storage_usage_max_age_seconds: float = Field(
+        default=24 * 3600,
+        gt=0,
+        description="A count older than this is recounted from storage at the next check.",
+    )
+    storage_usage_settle_seconds: float = Field(
+        default=300,
+        ge=0,
+        description=(
+            "After a presigned upload URL expires, how long an upload begun before may "
+            "still be landing (checks recount from storage until then)."
+        ),
+    )
+    storage_usage_stuck_seconds: float = Field(
+        default=6 * 3600,
+        gt=0,
+        description=(
+            "An upload that reserved bytes and has not finished for this long is taken "
+            "as dead, so that a recount may replace what it reserved."
+        ),
+    )
 
     # Email when a job ends.
     email_sender_service: EmailSenderService = EmailSenderService.NONE

@@ -80,6 +80,7 @@ def run_worker(settings: WorkerSettings, backend_settings: BackendSettings) -> i
         auth_url=settings.auth_url,
         username=settings.username,
         password=settings.password,
+        cognito_secret=settings.cognito_secret,
     )
     try:
         client.authenticate()

@@ -1,9 +1,11 @@
 """Client of the worker API (contract section 2).
 
-It fetches and refreshes the bearer token, leases jobs (with the long-poll ``wait``
-extension), reports statuses (which double as keep-alives), and moves files through
-the signed requests the API hands out. Signed requests are sent without the bearer
-token, and file bodies are streamed in chunks in both directions.
+It fetches and refreshes the bearer token (through Cognito when the API's
+``/access_info`` names a user pool, else at the user API's ``POST /token``), leases
+jobs (with the long-poll ``wait`` extension), reports statuses (which double as
+keep-alives), and moves files through the signed requests the API hands out. Signed
+requests are sent without the bearer token, and file bodies are streamed in chunks
+in both directions.
 
 The client is safe to share between the runner's threads.
 """
@@ -23,7 +25,9 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr, ValidationError
 
+from labcloud.auth.cognito import CognitoAppClient, CognitoLogin
 from labcloud.contract import JobStatus, Outcome, OutputKind, SignedRequest, StatusReport
+from labcloud.errors import BadRequest, Forbidden, LabCloudError, Unauthorized
 from labcloud.storage.paths import PARTIAL_PREFIX
 from worker_runner import RunnerError
 
@@ -71,17 +75,27 @@ class WorkerApiClient:
         self,
         *,
         api_url: str,
-        auth_url: str,
+        auth_url: str | None,
         username: str,
         password: SecretStr | str,
+        cognito_secret: SecretStr | str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         retry_delays: Sequence[float] = RETRY_DELAYS_S,
+        token_margin: float = TOKEN_MARGIN_S,
     ) -> None:
         self._api_url = api_url.rstrip("/")
-        self._auth_url = auth_url.rstrip("/")
+        self._auth_url = auth_url.rstrip("/") if auth_url else None
         self._username = username
         self._password = password if isinstance(password, SecretStr) else SecretStr(password)
+        self._cognito_secret = (
+            cognito_secret.get_secret_value()
+            if isinstance(cognito_secret, SecretStr)
+            else cognito_secret
+        )
+        self._token_margin = token_margin
+        # How this worker logs in, found from the API's /access_info on first use.
+        self._login: Callable[[], tuple[str, float]] | None = None
         self._timeout = timeout
         self._retry_delays = tuple(retry_delays)
         self._api = httpx.Client(timeout=timeout, transport=transport)
@@ -91,6 +105,7 @@ class WorkerApiClient:
         self._token_lock = threading.Lock()
         self._token: str | None = None
         self._token_refresh_at = 0.0
+        self.cognito_login: CognitoLogin | None = None
 
     def close(self) -> None:
         """Close the HTTP connections."""
@@ -106,6 +121,69 @@ class WorkerApiClient:
     # -- token -----------------------------------------------------------------
 
     def _fetch_token(self) -> None:
+        if self._login is None:
+            self._login = self._discover_login()
+        token, expires_in = self._login()
+        self._token = token
+        # Short-lived tokens are refreshed at half their life instead of never.
+        margin = min(self._token_margin, expires_in / 2)
+        self._token_refresh_at = time.monotonic() + expires_in - margin
+
+    def _discover_login(self) -> Callable[[], tuple[str, float]]:
+        """Log in through Cognito when the API's ``/access_info`` names a pool (as
+        DECODE's worker does), else at the user API's ``POST /token``."""
+        try:
+            response = self._api.get(f"{self._api_url}/access_info")
+        except httpx.HTTPError as exc:
+            raise WorkerApiError(f"access_info request failed: {exc}") from exc
+        if response.status_code == 404:
+            # An API without the route (a stand-in): only local auth has no pool to name.
+            return self._local_token
+        if response.status_code != 200:
+            raise WorkerApiError(
+                f"access_info answered {response.status_code}: {_detail(response)}",
+                status_code=response.status_code,
+            )
+        try:
+            info = response.json()
+            cognito = info.get("cognito") or {}
+            # Upstream's worker API sends only "cognito"; LabCloud's also "auth".
+            uses_cognito = info.get("auth", "cognito") == "cognito" and bool(
+                cognito.get("client_id")
+            )
+        except (ValueError, AttributeError) as exc:
+            raise WorkerApiError(f"malformed access_info response: {exc}") from exc
+        if uses_cognito:
+            logger.info("logging in through Cognito as %s", self._username)
+            login = CognitoLogin(
+                CognitoAppClient(
+                    client_id=str(cognito["client_id"]),
+                    region=cognito.get("region") or None,
+                    client_secret=self._cognito_secret,
+                ),
+                self._username,
+                self._password.get_secret_value(),
+            )
+            self.cognito_login = login
+            return lambda: self._cognito_token(login)
+        if self._auth_url is None:
+            raise AuthenticationFailed(
+                "the worker API uses local auth: AUTH_URL (the user API) must be set"
+            )
+        return self._local_token
+
+    def _cognito_token(self, login: CognitoLogin) -> tuple[str, float]:
+        try:
+            tokens = login.tokens()
+        except (Unauthorized, Forbidden, BadRequest) as exc:
+            raise AuthenticationFailed(
+                f"Cognito refused {self._username}: {exc.message}", status_code=exc.status_code
+            ) from exc
+        except LabCloudError as exc:
+            raise WorkerApiError(f"Cognito login failed: {exc.message}") from exc
+        return tokens.id_token, float(tokens.expires_in)
+
+    def _local_token(self) -> tuple[str, float]:
         try:
             response = self._api.post(
                 f"{self._auth_url}/token",
@@ -128,14 +206,9 @@ class WorkerApiClient:
             )
         body = response.json()
         try:
-            token = str(body["id_token"])
-            expires_in = float(body["expires_in"])
+            return str(body["id_token"]), float(body["expires_in"])
         except (KeyError, TypeError, ValueError) as exc:
             raise WorkerApiError(f"malformed token response: {exc}") from exc
-        self._token = token
-        # Short-lived tokens are refreshed at half their life instead of never.
-        margin = min(TOKEN_MARGIN_S, expires_in / 2)
-        self._token_refresh_at = time.monotonic() + expires_in - margin
 
     def authenticate(self) -> None:
         """Fetch a token now: lets a starting worker find out at once that its

@@ -42,9 +42,19 @@ class WorkerSettings(BaseSettings):
     )
 
     api_url: str = Field(description="Base URL of the worker API.")
-    auth_url: str = Field(description="Base URL of the user API, where POST /token lives.")
+    auth_url: str | None = Field(
+        default=None,
+        description=(
+            "Base URL of the user API, where POST /token lives; not needed when the worker "
+            "API's /access_info names a Cognito pool (the runner logs in there)."
+        ),
+    )
     username: str = Field(min_length=1, description="Worker account; also the worker's name.")
     password: SecretStr
+    cognito_secret: SecretStr | None = Field(
+        default=None,
+        description="Secret of the Cognito app client, when it has one (a value or an ARN).",
+    )
 
     backend: BackendKind = Field(
         default=BackendKind.DOCKER, description="Where jobs run (the execution backend)."
@@ -62,8 +72,13 @@ class WorkerSettings(BaseSettings):
 
     @field_validator("api_url", "auth_url")
     @classmethod
-    def _check_url(cls, value: str) -> str:
-        return _base_url(value)
+    def _check_url(cls, value: str | None) -> str | None:
+        return _base_url(value) if value is not None else None
+
+    @field_validator("cognito_secret")
+    @classmethod
+    def _resolve_cognito_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        return resolve_secret_setting(value, "COGNITO_SECRET")
 
     @field_validator("backend", mode="before")
     @classmethod

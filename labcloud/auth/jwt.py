@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import jwt
 
 from labcloud.auth.principal import InvalidToken, Principal
 
 KeyResolver = Callable[[str], Any]
+logger = logging.getLogger(__name__)
 
 
 class VerifiedTokens:
@@ -115,14 +118,81 @@ class JwtVerifier:
         return principal, float(claims["exp"])
 
 
-def jwks_key_resolver(jwks_url: str) -> KeyResolver:
-    """Keys from a JWKS endpoint, cached, matched by the token's ``kid``."""
-    client = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=10)
+class JwksKeys:
+    """Signing keys of a JWKS endpoint, matched by the token's ``kid``.
 
-    def resolve(token: str) -> Any:
+    The set is fetched on first use and kept; a token naming a ``kid`` the set lacks
+    makes it fetch again (keys rotate), at most once per ``refresh_interval``, so
+    tokens with made-up ``kid`` values cannot turn every request into a fetch. A set
+    older than ``max_age`` is fetched again on next use (a withdrawn key stops being
+    trusted); if that fetch fails, the keys held are kept until one succeeds. While
+    no set was ever fetched, a failed fetch is retried after ``retry_interval`` (the
+    issuer may start after this service). Every fetch has a ``timeout``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        refresh_interval: float = 30.0,
+        retry_interval: float = 1.0,
+        max_age: float = 3600.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._refresh_interval = refresh_interval
+        self._retry_interval = retry_interval
+        self._max_age = max_age
+        self._transport = transport
+        self._lock = threading.Lock()
+        self._keys: dict[str, Any] = {}
+        self._fetched_at: float | None = None  # of the set held
+        self._attempted_at: float | None = None  # of the last fetch, good or not
+        self.fetches = 0
+
+    def __call__(self, token: str) -> Any:
         try:
-            return client.get_signing_key_from_jwt(token).key
-        except jwt.PyJWKClientConnectionError as exc:
-            raise InvalidToken(f"cannot fetch signing keys: {exc}") from exc
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"invalid token: {exc}") from exc
+        if not isinstance(kid, str) or not kid:
+            raise InvalidToken("invalid token: its header names no signing key (kid)")
+        with self._lock:
+            now = time.monotonic()
+            if self._fetched_at is None or now - self._fetched_at >= self._max_age:
+                self._fetch_if_due(now, self._retry_interval)
+            elif kid not in self._keys:
+                self._fetch_if_due(now, self._refresh_interval)
+            if self._fetched_at is None:
+                raise InvalidToken("cannot fetch the signing keys (JWKS)")
+            key = self._keys.get(kid)
+        if key is None:
+            raise InvalidToken("invalid token: unknown signing key")
+        return key
 
-    return resolve
+    def _fetch_if_due(self, now: float, interval: float) -> None:
+        if self._attempted_at is not None and now - self._attempted_at < interval:
+            return
+        self._attempted_at = now
+        self.fetches += 1
+        try:
+            with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
+                response = client.get(self._url)
+                response.raise_for_status()
+                document = response.json()
+            keys = {
+                str(key.key_id): key.key
+                for key in jwt.PyJWKSet.from_dict(document).keys
+                if key.key_id and key.public_key_use in (None, "sig")
+            }
+        except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
+            logger.warning("cannot fetch signing keys from %s: %s", self._url, exc)
+            return
+        self._keys = keys
+        self._fetched_at = now
+
+
+def jwks_key_resolver(jwks_url: str) -> KeyResolver:
+    """Keys from a JWKS endpoint (``JwksKeys`` with its default timings)."""
+    return JwksKeys(jwks_url)

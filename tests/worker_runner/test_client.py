@@ -19,16 +19,27 @@ AUTH = "http://user-api"
 Handler = Callable[[httpx.Request], httpx.Response]
 
 
+LOCAL_ACCESS_INFO = {
+    "cognito": {"user_pool_id": None, "client_id": None, "region": None},
+    "auth": "local",
+}
+
+
 class Recorder:
-    """Answers the token route and delegates everything else, recording requests."""
+    """Answers ``/access_info`` (local auth) and the token route and delegates
+    everything else, recording requests."""
 
     def __init__(self, handler: Handler, *, expires_in: int = 3600) -> None:
         self.handler = handler
         self.expires_in = expires_in
         self.tokens_issued = 0
+        self.access_info_asked = 0
         self.requests: list[httpx.Request] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/access_info":
+            self.access_info_asked += 1
+            return httpx.Response(200, json=LOCAL_ACCESS_INFO)
         if request.url.host == "user-api":
             assert request.url.path == "/token"
             form = dict(httpx.QueryParams(request.read().decode()))
@@ -58,8 +69,40 @@ def test_token_is_fetched_once_and_sent_as_bearer() -> None:
     with make_client(recorder) as client:
         client.pull_jobs({"memory": 1024, "cpu_cores": 2, "gpu_mem": 0})
         client.pull_jobs({"memory": 1024, "cpu_cores": 2, "gpu_mem": 0})
-    assert recorder.tokens_issued == 1
+    assert recorder.tokens_issued == 1 and recorder.access_info_asked == 1
     assert [r.headers["authorization"] for r in recorder.requests] == ["Bearer t1"] * 2
+
+
+def test_an_api_without_access_info_means_local_auth() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/access_info"):
+            return httpx.Response(404, json={"detail": "Not Found"})
+        return httpx.Response(200, json={})
+
+    with WorkerApiClient(
+        api_url="http://stand-in",
+        auth_url=AUTH,
+        username="worker-1",
+        password="pw",
+        transport=httpx.MockTransport(Recorder(handler)),
+    ) as client:
+        assert client.pull_jobs({"memory": 1}) == {}
+
+
+def test_an_unreachable_access_info_is_retried_not_taken_for_local_auth() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"detail": "starting"})
+
+    with WorkerApiClient(
+        api_url="http://stand-in",
+        auth_url=None,
+        username="worker-1",
+        password="pw",
+        transport=httpx.MockTransport(handler),
+    ) as client:
+        with pytest.raises(WorkerApiError) as caught:
+            client.authenticate()
+        assert not isinstance(caught.value, AuthenticationFailed)
 
 
 def test_token_is_refreshed_before_it_expires() -> None:

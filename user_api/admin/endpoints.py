@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from labcloud.contract import JobStatus
 from labcloud.settings import AuthMode
+from labcloud.storage.base import Storage
 from labcloud.web import MAX_OFFSET, IdPath
 from user_api.admin import service
 from user_api.admin.schemas import (
@@ -20,11 +21,13 @@ from user_api.admin.schemas import (
     GroupsUpdate,
     LimitsUpdate,
     QueueOverview,
+    UsageChange,
     WorkerCreate,
     WorkerCreated,
 )
 from user_api.catalog.store import CatalogStatus
 from user_api.dependencies import (
+    AccountPoolDep,
     CatalogStoreDep,
     CurrentAdmin,
     InternalCaller,
@@ -32,7 +35,9 @@ from user_api.dependencies import (
     SettingsDep,
     StorageDep,
 )
+from user_api.files.usage import StorageUsageLedger
 from user_api.limits import default_limits
+from user_api.settings import UserApiSettings
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 internal_router = APIRouter(tags=["internal"], include_in_schema=False)
@@ -66,31 +71,58 @@ def list_users(
 
 @router.post("/users/{email}/approve")
 def approve_user(
-    email: str, admin: CurrentAdmin, session: SessionDep, storage: StorageDep, settings: SettingsDep
+    email: str,
+    admin: CurrentAdmin,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    pool: AccountPoolDep,
 ) -> AdminUser:
     """Let an account that signed up itself use the service."""
     return service.approve_user(
-        session, storage, actor=admin, email=email, defaults=default_limits(settings)
+        session, storage, actor=admin, email=email, defaults=default_limits(settings), pool=pool
     )
 
 
 @router.post("/users/{email}/disable")
 def disable_user(
-    email: str, admin: CurrentAdmin, session: SessionDep, storage: StorageDep, settings: SettingsDep
+    email: str,
+    admin: CurrentAdmin,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    pool: AccountPoolDep,
 ) -> AdminUser:
     """Disable an account: its tokens stop working on both APIs."""
     return service.set_active(
-        session, storage, actor=admin, email=email, active=False, defaults=default_limits(settings)
+        session,
+        storage,
+        actor=admin,
+        email=email,
+        active=False,
+        defaults=default_limits(settings),
+        pool=pool,
     )
 
 
 @router.post("/users/{email}/enable")
 def enable_user(
-    email: str, admin: CurrentAdmin, session: SessionDep, storage: StorageDep, settings: SettingsDep
+    email: str,
+    admin: CurrentAdmin,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    pool: AccountPoolDep,
 ) -> AdminUser:
     """Enable a disabled account again."""
     return service.set_active(
-        session, storage, actor=admin, email=email, active=True, defaults=default_limits(settings)
+        session,
+        storage,
+        actor=admin,
+        email=email,
+        active=True,
+        defaults=default_limits(settings),
+        pool=pool,
     )
 
 
@@ -102,6 +134,7 @@ def set_groups(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
+    pool: AccountPoolDep,
 ) -> AdminUser:
     """Replace an account's groups."""
     return service.set_groups(
@@ -112,6 +145,7 @@ def set_groups(
         groups=payload.groups,
         local_auth=settings.auth is AuthMode.LOCAL,
         defaults=default_limits(settings),
+        pool=pool,
     )
 
 
@@ -189,13 +223,42 @@ def audit_log(
     return service.list_audit(session, offset=offset, limit=limit)
 
 
+def _usage(request: Request, storage: Storage, settings: UserApiSettings) -> StorageUsageLedger:
+    return StorageUsageLedger.from_settings(request.app.state.session_factory, storage, settings)
+
+
+# No request transaction: counting an account's bytes may walk its folder, and no
+# transaction (nor SQLite's write lock) stays open meanwhile.
 @internal_router.get("/_accounts/{subject}", dependencies=[InternalCaller])
-def account_state(subject: str, session: SessionDep, settings: SettingsDep) -> AccountState:
-    """Whether an account's tokens may still be used, and its storage limit (asked
-    by the worker API)."""
+def account_state(
+    request: Request, subject: str, storage: StorageDep, settings: SettingsDep
+) -> AccountState:
+    """Whether an account's tokens may still be used, its storage limit and what its
+    files take (asked by the worker API)."""
     return service.account_state(
-        session,
+        request.app.state.session_factory,
         subject,
         local_auth=settings.auth is AuthMode.LOCAL,
         defaults=default_limits(settings),
+        usage=_usage(request, storage, settings),
+    )
+
+
+@internal_router.post("/_accounts/{subject}/usage", dependencies=[InternalCaller])
+def record_usage(
+    request: Request,
+    subject: str,
+    change: UsageChange,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> AccountState:
+    """Count bytes the worker API wrote into the account's files (its results
+    uploads), and answer the account's state after it."""
+    return service.record_usage(
+        request.app.state.session_factory,
+        subject,
+        change,
+        local_auth=settings.auth is AuthMode.LOCAL,
+        defaults=default_limits(settings),
+        usage=_usage(request, storage, settings),
     )

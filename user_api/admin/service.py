@@ -13,13 +13,14 @@ import secrets
 import shlex
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.auth.passwords import password_problem
 from labcloud.contract import Environment, Group, JobStatus
-from labcloud.db import utcnow
+from labcloud.db import unit_of_work, utcnow
 from labcloud.errors import BadRequest, Conflict, NotFound
 from labcloud.storage.base import Storage
+from labcloud.storage.quota import UsageLedger, remaining_bytes
 from user_api.admin import repository
 from user_api.admin.schemas import (
     AccountState,
@@ -33,11 +34,13 @@ from user_api.admin.schemas import (
     LimitsUpdate,
     OldestQueued,
     QueueOverview,
+    UsageChange,
     WorkerCreate,
     WorkerCreated,
 )
 from user_api.auth import repository as accounts
 from user_api.auth import service as auth_service
+from user_api.auth.cognito import AccountPool
 from user_api.auth.service import AuthenticatedUser
 from user_api.jobs import service as jobs_service
 from user_api.jobs.lifecycle import Cause
@@ -163,10 +166,15 @@ def approve_user(
     actor: AuthenticatedUser,
     email: str,
     defaults: UsageLimits,
+    pool: AccountPool | None = None,
 ) -> AdminUser:
-    """Let a self-signed-up account use the service."""
+    """Let a self-signed-up account use the service. In a Cognito pool, this adds
+    the account to ``users`` (confirming it if needed): its next token may act."""
     user = _user(session, email)
     if not user.is_approved:
+        if pool is not None:
+            pool.approve(user.email)
+            user.groups = sorted({*user.groups, Group.USERS.value})
         user.is_approved = True
         _audit(session, actor, AuditAction.APPROVE_USER, user.email)
     return _read_user(session, storage, defaults, user)
@@ -180,13 +188,17 @@ def set_active(
     email: str,
     active: bool,
     defaults: UsageLimits,
+    pool: AccountPool | None = None,
 ) -> AdminUser:
-    """Disable an account (its tokens stop working at once, on both APIs) or enable
-    it again. The last active admin cannot be disabled."""
+    """Disable an account (its tokens stop working at once, on both APIs; in a
+    Cognito pool it cannot log in either) or enable it again. The last active admin
+    cannot be disabled."""
     user = _user(session, email)
     if user.is_active != active:
         if not active:
             _keep_an_admin(session, user)
+        if pool is not None:
+            pool.set_active(user.email, active)
         user.is_active = active
         action = AuditAction.ENABLE_USER if active else AuditAction.DISABLE_USER
         _audit(session, actor, action, user.email)
@@ -202,19 +214,24 @@ def set_groups(
     groups: list[Group],
     local_auth: bool,
     defaults: UsageLimits,
+    pool: AccountPool | None = None,
 ) -> AdminUser:
     """Replace an account's groups. Refused when it would remove the last active
-    admin, and with Cognito (whose tokens carry the groups)."""
-    if not local_auth:
+    admin. With Cognito the groups change in the pool, and the account's tokens
+    carry them from its next login (or refresh) on."""
+    if not local_auth and pool is None:
         raise ManagedByCognito(
             "with AUTH=cognito, groups come from the Cognito user pool: change them there"
         )
     user = _user(session, email)
     after = sorted({group.value for group in groups})
     before = list(user.groups)
-    if after != before:
+    if after != before or pool is not None:
         if Group.ADMINS.value not in after:
             _keep_an_admin(session, user)
+        if pool is not None:
+            pool.set_groups(user.email, after)
+    if after != before:
         user.groups = after
         _audit(session, actor, AuditAction.SET_GROUPS, user.email, {"from": before, "to": after})
     return _read_user(session, storage, defaults, user)
@@ -244,14 +261,49 @@ def set_limits(
 
 
 def account_state(
-    session: Session, subject: str, *, local_auth: bool, defaults: UsageLimits
+    session_factory: sessionmaker[Session],
+    subject: str,
+    *,
+    local_auth: bool,
+    defaults: UsageLimits,
+    usage: UsageLedger,
 ) -> AccountState:
-    """Whether tokens (and signed URLs) of the account ``subject`` may be used, and
-    its storage limit, which the worker API holds jobs' results to. An unknown
+    """Whether tokens (and signed URLs) of the account ``subject`` may be used, its
+    storage limit, which the worker API holds jobs' results to, and the bytes its
+    files take by ``usage`` (which may recount them from storage: the account is
+    read in a short transaction of its own, so none is open meanwhile). An unknown
     account is refused with local auth (it was deleted); with Cognito it is one the
     user API has not seen yet, and Cognito itself vouches for it."""
-    state = owner_state(session, subject, defaults, local_auth=local_auth)
-    return AccountState(active=state.active, max_storage_bytes=state.max_storage_bytes)
+    with unit_of_work(session_factory) as session:
+        state = owner_state(session, subject, defaults, local_auth=local_auth)
+    limit = state.max_storage_bytes
+    if not state.active or limit is None:
+        # Nothing will be stored for a disabled account, nor held to a limit without one.
+        return AccountState(active=state.active, max_storage_bytes=limit)
+    used = usage.used(subject)
+    return AccountState(
+        active=True,
+        max_storage_bytes=limit,
+        bytes_used=used,
+        remaining_storage_bytes=remaining_bytes(limit, used),
+    )
+
+
+def record_usage(
+    session_factory: sessionmaker[Session],
+    subject: str,
+    change: UsageChange,
+    *,
+    local_auth: bool,
+    defaults: UsageLimits,
+    usage: UsageLedger,
+) -> AccountState:
+    """Count what the worker API wrote into ``subject``'s files (one atomic update
+    of the count), and answer the account's state after it."""
+    usage.adjust(subject, change.bytes)
+    return account_state(
+        session_factory, subject, local_auth=local_auth, defaults=defaults, usage=usage
+    )
 
 
 # -- worker accounts ------------------------------------------------------------------

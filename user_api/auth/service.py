@@ -66,6 +66,23 @@ def normalise_email(raw: str) -> str:
         raise BadRequest(f"invalid email address: {exc}") from exc
 
 
+def allowed_groups(
+    groups: list[Group], *, creator: AuthenticatedUser | None, self_signup_allowed: bool
+) -> set[Group]:
+    """The groups a new account gets (``users`` when none are asked for), or why the
+    caller may not create it: anonymous callers only a plain ``users`` account when
+    self-signup is on, admins any groups, other accounts none."""
+    requested = set(groups) or {Group.USERS}
+    if creator is None or not creator.has(Group.ADMINS):
+        if creator is not None:
+            raise Forbidden("only admins can create accounts for others")
+        if not self_signup_allowed:
+            raise SignupDisabled()
+        if requested != {Group.USERS}:
+            raise Forbidden("self-signup creates plain 'users' accounts only")
+    return requested
+
+
 def create_account(
     session: Session,
     *,
@@ -79,14 +96,7 @@ def create_account(
     """Create a local account. Anonymous callers may only create a plain ``users``
     account, and only when self-signup is on; it then waits for an admin's approval
     when ``signup_requires_approval``. Admins may create any groups."""
-    requested = set(groups) or {Group.USERS}
-    if creator is None or not creator.has(Group.ADMINS):
-        if creator is not None:
-            raise Forbidden("only admins can create accounts for others")
-        if not self_signup_allowed:
-            raise SignupDisabled()
-        if requested != {Group.USERS}:
-            raise Forbidden("self-signup creates plain 'users' accounts only")
+    requested = allowed_groups(groups, creator=creator, self_signup_allowed=self_signup_allowed)
     problem = password_problem(password)
     if problem:
         raise BadRequest(problem)
