@@ -149,16 +149,17 @@ def _ancestors(key: str) -> Iterator[str]:
         yield "/".join(parts[:end])
 
 
-def _read_part(stream: BinaryIO, size: int) -> bytes:
+def _read_part(stream: BinaryIO, size: int) -> bytearray:
     """Up to ``size`` bytes of ``stream``, read ``CHUNK_SIZE`` at a time (a stream
-    may return less than asked); short only at the end of the stream."""
+    may return less than asked); short only at the end of the stream. A bytearray,
+    which boto3 sends as it is: a copy as bytes would double the memory a part takes."""
     buffer = bytearray()
     while len(buffer) < size:
         chunk = stream.read(min(CHUNK_SIZE, size - len(buffer)))
         if not chunk:
             break
         buffer += chunk
-    return bytes(buffer)
+    return buffer
 
 
 class S3Storage(Storage):
@@ -376,7 +377,7 @@ class S3Storage(Storage):
         return Entry(key, EntryType.FILE, size)
 
     def _upload_parts(
-        self, key: str, name: str, upload_id: str, first: bytes, stream: BinaryIO
+        self, key: str, name: str, upload_id: str, first: bytearray, stream: BinaryIO
     ) -> int:
         parts: list[dict[str, Any]] = []
         size = 0
@@ -390,6 +391,8 @@ class S3Storage(Storage):
                 parts.append({"ETag": response["ETag"], "PartNumber": number})
                 size += len(part)
                 number += 1
+                # Let the part sent go before the next one is read: one part in memory.
+                part = bytearray()
                 part = _read_part(stream, self._part_size_for(number))
             self._client.complete_multipart_upload(
                 Bucket=self._bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": parts}
