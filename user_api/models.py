@@ -177,9 +177,34 @@ class UsedUploadToken(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class StorageUsage(Base):
+    """The bytes an account's files take (``user_api.files.usage``), so that storage
+    limits hold without listing storage. Keyed by the subject, which names the
+    account's folder (an account Cognito vouches for may have no ``users`` row).
+
+    Writes change ``used_bytes`` only by guarded ``UPDATE ... SET used_bytes =
+    used_bytes + :delta``; every change bumps ``version``, so a recount from storage
+    is stored only if nothing changed while it walked the folder."""
+
+    __tablename__ = "storage_usage"
+
+    subject: Mapped[str] = mapped_column(String(64), primary_key=True)
+    used_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Writes that reserved bytes and have not settled: a recount waits for them.
+    in_flight: Mapped[int] = mapped_column(default=0, server_default="0")
+    version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # When the count was last taken from storage, and last changed at all.
+    counted_at: Mapped[datetime]
+    changed_at: Mapped[datetime]
+    # Until then bytes may land outside the API (a presigned upload URL is out, a
+    # job's results are coming): checks recount from storage until it has passed.
+    unsettled_until: Mapped[datetime | None]
+
+
 # The tables as Core ``Table`` objects (``__table__`` is typed as a plain
 # ``FromClause``), for the hot paths that skip the ORM: statements compiled once.
 USERS = cast(Table, User.__table__)
 JOBS = cast(Table, Job.__table__)
 WORKER_OUTBOX = cast(Table, WorkerOutbox.__table__)
 USED_UPLOAD_TOKENS = cast(Table, UsedUploadToken.__table__)
+STORAGE_USAGE = cast(Table, StorageUsage.__table__)

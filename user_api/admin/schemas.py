@@ -126,8 +126,24 @@ class AuditEntryRead(BaseModel):
 
 
 class AccountState(BaseModel):
-    """For the worker API: may this account's tokens still be used, and how many
-    bytes may its files take (null: no limit)?"""
+    """For the worker API: may this account's tokens still be used, how many bytes
+    may its files take (null: no limit), how many they take as counted by the user
+    API and how many more may be stored (both null when there is no limit)?"""
 
     active: bool
     max_storage_bytes: int | None = None
+    bytes_used: int | None = None
+    remaining_storage_bytes: int | None = None
+
+
+# Larger than any file system holds, small enough for every database's BIGINT.
+_MAX_USAGE_CHANGE = 2**62
+
+
+class UsageChange(BaseModel):
+    """Bytes the worker API's own routes added to an account's files (negative:
+    removed), counted by the user API at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bytes: int = Field(ge=-_MAX_USAGE_CHANGE, le=_MAX_USAGE_CHANGE)

@@ -11,6 +11,11 @@ renamed or deleted.
 Transfers without the bearer token are the storage's transfer requests: this module
 authorises them and asks the storage, which signs (local) or presigns (S3) them. The
 ``/_signed/{token}`` routes that redeem local storage's URLs are ``user_api.files.signed``.
+
+Bytes stored count against the user's storage limit. Given the account's
+``UsageLedger`` (``user_api.files.usage``), writes reserve and settle their bytes
+there and deletions subtract theirs, so no check lists storage; without one, the
+bytes are summed from storage at each check (``labcloud.storage.quota``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,13 @@ from labcloud.storage.paths import (
     user_relative_path,
     user_root_key,
 )
-from labcloud.storage.quota import write_files_within_limit
+from labcloud.storage.quota import (
+    StorageLimitReached,
+    UsageLedger,
+    bytes_stored,
+    remaining_bytes,
+    write_files_within_limit,
+)
 from labcloud.storage.uploads import (
     IncomingFile,
     check_file_target,
@@ -256,16 +267,18 @@ def upload_files(
     *,
     job_named: JobNamed,
     max_bytes: int | None = None,
+    usage: UsageLedger | None = None,
 ) -> UploadedFiles:
     """Store each part as ``<area>/<folder>/<its file name>``, replacing files of
     those names. ``area`` must be one that takes uploads (config, data, artifact).
     All parts are stored or none (``labcloud.storage.uploads``); refused with
     ``StorageLimitReached`` when the user's files would exceed ``max_bytes`` (None:
-    no limit), and with ``JobResultsFolder`` inside a job's ``artifact/<name>/``."""
+    no limit), and with ``JobResultsFolder`` inside a job's ``artifact/<name>/``.
+    ``usage``: the ledger the bytes are reserved from (None: summed from storage)."""
     folder_key = _upload_key(subject, area, folder)
     targets = _folder_targets(storage, folder_key, parts, job_named)
     return uploaded_files(
-        folder_key, write_files_within_limit(storage, subject, targets, max_bytes)
+        folder_key, write_files_within_limit(storage, subject, targets, max_bytes, usage=usage)
     )
 
 
@@ -279,6 +292,7 @@ def upload_file(
     stream: BinaryIO,
     job_named: JobNamed,
     max_bytes: int | None = None,
+    usage: UsageLedger | None = None,
 ) -> FileInfo:
     """Store one file as ``<area>/<folder>/<filename>`` (see ``upload_files``)."""
     uploaded = upload_files(
@@ -289,6 +303,7 @@ def upload_file(
         [IncomingFile(filename, stream)],
         job_named=job_named,
         max_bytes=max_bytes,
+        usage=usage,
     )
     return uploaded.files[0]
 
@@ -302,19 +317,36 @@ def upload_url(
     expires_in: int,
     max_bytes: int | None,
     job_named: JobNamed,
+    usage: UsageLedger | None = None,
 ) -> SignedRequest:
     """A short-lived POST, good for one upload, that stores files (multipart field
     ``file``) in ``<area>/<folder>/`` under their own names, without the bearer
-    token: the storage's transfer request, carrying at most ``max_bytes`` (the
-    user's storage limit; None: no limit). Where the upload lands, the limit is
-    checked again against what the user then stores."""
+    token: the storage's transfer request, carrying at most what the user may
+    still store under ``max_bytes`` (the user's storage limit; None: no limit). A
+    user with nothing left gets ``StorageLimitReached`` instead of a URL. Where the
+    upload lands, the limit is checked again against what the user then stores.
+
+    With ``usage``, the bytes used come from the ledger, and the ledger is told
+    that bytes may land outside the API until the URL expires (an S3 upload never
+    passes through it), so its checks recount meanwhile."""
     folder_key = _upload_key(subject, area, folder)
     _refuse_job_results(folder_key, job_named)
     existing = storage.stat(folder_key)
     if existing is not None and existing.type is EntryType.FILE:
         raise Conflict(f"{_display(folder_key)!r} is a file, not a folder")
     _check_parents(storage, folder_key)
-    return storage.upload_into_request(folder_key, expires_in=expires_in, max_bytes=max_bytes)
+    cap: int | None = None
+    if max_bytes is not None:
+        used = usage.used(subject) if usage is not None else bytes_stored(storage, subject)
+        cap = remaining_bytes(max_bytes, used)
+        if not cap:
+            raise StorageLimitReached(
+                f"storage limit reached: you store {used:,} bytes of your limit of "
+                f"{max_bytes:,} bytes; delete files you no longer need before uploading more"
+            )
+    if usage is not None:
+        usage.expect_outside_writes(subject, expires_in=expires_in)
+    return storage.upload_into_request(folder_key, expires_in=expires_in, max_bytes=cap)
 
 
 def make_folder(
@@ -364,10 +396,11 @@ def rename(
     return file_info(storage.move(source, target))
 
 
-def delete(storage: Storage, subject: str, path: str) -> None:
+def delete(storage: Storage, subject: str, path: str, *, usage: UsageLedger | None = None) -> None:
     """Delete a file or a folder with everything in it. Raises ``NotFound`` when
     nothing is there (so a typo is not mistaken for a deletion); area folders and
-    the root cannot be deleted (``MethodNotAllowed``)."""
+    the root cannot be deleted (``MethodNotAllowed``). With ``usage``, what was
+    removed is subtracted from the user's count."""
     if _is_root(path):
         raise MethodNotAllowed("your root folder cannot be deleted")
     key = user_key(subject, path)
@@ -376,6 +409,18 @@ def delete(storage: Storage, subject: str, path: str) -> None:
             f"the area folder {_display(key, EntryType.DIRECTORY)!r} cannot be deleted; "
             "delete what is inside it instead"
         )
-    if storage.stat(key) is None:
+    entry = storage.stat(key)
+    if entry is None:
         raise NotFound(f"no file or folder at {_display(key)!r}")
+    if usage is None:
+        storage.delete(key)
+        return
+    # Sized before deleting (a folder: a walk of that folder only, as S3 needs to
+    # delete it anyway), subtracted once the deletion succeeded.
+    freed = (
+        entry.size
+        if entry.type is EntryType.FILE
+        else sum(file.size for file in storage.iter_files(key))
+    )
     storage.delete(key)
+    usage.adjust(subject, -freed)

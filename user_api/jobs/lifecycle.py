@@ -7,7 +7,9 @@ transaction, everything that follows from the new status and its cause:
 - a terminal status gives the owner's active-job slot back; the statement that does
   so returns the owner's address and email preference;
 - a terminal status queues the completion email (not when the job is being deleted:
-  there is no page left to announce);
+  there is no page left to announce), and marks the owner's storage count for a
+  recount at its next check: the job's results were written by workers, outside
+  the user API (``user_api.files.usage.note_job_ended``);
 - a cancellation by the user or an administrator, or a deletion, withdraws the
   enqueue the worker API has not received yet, or else tells it to cancel the job.
 
@@ -17,8 +19,8 @@ status updates, the user's cancel and delete (``jobs.service``), the admin cance
 (``admin.service``, which adds its audit entry), and the worker outbox giving up on
 a job the worker API refused.
 
-A terminal status update from the worker API with an email costs three statements:
-the guarded update, the slot's update, the email's insert.
+A terminal status update from the worker API with an email costs four statements:
+the guarded update, the slot's update, the storage count's mark, the email's insert.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from labcloud.contract import FailureKind, JobStatus, Outcome
 from labcloud.db import utcnow
+from user_api.files.usage import note_job_ended
 from user_api.jobs import repository
 from user_api.jobs.repository import MovedJob
 from user_api.limits import release_active_job
@@ -127,6 +130,7 @@ def transition(
     email_queued = False
     if target.is_terminal:  # every source of a terminal status is active: a slot frees
         owner = release_active_job(session, moved.user_id)
+        note_job_ended(session, moved.user_id, now)
         if cause is not Cause.DELETE and owner.email_notifications:
             facts = _facts(moved, target, outcome)
             email_queued = queue_completion_email(session, facts, owner.email)

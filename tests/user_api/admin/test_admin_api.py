@@ -433,11 +433,14 @@ def test_internal_account_route_for_the_worker_api(
     key = {"x-api-key": user_settings.internal_api_key_secret.get_secret_value()}
     assert client.get(f"/_accounts/{subject}").status_code == 401
     assert client.get(f"/_accounts/{subject}", headers={"x-api-key": "wrong"}).status_code == 401
-    # The storage limit in force comes along: jobs' results count against it.
+    # The storage limit in force comes along, with what the account's files take
+    # and what is left: jobs' results count against it.
     default = user_settings.default_max_storage_bytes
     assert client.get(f"/_accounts/{subject}", headers=key).json() == {
         "active": True,
         "max_storage_bytes": default,
+        "bytes_used": 0,
+        "remaining_storage_bytes": default,
     }
     limits = client.put(
         "/admin/users/ada@example.org/limits", json={"max_storage_bytes": 1234}, headers=admin
@@ -447,6 +450,8 @@ def test_internal_account_route_for_the_worker_api(
     assert client.get(f"/_accounts/{subject}", headers=key).json() == {
         "active": False,
         "max_storage_bytes": 1234,
+        "bytes_used": None,
+        "remaining_storage_bytes": None,
     }
     # With local auth, an account that does not exist has no valid tokens.
     assert client.get("/_accounts/deadbeef", headers=key).json()["active"] is False

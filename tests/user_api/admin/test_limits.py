@@ -138,13 +138,20 @@ def test_storage_limit_below_at_and_above(client: TestClient) -> None:
     kept = client.get("/files/data/set/b.bin/download", headers=ada)
     assert kept.content == b"x" * 40
 
-    # Uploads through a signed URL are held to the same limit.
+    # At the limit no upload URL is handed out.
+    at_limit = client.post("/files/data/set/url", headers=ada)
+    assert at_limit.status_code == 413
+    assert "you store 100 bytes of your limit of 100 bytes" in at_limit.json()["detail"]
+    # One handed out carries at most what is left, and the limit is checked again
+    # when the upload lands (here after other uploads took some of it).
+    assert client.delete("/files/data/set/a.bin", headers=ada).status_code == 204
     signed = client.post("/files/data/set/url", headers=ada).json()
-    refused = client.post(signed["url"], files={"file": ("d.bin", b"y")})
+    assert client.post(signed["url"], files={"file": ("d.bin", b"y" * 61)}).status_code == 413
+    assert _upload(client, ada, "e.bin", 30).status_code == 201
+    refused = client.post(signed["url"], files={"file": ("d.bin", b"y" * 31)})
     assert refused.status_code == 413
     assert client.get("/files/data/set/d.bin", headers=ada).status_code == 404
-    assert client.delete("/files/data/set/a.bin", headers=ada).status_code == 204
-    assert client.post(signed["url"], files={"file": ("d.bin", b"y" * 60)}).status_code == 201
+    assert client.post(signed["url"], files={"file": ("d.bin", b"y" * 30)}).status_code == 201
 
 
 def test_storage_limit_default_from_the_settings(user_settings: UserApiSettings) -> None:
