@@ -6,6 +6,8 @@ a plain HTTP client, and the start-up check of the bucket."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import io
 import json
 import socket
@@ -367,6 +369,26 @@ def test_a_presigned_post_stores_exactly_its_key(storage: S3Storage) -> None:
         for c in policy(uncapped)["conditions"]
         if isinstance(c, list) and c[0] == "content-length-range"
     ]
+
+
+def _hmac(key: bytes, text: str) -> bytes:
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+def test_the_post_policy_is_signed_with_its_conditions(storage: S3Storage) -> None:
+    """moto's server checks neither a POST's policy nor its signature (a too-large
+    file, another key or an expired form are all stored): S3 does, so what can be
+    checked here is that the signature covers the policy holding the conditions."""
+    request = storage.upload_into_request("u1/data/in", expires_in=60, max_bytes=10)
+    credential = request.data["x-amz-credential"]
+    access_key, date, region, service, _ = credential.split("/")
+    assert (access_key, region, service) == ("testing", "us-east-1", "s3")
+    key = _hmac(b"AWS4testing", date)
+    for part in (region, service, "aws4_request"):
+        key = _hmac(key, part)
+    expected = hmac.new(key, request.data["policy"].encode(), hashlib.sha256).hexdigest()
+    assert request.data["x-amz-signature"] == expected
+    assert ["content-length-range", 0, 10] in policy(request)["conditions"]
 
 
 def test_a_presigned_post_into_a_folder_takes_the_files_name(storage: S3Storage) -> None:
