@@ -83,6 +83,7 @@ class WorkerApiClient:
         transport: httpx.BaseTransport | None = None,
         retry_delays: Sequence[float] = RETRY_DELAYS_S,
         token_margin: float = TOKEN_MARGIN_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._api_url = api_url.rstrip("/")
         self._auth_url = auth_url.rstrip("/") if auth_url else None
@@ -94,6 +95,8 @@ class WorkerApiClient:
             else cognito_secret
         )
         self._token_margin = token_margin
+        # When tokens are due for renewal is judged by this clock (seconds).
+        self._clock = clock
         # How this worker logs in, found from the API's /access_info on first use.
         self._login: Callable[[], tuple[str, float]] | None = None
         self._timeout = timeout
@@ -127,7 +130,7 @@ class WorkerApiClient:
         self._token = token
         # Short-lived tokens are refreshed at half their life instead of never.
         margin = min(self._token_margin, expires_in / 2)
-        self._token_refresh_at = time.monotonic() + expires_in - margin
+        self._token_refresh_at = self._clock() + expires_in - margin
 
     def _discover_login(self) -> Callable[[], tuple[str, float]]:
         """Log in through Cognito when the API's ``/access_info`` names a pool (as
@@ -217,7 +220,7 @@ class WorkerApiClient:
 
     def _bearer(self, *, force_refresh: bool = False) -> str:
         with self._token_lock:
-            if force_refresh or self._token is None or time.monotonic() >= self._token_refresh_at:
+            if force_refresh or self._token is None or self._clock() >= self._token_refresh_at:
                 self._fetch_token()
             assert self._token is not None
             return self._token

@@ -111,6 +111,10 @@ class FakeWorkerApi:
         if f"{url.scheme}://{url.host}" == AUTH:
             assert url.path == "/token" and request.method == "POST"
             return httpx.Response(201, json={"id_token": TOKEN, "expires_in": 3600})
+        if request.method == "GET" and url.path == "/access_info":
+            # Local auth: the runner then gets its token at AUTH's POST /token.
+            cognito = {"user_pool_id": None, "client_id": None, "region": None}
+            return httpx.Response(200, json={"cognito": cognito, "auth": "local"})
         assert request.headers.get("authorization") == f"Bearer {TOKEN}"
         parts = url.path.strip("/").split("/")
         if request.method == "GET" and parts == ["jobs"]:

@@ -232,7 +232,8 @@ def test_an_unknown_backend_is_refused_naming_the_choices(
 
 def test_main_refuses_missing_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     env_file = tmp_path / "worker.env"
-    env_file.write_text("API_URL=ftp://nowhere\nTIMEOUT_JOB=soon\n")
+    # AUTH_URL may be left out (a worker API using Cognito), not malformed.
+    env_file.write_text("API_URL=ftp://nowhere\nAUTH_URL=nowhere\nTIMEOUT_JOB=soon\n")
     assert main(["--env-file", str(env_file)]) == 2
     err = capsys.readouterr().err
     for name in ("API_URL", "AUTH_URL", "USERNAME", "PASSWORD", "TIMEOUT_JOB"):
