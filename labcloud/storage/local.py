@@ -9,16 +9,24 @@ that stay inside the root but do not descend into linked folders (no loops).
 Transfer requests are LabCloud's signed URLs to the API this storage serves, given
 as its ``LocalTransfers`` (``labcloud.storage.transfers``); a storage built without
 one (a tool, a test) moves files but hands out no requests.
+
+An upload's body is received into a *staged file* (``staging_file``) in a hidden
+folder of the root, on the same file system as every key: writing it to its key is
+then a rename, not a second copy of the bytes (``write``). Measured with
+``bench/transfer.py``: the copy through a spooled temporary file held uploads of
+1 GiB to about a tenth of what ``cp`` does here.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -33,6 +41,27 @@ from labcloud.storage.transfers import LocalTransfers
 logger = logging.getLogger(__name__)
 
 _FILE_MODE = 0o644
+# Where uploads are received before they are checked and renamed to their keys;
+# hidden from listings and out of reach of any key (``PARTIAL_PREFIX``).
+STAGING_FOLDER = f"{PARTIAL_PREFIX}uploads"
+# Staged files this old are left over from a process that stopped mid-upload (an
+# upload in progress writes to its file all the time).
+_STALE_STAGED_SECONDS = 24 * 3600
+
+
+class StagedFile(io.FileIO):
+    """A file an upload is received into, in the staging folder of one
+    ``LocalStorage``; ``LocalStorage.write`` renames it into place. ``discard``
+    removes it if it was not (idempotent)."""
+
+    def __init__(self, descriptor: int, path: Path, root: Path) -> None:
+        super().__init__(descriptor, "r+b", closefd=True)
+        self.path = path
+        self.root = root
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
 
 
 class TransfersUnavailable(RuntimeError):
@@ -50,6 +79,7 @@ class LocalStorage(Storage):
     def __init__(self, root: Path, *, transfers: LocalTransfers | None = None) -> None:
         self._root = root.resolve()
         self._transfers = transfers
+        self._staging_swept = False
 
     @property
     def root(self) -> Path:
@@ -237,14 +267,32 @@ class LocalStorage(Storage):
                     f"{self._key_of(current.parent)!r} is a file, not a folder"
                 ) from None
 
+    def staging_file(self) -> StagedFile:
+        """A new empty file to receive an upload into, on the root's file system;
+        the caller ``discard``s it once the upload is stored or refused."""
+        folder = self._root / STAGING_FOLDER
+        folder.mkdir(exist_ok=True)
+        if not self._staging_swept:
+            self._staging_swept = True
+            _remove_stale(folder)
+        descriptor, name = tempfile.mkstemp(dir=folder, prefix=PARTIAL_PREFIX)
+        return StagedFile(descriptor, Path(name), self._root)
+
     def write(self, key: str, stream: BinaryIO) -> Entry:
         """Copy ``stream`` to ``key`` in chunks through a temporary file in the same
         folder, then rename it into place, so readers see the old file or the whole
-        new one. A folder at ``key`` is a conflict."""
+        new one. A folder at ``key`` is a conflict. A ``StagedFile`` of this storage
+        is not copied: it is synced and renamed to ``key`` as it is (all of it,
+        whatever its position)."""
         path = self._path(key)
         if path.is_dir():
             raise Conflict(f"{key!r} is a folder")
         self._make_folders(path.parent)
+        if isinstance(stream, StagedFile) and stream.root == self._root:
+            size = self._rename_staged(stream, path)
+            if size is not None:
+                _fsync_folder(path.parent)
+                return Entry(key, EntryType.FILE, size)
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL_PREFIX)
         size = 0
         try:
@@ -261,6 +309,23 @@ class LocalStorage(Storage):
             raise
         _fsync_folder(path.parent)
         return Entry(key, EntryType.FILE, size)
+
+    def _rename_staged(self, staged: StagedFile, path: Path) -> int | None:
+        """Sync ``staged`` and rename it to ``path``; its size, or None when the
+        rename crosses file systems (a user's folder mounted elsewhere), after
+        which the caller copies it."""
+        descriptor = staged.fileno()
+        os.fchmod(descriptor, _FILE_MODE)
+        os.fsync(descriptor)
+        size = os.fstat(descriptor).st_size
+        try:
+            staged.path.replace(path)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            staged.seek(0)
+            return None
+        return size
 
     def make_folder(self, key: str) -> Entry:
         """Create the folder ``key`` and its parents; idempotent."""
@@ -323,6 +388,18 @@ def _rename_no_replace(source: Path, target: Path, target_key: str) -> None:
         source.rename(target)
         return
     source.unlink()
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove staged files left over by a process that stopped mid-upload."""
+    cutoff = time.time() - _STALE_STAGED_SECONDS
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    Path(entry.path).unlink()
+            except FileNotFoundError:
+                continue
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -13,15 +13,23 @@ the whole transfer): the caller is read in a short transaction of its own
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from functools import partial
 
-from fastapi import APIRouter, File, Request, Response, UploadFile, status
+import anyio.to_thread
+from fastapi import APIRouter, Request, Response, status
 
 from labcloud.contract import SignedRequest
 from labcloud.db import unit_of_work
 from labcloud.settings import AuthMode
-from labcloud.storage.http import download_response
-from labcloud.storage.uploads import MAX_UPLOAD_PARTS, IncomingFile, check_part_count
+from labcloud.storage.http import (
+    UploadLimit,
+    download_response,
+    multipart_upload_body,
+    received_files,
+)
+from labcloud.storage.quota import StorageLimitReached
+from labcloud.storage.transfers import UploadTooLarge
+from labcloud.storage.uploads import MAX_UPLOAD_PARTS
 from user_api.dependencies import (
     CurrentUserOutsideTransactions,
     SettingsDep,
@@ -35,18 +43,39 @@ from user_api.settings import UserApiSettings
 
 router = APIRouter(tags=["files"])
 
-FilesField = Annotated[
-    list[UploadFile],
-    File(
-        description=f"One or more files (at most {MAX_UPLOAD_PARTS}); each part's file "
-        "name, which may be a relative path, names the stored file."
-    ),
-]
+# The upload routes read their multipart body themselves (``received_files``),
+# after the caller is authorised, straight into files storage keeps as they are.
+_FILES_BODY = multipart_upload_body(
+    f"One or more files (at most {MAX_UPLOAD_PARTS}); each part's file name, which "
+    "may be a relative path, names the stored file."
+)
 
 
-def _parts(files: list[UploadFile]) -> list[IncomingFile]:
-    check_part_count(len(files))
-    return [IncomingFile(part.filename, part.file) for part in files]
+def _within_storage_limit(max_bytes: int | None) -> UploadLimit | None:
+    """Files over the whole storage limit are refused while they arrive (the limit
+    less what the user stores already is checked once they are in)."""
+    if max_bytes is None:
+        return None
+
+    def refusal(_received: int) -> StorageLimitReached:
+        return StorageLimitReached(
+            f"storage limit reached: this upload is larger than your whole storage limit "
+            f"of {max_bytes:,} bytes; it was not kept"
+        )
+
+    return UploadLimit(max_bytes, refusal)
+
+
+def _within_url_limit(max_bytes: int | None) -> UploadLimit | None:
+    if max_bytes is None:
+        return None
+
+    def refusal(_received: int) -> UploadTooLarge:
+        return UploadTooLarge(
+            f"this upload is larger than the {max_bytes:,} bytes its upload URL allows"
+        )
+
+    return UploadLimit(max_bytes, refusal)
 
 
 def _owner_lookup(request: Request, settings: UserApiSettings) -> Callable[[str], OwnerState]:
@@ -107,12 +136,20 @@ def list_files(
 
 
 # The second route uploads into an area's top folder (``/files/data/upload``).
-@router.post("/files/{type}/{path:path}/upload", status_code=status.HTTP_201_CREATED)
-@router.post("/files/{type}/upload", status_code=status.HTTP_201_CREATED, include_in_schema=False)
-def upload_file(
+@router.post(
+    "/files/{type}/{path:path}/upload",
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=_FILES_BODY,
+)
+@router.post(
+    "/files/{type}/upload",
+    status_code=status.HTTP_201_CREATED,
+    include_in_schema=False,
+    openapi_extra=_FILES_BODY,
+)
+async def upload_file(
     request: Request,
     type: str,
-    file: FilesField,
     user: CurrentUserOutsideTransactions,
     storage: StorageDep,
     path: str = "",
@@ -120,15 +157,19 @@ def upload_file(
     """Upload files into the folder ``<type>/<path>/``, each under its own name;
     ``type`` is config, data or artifact. Several parts in the field ``file`` are
     all stored (a folder upload) or, if one is refused, none."""
-    return service.upload_files(
-        storage,
-        user.subject,
-        type,
-        path,
-        _parts(file),
-        job_named=_job_named(request),
-        max_bytes=user.limits.max_storage_bytes,
-    )
+    max_bytes = user.limits.max_storage_bytes
+    async with received_files(request, storage, limit=_within_storage_limit(max_bytes)) as parts:
+        store = partial(
+            service.upload_files,
+            storage,
+            user.subject,
+            type,
+            path,
+            parts,
+            job_named=_job_named(request),
+            max_bytes=max_bytes,
+        )
+        return await anyio.to_thread.run_sync(store)
 
 
 @router.post("/files/{type}/{path:path}/url", status_code=status.HTTP_201_CREATED)
@@ -195,21 +236,29 @@ def signed_download(
     return download_response(storage, target.key, filename=target.filename)
 
 
-@router.post("/_signed/{token}", status_code=status.HTTP_201_CREATED)
-def signed_upload(
+@router.post("/_signed/{token}", status_code=status.HTTP_201_CREATED, openapi_extra=_FILES_BODY)
+async def signed_upload(
     request: Request,
     token: str,
-    file: FilesField,
     storage: SignedUrlStorageDep,
     settings: SettingsDep,
 ) -> UploadedFiles:
     """Upload through a signed URL, once (multipart field ``file``, each part's file
     name names its file), while its owner's account is active."""
-    return signed.signed_upload(
-        storage,
-        token,
-        _parts(file),
-        owner_of=_owner_lookup(request, settings),
-        session_factory=request.app.state.session_factory,
-        job_named=_job_named(request),
+    owner_of = _owner_lookup(request, settings)
+    # Checked before the body is read: a bad link costs the server no upload.
+    transfer = await anyio.to_thread.run_sync(
+        partial(signed.check_signed_upload, storage, token, owner_of=owner_of)
     )
+    limit = _within_url_limit(transfer.max_bytes)
+    async with received_files(request, storage, limit=limit) as parts:
+        store = partial(
+            signed.signed_upload,
+            storage,
+            token,
+            parts,
+            owner_of=owner_of,
+            session_factory=request.app.state.session_factory,
+            job_named=_job_named(request),
+        )
+        return await anyio.to_thread.run_sync(store)

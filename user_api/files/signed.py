@@ -20,7 +20,7 @@ from labcloud.storage.local import LocalStorage
 from labcloud.storage.paths import split_user_key
 from labcloud.storage.quota import write_files_within_limit
 from labcloud.storage.redeem import claim_upload, release_upload
-from labcloud.storage.signing import SignedUrlOwnerInactive
+from labcloud.storage.signing import SignedTransfer, SignedUrlOwnerInactive
 from labcloud.storage.transfers import upload_targets
 from labcloud.storage.uploads import IncomingFile
 from user_api.files.schemas import UploadedFiles
@@ -56,6 +56,18 @@ def signed_download_target(
         raise NotFound("the file or folder of this link no longer exists")
     name = PurePosixPath(key).name if "/" in key else ROOT_ARCHIVE_NAME
     return DownloadTarget(key, name)
+
+
+def check_signed_upload(
+    storage: LocalStorage, token: str, *, owner_of: Callable[[str], OwnerState]
+) -> SignedTransfer:
+    """The upload a signed URL of ``storage`` allows, checked before its body is
+    read: valid, and its owner still active (``signed_upload`` checks again, and
+    that it was not used). Raises ``SignedUrlInvalid`` or
+    ``SignedUrlOwnerInactive``."""
+    transfer = storage.transfers.upload(token)
+    _check_owner(owner_of, transfer.key)
+    return transfer
 
 
 def signed_upload(

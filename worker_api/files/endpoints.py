@@ -10,23 +10,16 @@ in (on SQLite that would hold the write lock for the whole upload).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response, status
-from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from labcloud.contract import OutputKind, SignedRequest
 from labcloud.db import unit_of_work
-from labcloud.errors import BadRequest
-from labcloud.storage import Entry, normalise_path
-from labcloud.storage.http import download_response
-from labcloud.storage.uploads import (
-    MAX_UPLOAD_PARTS,
-    UPLOAD_FIELD,
-    IncomingFile,
-    check_part_count,
-)
+from labcloud.storage import Entry, Storage, normalise_path
+from labcloud.storage.http import download_response, multipart_upload_body, received_files
+from labcloud.storage.uploads import MAX_UPLOAD_PARTS, IncomingFile
 from worker_api.dependencies import (
     AccountsDep,
     CurrentWorker,
@@ -50,20 +43,10 @@ BasePathQuery = Annotated[
     ),
 ]
 # The body these routes read themselves, described for the OpenAPI document.
-_MULTIPART_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": [UPLOAD_FIELD],
-                    "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary"}},
-                }
-            }
-        },
-    }
-}
+_MULTIPART_BODY = multipart_upload_body(
+    f"One or more files (at most {MAX_UPLOAD_PARTS}); each part's file name, which "
+    "may be a relative path, names the stored file."
+)
 
 
 def held_upload_target(
@@ -85,20 +68,13 @@ HeldUploadTarget = Annotated[service.UploadTarget, Depends(held_upload_target)]
 
 
 async def receive_files(
-    request: Request, store: Callable[[list[IncomingFile]], list[Entry]]
+    request: Request, storage: Storage, store: Callable[[list[IncomingFile]], list[Entry]]
 ) -> list[Entry]:
-    """Parse the multipart body (at most ``MAX_UPLOAD_PARTS`` files) and hand every
-    ``file`` part to ``store``, in a worker thread."""
-    async with request.form(max_files=MAX_UPLOAD_PARTS, max_fields=MAX_UPLOAD_PARTS) as form:
-        parts = form.getlist(UPLOAD_FIELD)
-        check_part_count(len(parts))
-        incoming: list[IncomingFile] = []
-        for part in parts:
-            if not isinstance(part, StarletteUploadFile):
-                raise BadRequest(f"the multipart field {UPLOAD_FIELD!r} must carry files")
-            part.file.seek(0)
-            incoming.append(IncomingFile(part.filename, part.file))
-        return await anyio.to_thread.run_sync(store, incoming)
+    """Receive the multipart body (at most ``MAX_UPLOAD_PARTS`` files, see
+    ``received_files``) and hand every ``file`` part to ``store``, in a worker
+    thread."""
+    async with received_files(request, storage) as parts:
+        return await anyio.to_thread.run_sync(store, parts)
 
 
 @router.post(
@@ -136,7 +112,7 @@ async def upload(
     (multipart field ``file``; each part's file name names its file)."""
     folder = target.folder_key
     entries = await receive_files(
-        request, lambda parts: service.store_results(storage, accounts, folder, parts)
+        request, storage, lambda parts: service.store_results(storage, accounts, folder, parts)
     )
     return stored_files(folder, entries, folder=normalise_path(base_path))
 
@@ -177,6 +153,6 @@ async def signed_upload(
     folder = await anyio.to_thread.run_sync(signed.check_upload, storage, accounts, token)
     sessions = request.app.state.session_factory
     entries = await receive_files(
-        request, lambda parts: signed.upload(storage, accounts, sessions, token, parts)
+        request, storage, lambda parts: signed.upload(storage, accounts, sessions, token, parts)
     )
     return stored_files(folder, entries)
