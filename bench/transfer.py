@@ -20,7 +20,8 @@ the API's storage. Before each transfer the API process's peak resident memory i
 reset (``/proc/<pid>/clear_refs``), and read after it (``VmHWM``).
 
 Prints MiB/s (2^20 bytes) of each, the upload's and download's share of ``cp``,
-the API's peak RSS for each, and medians. The target on local storage: both at
+the API process's CPU seconds and peak RSS for each, and medians (the shares are
+medians of each round's ratio). The target on local storage: both at
 least 60 % of ``cp``, memory flat whatever the size.
 
     poetry run python bench/transfer.py [--size 1GiB] [--rounds 3] [--storage local|s3]
@@ -43,6 +44,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from _procstat import cpu_seconds
 from _support import machine_speed, running_stack
 
 TARGET_SHARE = 0.6
@@ -235,26 +237,32 @@ def main() -> None:
         down_rates: list[float] = []
         up_peaks: list[float] = []
         down_peaks: list[float] = []
+        up_cpu: list[float] = []
+        down_cpu: list[float] = []
         for round_number in range(1, args.rounds + 1):
             copy = scratch / "copy.bin"
             cp_rates.append(_rate(size, timed_cp(source, copy)))
             copy.unlink()
 
             reset_peak_rss(pid)
+            cpu_before = cpu_seconds(pid)
             up_rates.append(_rate(size, timed_upload(upload_url, token, source)))
+            up_cpu.append(cpu_seconds(pid) - cpu_before)
             up_peaks.append(peak_rss_mib(pid))
 
             reset_peak_rss(pid)
+            cpu_before = cpu_seconds(pid)
             down_rates.append(_rate(size, timed_download(download_url, token, copy)))
+            down_cpu.append(cpu_seconds(pid) - cpu_before)
             down_peaks.append(peak_rss_mib(pid))
             assert copy.stat().st_size == size, copy.stat().st_size
             copy.unlink()
             print(
                 f"round {round_number}: cp+sync {cp_rates[-1]:7.1f} MiB/s | "
                 f"upload {up_rates[-1]:7.1f} MiB/s ({up_rates[-1] / cp_rates[-1]:4.0%} of cp), "
-                f"peak RSS {up_peaks[-1]:5.0f} MiB | "
+                f"API CPU {up_cpu[-1]:4.1f} s, peak RSS {up_peaks[-1]:4.0f} MiB | "
                 f"download {down_rates[-1]:7.1f} MiB/s ({down_rates[-1] / cp_rates[-1]:4.0%}), "
-                f"peak RSS {down_peaks[-1]:5.0f} MiB"
+                f"API CPU {down_cpu[-1]:4.1f} s, peak RSS {down_peaks[-1]:4.0f} MiB"
             )
 
         cp_rate = statistics.median(cp_rates)
@@ -263,9 +271,9 @@ def main() -> None:
         print(
             f"median over {args.rounds} round(s): cp+sync {cp_rate:.1f} MiB/s; "
             f"upload {statistics.median(up_rates):.1f} MiB/s = {up_share:.0%} of cp, "
-            f"peak RSS {max(up_peaks):.0f} MiB; "
+            f"API CPU {statistics.median(up_cpu):.1f} s, peak RSS {max(up_peaks):.0f} MiB; "
             f"download {statistics.median(down_rates):.1f} MiB/s = {down_share:.0%} of cp, "
-            f"peak RSS {max(down_peaks):.0f} MiB"
+            f"API CPU {statistics.median(down_cpu):.1f} s, peak RSS {max(down_peaks):.0f} MiB"
         )
         if args.storage == "local":
             met = min(up_share, down_share) >= TARGET_SHARE
