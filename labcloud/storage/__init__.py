@@ -1,6 +1,10 @@
 """Storage of users' files and jobs' results: the interface (files, and transfer
 requests that move them without the API's bearer token), the local folder
-implementation with its signed URLs, safe paths and streamed transfers."""
+implementation with its signed URLs, safe paths and streamed transfers.
+
+The S3 implementation (``labcloud.storage.s3.S3Storage``, presigned transfers) is
+not imported here: it loads boto3, which only deployments on S3 need;
+``make_storage`` builds it for ``FILESYSTEM=s3``."""
 
 from labcloud.storage.base import CHUNK_SIZE, Entry, EntryType, Storage
 from labcloud.storage.factory import make_storage
