@@ -18,6 +18,8 @@ class CognitoPool:
     pool_id: str
     client_id: str
     idp: Any  # boto3's cognito-idp client (untyped)
+    # The app client's secret, when it was created with one.
+    client_secret: str | None = None
 
     @property
     def region(self) -> str:
@@ -76,7 +78,9 @@ class CognitoPool:
         return user
 
 
-def create_pool(server: MotoServer, name: str = "labcloud") -> CognitoPool:
+def create_pool(
+    server: MotoServer, name: str = "labcloud", *, with_secret: bool = False
+) -> CognitoPool:
     idp = server.client("cognito-idp")
     pool_id = idp.create_user_pool(
         PoolName=name,
@@ -92,9 +96,16 @@ def create_pool(server: MotoServer, name: str = "labcloud") -> CognitoPool:
     )["UserPool"]["Id"]
     for group in Group:
         idp.create_group(UserPoolId=pool_id, GroupName=group.value)
-    client_id = idp.create_user_pool_client(
+    app_client = idp.create_user_pool_client(
         UserPoolId=pool_id,
         ClientName=f"{name}-app",
         ExplicitAuthFlows=["ALLOW_USER_PASSWORD_AUTH", "ALLOW_REFRESH_TOKEN_AUTH"],
-    )["UserPoolClient"]["ClientId"]
-    return CognitoPool(server=server, pool_id=pool_id, client_id=client_id, idp=idp)
+        GenerateSecret=with_secret,
+    )["UserPoolClient"]
+    return CognitoPool(
+        server=server,
+        pool_id=pool_id,
+        client_id=app_client["ClientId"],
+        idp=idp,
+        client_secret=app_client.get("ClientSecret"),
+    )

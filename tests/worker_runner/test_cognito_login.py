@@ -169,3 +169,35 @@ def test_wrong_or_disabled_credentials_stop_the_runner(
         pytest.raises(AuthenticationFailed, match="disabled"),
     ):
         client.authenticate()
+
+
+def test_an_app_client_with_a_secret_gets_its_secret_hash(aws: MotoServer) -> None:
+    pool = create_pool(aws, name="confidential", with_secret=True)
+    assert pool.client_secret
+    pool.add_user(WORKER, PASSWORD, Group.WORKERS)
+    api = CognitoWorkerApi(pool)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(api))
+    api.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    clock = Clock()
+    try:
+        for secret, refreshes in ((pool.client_secret, 1), ("not-the-secret", 0)):
+            with WorkerApiClient(
+                api_url=api.url,
+                auth_url=None,
+                username=WORKER,
+                password=PASSWORD,
+                cognito_secret=secret,
+                clock=clock,
+            ) as client:
+                client.pull_jobs({"memory": 1})
+                clock.now += 3600
+                # moto checks the hash of refreshes: a wrong one means a new login.
+                assert client.pull_jobs({"memory": 1}) == {}
+                assert client.cognito_login is not None
+                assert client.cognito_login.refreshes == refreshes
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
