@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from labcloud.contract import Group
@@ -243,11 +244,9 @@ def _up(args: argparse.Namespace) -> int:
         wait_ready(worker_url, services)
         # Every runner has an account of its own: the worker API tells runners apart
         # by account, and a runner cleans up the containers its account left behind.
+        create_account: setup.CreateWorkerAccount
         if aws is not None:
-            pool = aws
-
-            def create_account(account: str, password: str) -> None:
-                aws_emulator.create_account(pool, account, password, (Group.WORKERS,))
+            create_account = partial(aws_emulator.create_account, aws, groups=(Group.WORKERS,))
         else:
             admin = setup.admin_headers(user_url, secret["admin_password"])
             create_account = setup.worker_account_via_api(user_url, admin)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dotenv import dotenv_values
+from pydantic_settings import BaseSettings
 
 from labcloud_cli.stack.processes import StartupError
 
@@ -66,7 +67,7 @@ def known_settings() -> frozenset[str]:
     from worker_runner.backends.registry import BACKENDS
     from worker_runner.settings import WorkerSettings
 
-    classes = [UserApiSettings, WorkerApiSettings, WorkerSettings]
+    classes: list[type[BaseSettings]] = [UserApiSettings, WorkerApiSettings, WorkerSettings]
     classes += [entry.settings for entry in BACKENDS.values()]
     return frozenset(name.upper() for cls in classes for name in cls.model_fields)
 
