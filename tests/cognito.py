@@ -79,11 +79,19 @@ class CognitoPool:
 
 
 def create_pool(
-    server: MotoServer, name: str = "labcloud", *, with_secret: bool = False
+    server: MotoServer,
+    name: str = "labcloud",
+    *,
+    with_secret: bool = False,
+    email_usernames: bool = False,
 ) -> CognitoPool:
+    """``email_usernames``: the pool signs in by email and names accounts by a UUID
+    (``UsernameAttributes=["email"]``), as DECODE's pool and ``labcloud up
+    --aws-emulator`` do."""
     idp = server.client("cognito-idp")
     pool_id = idp.create_user_pool(
         PoolName=name,
+        **({"UsernameAttributes": ["email"]} if email_usernames else {}),
         Policies={
             "PasswordPolicy": {
                 "MinimumLength": 8,

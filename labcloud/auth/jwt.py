@@ -149,7 +149,6 @@ class JwksKeys:
         self._keys: dict[str, Any] = {}
         self._fetched_at: float | None = None  # of the set held
         self._attempted_at: float | None = None  # of the last fetch, good or not
-        self.fetches = 0
 
     def __call__(self, token: str) -> Any:
         try:
@@ -175,7 +174,6 @@ class JwksKeys:
         if self._attempted_at is not None and now - self._attempted_at < interval:
             return
         self._attempted_at = now
-        self.fetches += 1
         try:
             with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
                 response = client.get(self._url)

@@ -182,6 +182,47 @@ def test_groups_come_from_the_token(client: TestClient, pool: CognitoPool) -> No
     assert client.get("/user", headers=fresh).json()["groups"] == ["users", "workers"]
 
 
+def test_a_pool_that_names_accounts_by_email(
+    aws: MotoServer, tmp_path: Path, database_url: str
+) -> None:
+    pool = create_pool(aws, name="by-email", email_usernames=True)
+    pool.add_user(ADMIN, PASSWORD, Group.USERS, Group.ADMINS)
+    settings = UserApiSettings(
+        _env_file=None,
+        internal_api_key_secret=secrets.token_urlsafe(24),
+        database_url=database_url,
+        user_data_root_path=tmp_path / "data",
+        application_config_file=TEST_CATALOG,
+        workerfacing_api_url="http://127.0.0.1:9",
+        allow_self_signup=True,
+        signup_requires_approval=True,
+        cognito_auth_routes=True,
+        cognito_issuer=pool.issuer,
+        **pool.settings(),
+    )
+    with TestClient(create_app(settings)) as client:
+        email = "grace@example.org"
+        assert (
+            client.post("/user", data={"username": email, "password": PASSWORD}).status_code == 201
+        )
+        claims = jwt.decode(token(client, email), options={"verify_signature": False})
+        assert claims["cognito:username"] != email  # the pool's name for it is a UUID
+        admin = bearer(token(client, ADMIN))
+        assert client.post(f"/admin/users/{email}/approve", headers=admin).status_code == 200
+        assert client.get("/user", headers=bearer(token(client, email))).json() == {
+            "email": email,
+            "groups": ["users"],
+        }
+        client.put(
+            f"/admin/users/{email}/groups", json={"groups": ["users", "cloud"]}, headers=admin
+        )
+        assert pool.groups_of(email) == ["cloud", "users"]
+        client.post(f"/admin/users/{email}/disable", headers=admin)
+        assert (
+            client.post("/token", data={"username": email, "password": PASSWORD}).status_code == 401
+        )
+
+
 # -- the admin API on the pool -------------------------------------------------------
 
 
