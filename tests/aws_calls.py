@@ -271,18 +271,28 @@ def first_party_function_names(repo: Repository) -> frozenset[str]:
 
 @cache
 def client_services(repo: Repository) -> frozenset[str]:
-    """The AWS services the repository makes clients of (``.client("s3", ...)``)."""
+    """The AWS services the repository makes clients of (``.client("s3", ...)``).
+
+    Raises ``ValueError`` where the code makes AWS calls this module cannot read: a
+    client whose service is not a literal, or a boto3 resource (``boto3.resource``)."""
     found: set[str] = set()
     for module in repository_modules(repo).values():
         for node in ast.walk(module.tree):
-            if _is_client_call(node):
-                assert isinstance(node, ast.Call)
-                argument = node.args[0] if node.args else None
-                for keyword in node.keywords:
-                    if keyword.arg == "service_name":
-                        argument = keyword.value
-                if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
-                    found.add(argument.value)
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            where = f"{module.path.relative_to(repo.root)}:{node.lineno}"
+            if node.func.attr == "resource":
+                raise ValueError(f"{where}: boto3 resources are not scanned; use a client")
+            if node.func.attr != "client":
+                continue
+            argument = node.args[0] if node.args else None
+            for keyword in node.keywords:
+                if keyword.arg == "service_name":
+                    argument = keyword.value
+            service = _string(argument)
+            if service is None:
+                raise ValueError(f"{where}: a client whose service is not a literal")
+            found.add(service)
     return frozenset(found)
 
 

@@ -206,6 +206,19 @@ def test_scanner_finds_calls_through_imports_and_ignores_unreached_code(
     }
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import boto3\n\ndef make(name):\n    return boto3.client(name)\n",
+        'import boto3\n\ndef bucket():\n    return boto3.resource("s3").Bucket("b")\n',
+    ],
+)
+def test_scanner_refuses_calls_it_cannot_read(tmp_path: Path, code: str) -> None:
+    _write(tmp_path, {"svc/__init__.py": "", "svc/aws.py": code})
+    with pytest.raises(ValueError, match=r"svc/aws\.py:"):
+        service_calls("svc", Repository(tmp_path, ("svc",)))
+
+
 def test_operations_map_to_their_iam_actions() -> None:
     assert iam_actions("s3", "list_objects_v2") == ("s3:ListBucket",)
     assert iam_actions("s3", "upload_part") == ("s3:PutObject",)

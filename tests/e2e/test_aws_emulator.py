@@ -258,7 +258,12 @@ def test_accounts_live_in_the_pool(stack: EmulatedStack) -> None:
 
     assert {"users", "admins"} <= groups("admin@labcloud.example.org")
     # The runner's account, in group workers; its settings file points boto3 at the
-    # emulator, which its Cognito login uses (the finished job shows it worked).
+    # emulator, which its Cognito login uses. The worker API names the pool (where a
+    # runner learns to log in there) and accepts only the pool's tokens: the
+    # finished job shows the runner's login worked.
+    worker_api = read_env_file(stack.data_dir / "runners" / "runner-1.env")["API_URL"]
+    worker_access = httpx.get(f"{worker_api}/access_info").json()
+    assert worker_access["cognito"]["user_pool_id"] == access["user_pool_id"]
     runner = read_env_file(stack.data_dir / "runners" / "runner-1.env")
     assert groups(runner["USERNAME"]) == {"workers"}
     assert runner["AWS_ENDPOINT_URL"] == stack.emulator_url
