@@ -16,6 +16,7 @@ the mode are therefore started empty too (``STATE_FOLDER``).
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -42,16 +43,11 @@ INTERNAL_KEY_SECRET_NAME = "labcloud/internal-api-key"  # noqa: S105 - a name
 # moto accepts any credentials; fixed ones keep a real profile or key of the machine's
 # environment from ever reaching a request.
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "labcloud-emulator", "AWS_SECRET_ACCESS_KEY": "emulator"}
-# Variables that could point boto3 at a real account: removed from the services'
-# environment in this mode.
-REAL_AWS_VARIABLES = (
-    "AWS_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_ROLE_ARN",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
+# The user API's settings of local accounts, which have no use with the pool.
+LOCAL_AUTH_SETTINGS = (
+    "LOCAL_AUTH_PRIVATE_KEY",
+    "BOOTSTRAP_ADMIN_EMAIL",
+    "BOOTSTRAP_ADMIN_PASSWORD",
 )
 # Where the mode keeps its databases inside the data folder; emptied at each start.
 STATE_FOLDER = "aws-emulator"
@@ -137,6 +133,14 @@ class EmulatedAws:
             "APPLICATION_CONFIG_POLL_SECONDS": "5",
         }
 
+    def configure(self, user_env: dict[str, str], worker_env: dict[str, str]) -> None:
+        """Point the settings of both APIs (changed in place) at these resources."""
+        for env in (user_env, worker_env):
+            env.update(self.settings())
+        user_env.update(self.user_api_settings())
+        for name in LOCAL_AUTH_SETTINGS:
+            user_env.pop(name, None)
+
     def describe(self) -> str:
         """What was created, for the start message."""
         return (
@@ -147,6 +151,13 @@ class EmulatedAws:
             f"  app client      {self.client_id} (public, USER_PASSWORD_AUTH)\n"
             f"  secret          {self.internal_key_arn} (INTERNAL_API_KEY_SECRET)"
         )
+
+
+def inherited_aws_variables() -> tuple[str, ...]:
+    """The AWS variables of this process's environment, which the services must not
+    inherit in this mode: a profile, a session token or a per-service endpoint
+    (``AWS_ENDPOINT_URL_S3``) would send their calls to a real account or elsewhere."""
+    return tuple(name for name in os.environ if name.upper().startswith("AWS_"))
 
 
 def fresh_state_folder(data_dir: Path) -> Path:

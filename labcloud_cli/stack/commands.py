@@ -219,18 +219,10 @@ def _up(args: argparse.Namespace) -> int:
                 aws, ADMIN_ACCOUNT, secret["admin_password"], (Group.USERS, Group.ADMINS)
             )
             databases = aws_emulator.fresh_state_folder(data_dir)
-            for env in (user_env, worker_env):
-                env.update(aws.settings())
-            user_env.update(aws.user_api_settings())
-            for name in (
-                "LOCAL_AUTH_PRIVATE_KEY",
-                "BOOTSTRAP_ADMIN_EMAIL",
-                "BOOTSTRAP_ADMIN_PASSWORD",
-            ):
-                user_env.pop(name)
+            aws.configure(user_env, worker_env)
             runner_file_lines = emulator.environment()
             runner_env.update(runner_file_lines)
-            unset = aws_emulator.REAL_AWS_VARIABLES
+            unset = aws_emulator.inherited_aws_variables()
         user_env["DATABASE_URL"] = f"sqlite:///{databases / 'user_api.db'}"
         worker_env["QUEUE_DB_URL"] = f"sqlite:///{databases / 'worker_api.db'}"
         user_env.update(given)

@@ -55,6 +55,7 @@ WIRED_BY_THE_EMULATOR: frozenset[str] = frozenset(
         "AWS_SECRET_ACCESS_KEY",
         "AWS_DEFAULT_REGION",
         "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
     }
 )
 
@@ -90,7 +91,7 @@ def read_stack_env_file(path: Path, *, aws_emulator: bool) -> dict[str, str]:
             problems.append(f"{name}: no value (write {name}=VALUE)")
         elif key in WIRED_BY_THE_STACK:
             problems.append(f"{name}: set by labcloud up; use {WIRED_BY_THE_STACK[key]}")
-        elif aws_emulator and key in WIRED_BY_THE_EMULATOR:
+        elif aws_emulator and (key in WIRED_BY_THE_EMULATOR or key.startswith("AWS_ENDPOINT_URL")):
             problems.append(f"{name}: set by --aws-emulator to the emulator's resources")
         elif key not in known and not key.startswith("AWS_"):
             problems.append(f"{name}: not a setting of the user API, the worker API or a runner")
