@@ -7,8 +7,8 @@
 #
 #   scripts/build-base-image.sh [--rebuild] [TAG]      (default TAG: labcloud/base:bookworm)
 #
-# An existing TAG is kept unless --rebuild is given. MIRROR overrides Debian's archive
-# (default http://deb.debian.org/debian). Needs root (mmdebstrap) and `mmdebstrap`
+# An existing TAG is kept unless --rebuild is given. MIRROR and SECURITY_MIRROR override
+# Debian's archives (http://deb.debian.org/debian, http://deb.debian.org/debian-security). Needs root (mmdebstrap) and `mmdebstrap`
 # (scripts/ensure-deps.sh --deploy installs it).
 set -euo pipefail
 
@@ -22,6 +22,7 @@ for arg in "$@"; do
   esac
 done
 mirror=${MIRROR:-http://deb.debian.org/debian}
+security_mirror=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 
 if [ "$rebuild" -eq 0 ] && docker image inspect "$tag" >/dev/null 2>&1; then
   echo "$tag already present (--rebuild to make it again)"
@@ -48,7 +49,7 @@ mmdebstrap --variant=apt --quiet \
   bookworm - \
   "deb $mirror bookworm main" \
   "deb $mirror bookworm-updates main" \
-  "deb http://deb.debian.org/debian-security bookworm-security main" \
+  "deb $security_mirror bookworm-security main" \
   | docker import \
       --change 'ENV LANG=C.UTF-8' \
       --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Installs and starts what LabCloud needs on this machine, idempotently:
 #   poetry and the project's dependencies, a running Docker engine, a static busybox
-#   (to build the demo image without a registry) and, with --postgres, PostgreSQL.
+#   (to build the demo image without a registry) and, with --postgres, PostgreSQL
+#   and what the deployment tests use (mmdebstrap, docker-compose; --deploy alone
+#   installs just these, for building the service images and running the compose file).
 # Installing system packages needs root (or sudo); anything already present is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_postgres=0
+want_deploy=0
 for arg in "$@"; do
   case "$arg" in
-    --postgres) want_postgres=1 ;;
+    --postgres) want_postgres=1; want_deploy=1 ;;
+    --deploy) want_deploy=1 ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
   esac
 done
@@ -98,5 +102,12 @@ if [ "$want_postgres" -eq 1 ]; then
     fi
     pg_isready -h 127.0.0.1 -p 5432 >/dev/null || { echo "PostgreSQL did not start" >&2; exit 1; }
   fi
+fi
+if [ "$want_deploy" -eq 1 ]; then
+  # The service images build offline on a base made from Debian's archive
+  # (scripts/build-base-image.sh: mmdebstrap) and run with Debian's docker-compose 1.29
+  # (deploy/compose); tests/deploy does both.
+  command -v mmdebstrap >/dev/null 2>&1 || { log "installing mmdebstrap"; apt_install mmdebstrap; }
+  command -v docker-compose >/dev/null 2>&1 || { log "installing docker-compose"; apt_install docker-compose; }
 fi
 log "dependencies ready"
