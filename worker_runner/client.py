@@ -82,7 +82,6 @@ class WorkerApiClient:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         retry_delays: Sequence[float] = RETRY_DELAYS_S,
-        token_margin: float = TOKEN_MARGIN_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._api_url = api_url.rstrip("/")
@@ -94,7 +93,6 @@ class WorkerApiClient:
             if isinstance(cognito_secret, SecretStr)
             else cognito_secret
         )
-        self._token_margin = token_margin
         # When tokens are due for renewal is judged by this clock (seconds).
         self._clock = clock
         # How this worker logs in, found from the API's /access_info on first use.
@@ -108,6 +106,7 @@ class WorkerApiClient:
         self._token_lock = threading.Lock()
         self._token: str | None = None
         self._token_refresh_at = 0.0
+        # The Cognito login in use once the API named a pool (it counts the refreshes).
         self.cognito_login: CognitoLogin | None = None
 
     def close(self) -> None:
@@ -129,7 +128,7 @@ class WorkerApiClient:
         token, expires_in = self._login()
         self._token = token
         # Short-lived tokens are refreshed at half their life instead of never.
-        margin = min(self._token_margin, expires_in / 2)
+        margin = min(TOKEN_MARGIN_S, expires_in / 2)
         self._token_refresh_at = self._clock() + expires_in - margin
 
     def _discover_login(self) -> Callable[[], tuple[str, float]]:
