@@ -7,9 +7,13 @@ never "forbidden", so a worker cannot probe for other users' files.
 Uploads follow DECODE's contract: ``base_path`` names a *folder* under the job's
 ``type`` location ("" for the location itself) and each multipart part's file name
 names the stored file (``labcloud.storage.uploads``). Results count against their
-owner's storage limit, which the user API reports with the account's state; the
-log gets a small allowance beyond it (``LOG_ALLOWANCE_BYTES``) so that a job
-stopped by the limit can still say so in its log.
+owner's storage limit, which the user API reports with the account's state, with
+the bytes the owner's files take as it counts them: an upload reserves its bytes
+against that count and reports them once written (``worker_api.clients.accounts``),
+so no check lists the owner's files, and an upload URL carries at most what is
+left. (From a user API that does not count, the bytes are summed from storage, as
+before.) The log gets a small allowance beyond the limit (``LOG_ALLOWANCE_BYTES``)
+so that a job stopped by the limit can still say so in its log.
 
 The requests that move files without the bearer token are the storage's transfer
 requests: this module authorises them and asks the storage, which signs (local) or
@@ -31,7 +35,7 @@ from labcloud.contract import FileArea, OutputKind, PathsUpload, SignedRequest
 from labcloud.db import utcnow
 from labcloud.errors import NotFound
 from labcloud.storage import Entry, Storage, check_key, child_key, normalise_path, split_user_key
-from labcloud.storage.quota import write_files_within_limit
+from labcloud.storage.quota import StorageLimitReached, write_files_within_limit
 from labcloud.storage.uploads import IncomingFile, check_file_target, folder_upload_keys
 from worker_api.clients.accounts import AccountChecker
 from worker_api.queue import repository
@@ -87,21 +91,37 @@ def owner_limit(accounts: AccountChecker, key: str) -> int | None:
     return limit
 
 
+def owner_remaining(accounts: AccountChecker, key: str) -> int | None:
+    """What the owner of ``key`` may still store there (None: no limit): the limit
+    (with the log's allowance) less what their files take, when the user API counts
+    them; the whole limit when it does not."""
+    subject = split_user_key(key).subject
+    limit = owner_limit(accounts, key)
+    if limit is None or not accounts.account(subject).counted:
+        return limit
+    return accounts.remaining(subject, limit)
+
+
 def upload_request(
     storage: Storage, accounts: AccountChecker, target: UploadTarget, *, expires_in: int
 ) -> SignedRequest:
     """The storage's request uploading files (multipart field ``file``, the part's
-    file name names the file) into ``target``, good for one upload and at most the
-    owner's storage limit (checked again, against what the owner then stores, when
-    the upload lands). During a cancel grace the request expires with the grace."""
+    file name names the file) into ``target``, good for one upload and at most what
+    the owner may still store (checked again, against what the owner then stores,
+    when the upload lands); ``StorageLimitReached`` when that is nothing. During a
+    cancel grace the request expires with the grace."""
     if target.grace_until is not None:
         remaining = math.ceil((target.grace_until - utcnow()).total_seconds())
         expires_in = max(1, min(expires_in, remaining))
-    return storage.upload_into_request(
-        target.folder_key,
-        expires_in=expires_in,
-        max_bytes=owner_limit(accounts, target.folder_key),
-    )
+    cap = owner_remaining(accounts, target.folder_key)
+    if cap == 0:
+        subject = split_user_key(target.folder_key).subject
+        raise StorageLimitReached(
+            f"storage limit reached: the job's owner stores {accounts.used(subject):,} bytes "
+            f"of the {owner_limit(accounts, target.folder_key):,} bytes allowed here; "
+            "no more results can be uploaded"
+        )
+    return storage.upload_into_request(target.folder_key, expires_in=expires_in, max_bytes=cap)
 
 
 def input_key(session: Session, uri: str, *, worker: str) -> str:
@@ -133,7 +153,11 @@ def store_files(
         return []
     first = targets[0][0]
     owner = split_user_key(first).subject
-    return write_files_within_limit(storage, owner, targets, owner_limit(accounts, first))
+    # The user API's count when it keeps one; otherwise summed from storage.
+    usage = accounts if accounts.account(owner).counted else None
+    return write_files_within_limit(
+        storage, owner, targets, owner_limit(accounts, first), usage=usage
+    )
 
 
 def store_results(
