@@ -253,6 +253,17 @@ class CognitoUserPool:
                 UserPoolId=self.user_pool_id, Username=username, GroupName=group
             )
 
+    def subject_of(self, username: str) -> str | None:
+        """The account's ``sub`` (its tokens' subject), or None when the pool has no
+        such account."""
+        try:
+            with _cognito_errors("looking up an account"):
+                user = self._client.admin_get_user(UserPoolId=self.user_pool_id, Username=username)
+        except AccountNotInPool:
+            return None
+        attributes = {item["Name"]: item["Value"] for item in user.get("UserAttributes", [])}
+        return str(attributes.get("sub") or user["Username"])
+
     def groups_of(self, username: str) -> list[str]:
         with _cognito_errors("listing groups"):
             pages = self._client.get_paginator("admin_list_groups_for_user").paginate(

@@ -277,6 +277,26 @@ def test_approve_groups_and_disable_act_on_the_pool(
     assert actions.count("approve_user") == 1 and "disable_user" in actions
 
 
+def test_a_worker_the_user_api_never_saw_can_be_disabled(
+    make_client: ClientFactory, pool: CognitoPool
+) -> None:
+    key = secrets.token_urlsafe(24)
+    client = make_client(internal_api_key_secret=key)
+    pool.add_user("w9@example.org", PASSWORD, Group.WORKERS, Group.CLOUD)
+    subject = jwt.decode(
+        pool.login("w9@example.org", PASSWORD), options={"verify_signature": False}
+    )["sub"]
+    admin = bearer(token(client, ADMIN))
+    assert client.post("/admin/users/nobody@example.org/disable", headers=admin).status_code == 404
+    disabled = client.post("/admin/users/w9@example.org/disable", headers=admin)
+    assert disabled.status_code == 200, disabled.text
+    assert disabled.json()["groups"] == ["cloud", "workers"]
+    assert pool.user("w9@example.org")["Enabled"] is False
+    # What the worker API asks before it lets the worker's still valid token in.
+    state = client.get(f"/_accounts/{subject}", headers={"x-api-key": key})
+    assert state.status_code == 200 and state.json()["active"] is False
+
+
 def test_the_last_admin_keeps_its_group_in_the_pool(client: TestClient, pool: CognitoPool) -> None:
     admin = bearer(token(client, ADMIN))
     client.get("/user", headers=admin)

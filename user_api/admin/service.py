@@ -108,8 +108,15 @@ def _read_user(session: Session, storage: Storage, defaults: UsageLimits, user: 
     return _admin_user(user, storage=storage, defaults=defaults, active_jobs=counts.get(user.id, 0))
 
 
-def _user(session: Session, email: str) -> User:
+def _user(session: Session, email: str, pool: AccountPool | None = None) -> User:
+    """The account with ``email``; with a Cognito pool, one LabCloud has not seen yet
+    is recorded from the pool (so that an admin can disable a worker that never
+    called the user API, and the worker API then refuses it)."""
     user = accounts.get_by_email(session, email.strip())
+    if user is None and pool is not None:
+        found = pool.find(email)
+        if found is not None:
+            user = accounts.add(session, found)
     if user is None:
         raise UserNotFound(f"no account with email {email!r}")
     return user
@@ -170,7 +177,7 @@ def approve_user(
 ) -> AdminUser:
     """Let a self-signed-up account use the service. In a Cognito pool, this adds
     the account to ``users`` (confirming it if needed): its next token may act."""
-    user = _user(session, email)
+    user = _user(session, email, pool)
     if not user.is_approved:
         if pool is not None:
             pool.approve(user.email)
@@ -193,7 +200,7 @@ def set_active(
     """Disable an account (its tokens stop working at once, on both APIs; in a
     Cognito pool it cannot log in either) or enable it again. The last active admin
     cannot be disabled."""
-    user = _user(session, email)
+    user = _user(session, email, pool)
     if user.is_active != active:
         if not active:
             _keep_an_admin(session, user)
@@ -223,7 +230,7 @@ def set_groups(
         raise ManagedByCognito(
             "with AUTH=cognito, groups come from the Cognito user pool: change them there"
         )
-    user = _user(session, email)
+    user = _user(session, email, pool)
     after = sorted({group.value for group in groups})
     before = list(user.groups)
     if after != before or pool is not None:

@@ -40,6 +40,11 @@ class AccountPool(Protocol):
     """Where accounts live besides LabCloud's database; the admin API makes its
     changes there first, so a refused change is not recorded."""
 
+    def find(self, email: str) -> User | None:
+        """A new row for an account the pool has and LabCloud's database does not yet
+        (a worker never calls the user API), or None when the pool has none."""
+        ...
+
     def approve(self, email: str) -> None:
         """Let an account that waits for approval use the service."""
         ...
@@ -126,6 +131,19 @@ class CognitoAccounts:
         return tokens, self._verifier.verify(tokens.id_token)
 
     # -- AccountPool ----------------------------------------------------------------
+
+    def find(self, email: str) -> User | None:
+        email = normalise_email(email)
+        subject = self._pool.subject_of(email)
+        if subject is None:
+            return None
+        return User(
+            subject=subject,
+            email=email,
+            password_hash=None,
+            groups=self._pool.groups_of(email),
+            is_approved=True,
+        )
 
     def approve(self, email: str) -> None:
         self._pool.confirm_sign_up(email)
