@@ -9,7 +9,6 @@ from fastapi import APIRouter, Query, Request
 
 from labcloud.contract import JobStatus
 from labcloud.settings import AuthMode
-from labcloud.storage.base import Storage
 from labcloud.web import MAX_OFFSET, IdPath
 from user_api.admin import service
 from user_api.admin.schemas import (
@@ -37,7 +36,6 @@ from user_api.dependencies import (
 )
 from user_api.files.usage import StorageUsageLedger
 from user_api.limits import default_limits
-from user_api.settings import UserApiSettings
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 internal_router = APIRouter(tags=["internal"], include_in_schema=False)
@@ -223,16 +221,10 @@ def audit_log(
     return service.list_audit(session, offset=offset, limit=limit)
 
 
-def _usage(request: Request, storage: Storage, settings: UserApiSettings) -> StorageUsageLedger:
-    return StorageUsageLedger.from_settings(request.app.state.session_factory, storage, settings)
-
-
 # No request transaction: counting an account's bytes may walk its folder, and no
 # transaction (nor SQLite's write lock) stays open meanwhile.
 @internal_router.get("/_accounts/{subject}", dependencies=[InternalCaller])
-def account_state(
-    request: Request, subject: str, storage: StorageDep, settings: SettingsDep
-) -> AccountState:
+def account_state(request: Request, subject: str, settings: SettingsDep) -> AccountState:
     """Whether an account's tokens may still be used, its storage limit and what its
     files take (asked by the worker API)."""
     return service.account_state(
@@ -240,7 +232,7 @@ def account_state(
         subject,
         local_auth=settings.auth is AuthMode.LOCAL,
         defaults=default_limits(settings),
-        usage=_usage(request, storage, settings),
+        usage=StorageUsageLedger.of_app(request.app.state),
     )
 
 
@@ -249,7 +241,6 @@ def record_usage(
     request: Request,
     subject: str,
     change: UsageChange,
-    storage: StorageDep,
     settings: SettingsDep,
 ) -> AccountState:
     """Count bytes the worker API wrote into the account's files (its results
@@ -260,5 +251,5 @@ def record_usage(
         change,
         local_auth=settings.auth is AuthMode.LOCAL,
         defaults=default_limits(settings),
-        usage=_usage(request, storage, settings),
+        usage=StorageUsageLedger.of_app(request.app.state),
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Update, case, select, update
 from sqlalchemy.exc import IntegrityError
@@ -113,6 +114,12 @@ class StorageUsageLedger:
             settle_seconds=settings.storage_usage_settle_seconds,
             stuck_seconds=settings.storage_usage_stuck_seconds,
         )
+
+    @classmethod
+    def of_app(cls, state: Any) -> StorageUsageLedger:
+        """The ledger of a running user API: its database, storage and settings
+        (``app.state``, set up by ``user_api.app``)."""
+        return cls.from_settings(state.session_factory, state.storage, state.settings)
 
     # -- reading --------------------------------------------------------------------
 
