@@ -6,7 +6,8 @@ Used by both APIs' download and upload routes, including the signed ones.
 ``received_files`` reads a multipart body itself instead of leaving it to the form
 parser of Starlette, which spools each file to a temporary file (one thread hop per
 64 KiB read) that storage then copies again. Here each file part goes once, in
-large writes from a worker thread, into a file the storage can take as it is: a
+large writes from a worker thread while the next bytes arrive (``writev`` of the
+chunks as received: no copy to join them), into a file the storage can take as it is: a
 local storage's staged file, renamed to its key (``LocalStorage.staging_file``), or
 a temporary file for any other storage. A limit on the bytes of all files refuses
 the upload as soon as it is passed, while the body is still arriving. Uploads are
@@ -16,8 +17,11 @@ limit. Measured with ``bench/transfer.py`` (README, "Transfers").
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import mimetypes
+import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import PurePosixPath
@@ -33,6 +37,7 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from labcloud.errors import LabCloudError, NotFound
 from labcloud.storage.base import CHUNK_SIZE, EntryType, Storage
 from labcloud.storage.local import LocalStorage, StagedFile
+from labcloud.storage.transfers import UploadTooLarge
 from labcloud.storage.uploads import (
     MAX_UPLOAD_PARTS,
     UPLOAD_FIELD,
@@ -51,6 +56,9 @@ UPLOAD_WRITE_SIZE = 4 * 1024 * 1024
 # Bytes one download reads and sends at a time: Starlette's FileResponse reads
 # 64 KiB per thread hop, which held 1 GiB downloads to 40 % of ``cp`` here.
 DOWNLOAD_CHUNK_SIZE = 1024 * 1024
+# The threads that write uploads: each upload has at most one write in flight, so
+# that it receives the next bytes while the last are written.
+_WRITERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="upload-write")
 # A part's headers and a form field that is not a file are small; an upload that
 # sends more is refused rather than held in memory.
 _MAX_HEADER_BYTES = 16 * 1024
@@ -141,6 +149,20 @@ class UploadLimit:
         self.refusal = refusal
 
 
+def url_upload_limit(max_bytes: int | None) -> UploadLimit | None:
+    """The limit of an upload through a signed URL that caps it at ``max_bytes``
+    (None: no cap): ``UploadTooLarge`` as soon as more arrives."""
+    if max_bytes is None:
+        return None
+
+    def refusal(_received: int) -> UploadTooLarge:
+        return UploadTooLarge(
+            f"this upload is larger than the {max_bytes:,} bytes its upload URL allows"
+        )
+
+    return UploadLimit(max_bytes, refusal)
+
+
 def _staging_file(storage: Storage) -> BinaryIO:
     if isinstance(storage, LocalStorage):
         return storage.staging_file()
@@ -154,7 +176,10 @@ def _discard(file: BinaryIO) -> None:
         file.close()
 
 
-def _discard_all(files: list[BinaryIO]) -> None:
+def _discard_all(files: list[BinaryIO], pending: concurrent.futures.Future[None] | None) -> None:
+    """Remove ``files`` once the write in flight to one of them has ended."""
+    if pending is not None:
+        concurrent.futures.wait([pending])
     for file in files:
         _discard(file)
 
@@ -179,12 +204,15 @@ class _Part:
         self.file: BinaryIO | None = None
         self.filename: str | None = None
         self.field_bytes = 0
-        self.buffer = bytearray()
+        # The part's bytes not yet written: the chunks as received where a chunk is
+        # all file content (no copy), slices of it elsewhere.
+        self.pieces: list[bytes] = []
+        self.buffered = 0
 
 
 class _MultipartReceiver:
     """Callbacks of python-multipart's parser: file parts of the field ``file`` are
-    collected into ``UPLOAD_WRITE_SIZE`` buffers, which ``flush`` writes."""
+    collected until they hold ``UPLOAD_WRITE_SIZE`` bytes, which ``flush`` writes."""
 
     def __init__(self, storage: Storage, limit: UploadLimit | None) -> None:
         self.storage = storage
@@ -192,7 +220,9 @@ class _MultipartReceiver:
         self.files: list[tuple[str | None, BinaryIO]] = []
         self.opened: list[BinaryIO] = []
         self.part = _Part()
-        # Parts ended by the last chunk whose buffers are not yet written.
+        # The write in flight, if any (one at a time, in order).
+        self.pending: concurrent.futures.Future[None] | None = None
+        # Parts ended by the last chunk whose bytes are not yet written.
         self.ended_parts: list[_Part] = []
         self.in_part = False
         self.ended = False
@@ -265,7 +295,8 @@ class _MultipartReceiver:
         self.received += count
         if self.limit is not None and self.received > self.limit.max_bytes:
             raise self.limit.refusal(self.received)
-        self.part.buffer += data[start:end]
+        self.part.pieces.append(data if start == 0 and end == len(data) else data[start:end])
+        self.part.buffered += count
 
     def on_part_end(self) -> None:
         self.in_part = False
@@ -277,21 +308,47 @@ class _MultipartReceiver:
         self.ended = True
 
     async def flush(self) -> None:
-        """Write the buffers of the parts that ended, and the current part's once
+        """Write the bytes of the parts that ended, and the current part's once
         it holds ``UPLOAD_WRITE_SIZE`` bytes."""
         ended, self.ended_parts = self.ended_parts, []
         for part in ended:
             await self._write(part)
-        if len(self.part.buffer) >= UPLOAD_WRITE_SIZE:
+        if self.part.buffered >= UPLOAD_WRITE_SIZE:
             await self._write(self.part)
 
-    @staticmethod
-    async def _write(part: _Part) -> None:
-        if part.file is None or not part.buffer:
+    async def _write(self, part: _Part) -> None:
+        """Start writing the part's bytes once the write in flight is done."""
+        if part.file is None or not part.pieces:
             return
-        chunk = bytes(part.buffer)
-        part.buffer.clear()
-        await anyio.to_thread.run_sync(part.file.write, chunk)
+        pieces, part.pieces, part.buffered = part.pieces, [], 0
+        await self.written()
+        self.pending = _WRITERS.submit(_write_pieces, part.file.fileno(), pieces)
+
+    async def written(self) -> None:
+        """Wait for the write in flight (raising its error)."""
+        if self.pending is not None:
+            await asyncio.wrap_future(self.pending)
+            self.pending = None
+
+
+# Buffers per writev call, well under any system's IOV_MAX (1024 on Linux).
+_WRITEV_BATCH = 256
+
+
+def _write_pieces(descriptor: int, pieces: list[bytes]) -> None:
+    """Write ``pieces`` in order at the descriptor's position, with ``writev``
+    (no copy to join them); a short write goes on where it stopped."""
+    views = [memoryview(piece) for piece in pieces if piece]
+    while views:
+        batch = views[:_WRITEV_BATCH]
+        written = os.writev(descriptor, batch)
+        done = 0
+        while done < len(batch) and written >= len(batch[done]):
+            written -= len(batch[done])
+            done += 1
+        views = views[done:]
+        if written:
+            views[0] = views[0][written:]
 
 
 def _boundary(request: Request) -> bytes:
@@ -324,6 +381,7 @@ async def received_files(
         parser.finalize()
         if receiver.in_part or not receiver.ended:
             raise UploadRefused("the multipart body ends before its closing boundary")
+        await receiver.written()
         check_part_count(len(receiver.files))
         for _, file in receiver.files:
             file.seek(0)
@@ -331,4 +389,4 @@ async def received_files(
     finally:
         opened = list(receiver.opened)
         if opened:
-            await anyio.to_thread.run_sync(_discard_all, opened)
+            await anyio.to_thread.run_sync(_discard_all, opened, receiver.pending)

@@ -26,9 +26,9 @@ from labcloud.storage.http import (
     download_response,
     multipart_upload_body,
     received_files,
+    url_upload_limit,
 )
 from labcloud.storage.quota import StorageLimitReached
-from labcloud.storage.transfers import UploadTooLarge
 from labcloud.storage.uploads import MAX_UPLOAD_PARTS
 from user_api.dependencies import (
     CurrentUserOutsideTransactions,
@@ -61,18 +61,6 @@ def _within_storage_limit(max_bytes: int | None) -> UploadLimit | None:
         return StorageLimitReached(
             f"storage limit reached: this upload is larger than your whole storage limit "
             f"of {max_bytes:,} bytes; it was not kept"
-        )
-
-    return UploadLimit(max_bytes, refusal)
-
-
-def _within_url_limit(max_bytes: int | None) -> UploadLimit | None:
-    if max_bytes is None:
-        return None
-
-    def refusal(_received: int) -> UploadTooLarge:
-        return UploadTooLarge(
-            f"this upload is larger than the {max_bytes:,} bytes its upload URL allows"
         )
 
     return UploadLimit(max_bytes, refusal)
@@ -250,7 +238,7 @@ async def signed_upload(
     transfer = await anyio.to_thread.run_sync(
         partial(signed.check_signed_upload, storage, token, owner_of=owner_of)
     )
-    limit = _within_url_limit(transfer.max_bytes)
+    limit = url_upload_limit(transfer.max_bytes)
     async with received_files(request, storage, limit=limit) as parts:
         store = partial(
             signed.signed_upload,

@@ -18,7 +18,13 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from labcloud.contract import OutputKind, SignedRequest
 from labcloud.db import unit_of_work
 from labcloud.storage import Entry, Storage, normalise_path
-from labcloud.storage.http import download_response, multipart_upload_body, received_files
+from labcloud.storage.http import (
+    UploadLimit,
+    download_response,
+    multipart_upload_body,
+    received_files,
+    url_upload_limit,
+)
 from labcloud.storage.uploads import MAX_UPLOAD_PARTS, IncomingFile
 from worker_api.dependencies import (
     AccountsDep,
@@ -68,12 +74,16 @@ HeldUploadTarget = Annotated[service.UploadTarget, Depends(held_upload_target)]
 
 
 async def receive_files(
-    request: Request, storage: Storage, store: Callable[[list[IncomingFile]], list[Entry]]
+    request: Request,
+    storage: Storage,
+    store: Callable[[list[IncomingFile]], list[Entry]],
+    *,
+    limit: UploadLimit | None = None,
 ) -> list[Entry]:
-    """Receive the multipart body (at most ``MAX_UPLOAD_PARTS`` files, see
-    ``received_files``) and hand every ``file`` part to ``store``, in a worker
-    thread."""
-    async with received_files(request, storage) as parts:
+    """Receive the multipart body (at most ``MAX_UPLOAD_PARTS`` files, within
+    ``limit``, see ``received_files``) and hand every ``file`` part to ``store``,
+    in a worker thread."""
+    async with received_files(request, storage, limit=limit) as parts:
         return await anyio.to_thread.run_sync(store, parts)
 
 
@@ -150,9 +160,12 @@ async def signed_upload(
     """Upload through a signed URL, once (no bearer token; multipart field ``file``,
     each part's file name names its file)."""
     # Checked before the body is read (the account check may block on HTTP).
-    folder = await anyio.to_thread.run_sync(signed.check_upload, storage, accounts, token)
+    transfer = await anyio.to_thread.run_sync(signed.check_upload, storage, accounts, token)
     sessions = request.app.state.session_factory
     entries = await receive_files(
-        request, storage, lambda parts: signed.upload(storage, accounts, sessions, token, parts)
+        request,
+        storage,
+        lambda parts: signed.upload(storage, accounts, sessions, token, parts),
+        limit=url_upload_limit(transfer.max_bytes),
     )
-    return stored_files(folder, entries)
+    return stored_files(signed.upload_folder(transfer), entries)

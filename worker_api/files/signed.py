@@ -18,6 +18,7 @@ from labcloud.db import unit_of_work, utcnow
 from labcloud.errors import LabCloudError
 from labcloud.storage import Entry, LocalStorage, SignedUrlOwnerInactive, TransferPurpose
 from labcloud.storage.redeem import claim_upload, release_upload
+from labcloud.storage.signing import SignedTransfer
 from labcloud.storage.transfers import upload_targets
 from labcloud.storage.uploads import IncomingFile
 from worker_api.clients.accounts import AccountChecker
@@ -40,11 +41,17 @@ def download_key(storage: LocalStorage, accounts: AccountChecker, token: str) ->
     return key
 
 
-def check_upload(storage: LocalStorage, accounts: AccountChecker, token: str) -> str:
-    """Refuse an invalid upload URL before its body is read; returns the key of the
-    folder the upload goes into (for an upload of one file, that file's folder)."""
+def check_upload(storage: LocalStorage, accounts: AccountChecker, token: str) -> SignedTransfer:
+    """Refuse an invalid upload URL before its body is read; returns the upload it
+    allows (``upload`` checks again, and that it was not used)."""
     transfer = storage.transfers.upload(token)
     _check_owner(accounts, transfer.key)
+    return transfer
+
+
+def upload_folder(transfer: SignedTransfer) -> str:
+    """The key of the folder an upload goes into (for an upload of one file, that
+    file's folder)."""
     if transfer.purpose is TransferPurpose.UPLOAD:
         return PurePosixPath(transfer.key).parent.as_posix()
     return transfer.key
