@@ -48,9 +48,6 @@ pg_args=()
 [ "$offline" -eq 1 ] && pg_args=(--build-arg "BASE=$base_image")
 docker build --quiet "${pg_args[@]}" -t "$postgres_image" images/service/postgres >/dev/null
 echo "built $postgres_image"
-# The shipped catalog's demo tool, which the README's example session runs: offline,
-# on the same base (it needs only a shell and coreutils).
-if ! docker image inspect labcloud/demo:latest >/dev/null 2>&1; then
-  docker build --quiet "${pg_args[@]}" -t labcloud/demo:latest images/demo >/dev/null
-  echo "built labcloud/demo:latest"
-fi
+# The shipped catalog's demo tool, which the README's example session runs: built as
+# `labcloud up` builds it (public busybox, or the host's static busybox offline).
+poetry run labcloud demo-image
