@@ -18,6 +18,7 @@ import subprocess
 import time
 import zipfile
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -164,42 +165,68 @@ def test_services_run_unprivileged_and_report_healthy(stack: ComposeStack) -> No
     assert "created" in stack.compose("logs", "--no-color", "runner-setup").stdout
 
 
+def _signed_up_client(stack: ComposeStack) -> httpx.Client:
+    """A client logged in as a new self-signed-up user."""
+    client = httpx.Client(base_url=stack.url, timeout=30)
+    email, password = f"me-{secrets.token_hex(4)}@example.org", "demo-pass-1"
+    created = client.post("/user", data={"username": email, "password": password})
+    assert created.status_code == 201, created.text
+    token = client.post("/token", data={"username": email, "password": password})
+    client.headers["Authorization"] = f"Bearer {token.json()['id_token']}"
+    return client
+
+
+def _count_words(client: httpx.Client, name: str) -> None:
+    """Upload fox.txt, run the demo job ``name`` on it, check its output."""
+    uploaded = client.post(
+        "/files/data/texts/upload", files={"file": ("fox.txt", b"the quick brown fox\n")}
+    )
+    assert uploaded.status_code in (200, 201), uploaded.text
+    job = client.post(
+        "/jobs",
+        json={
+            "job_name": name,
+            "application": {"application": "demo", "version": "latest", "entrypoint": "wordcount"},
+            "attributes": {"files_down": {"data_ids": ["texts"]}},
+        },
+    )
+    assert job.status_code == 201, job.text
+    job_id = job.json()["id"]
+
+    def ended() -> dict[str, object] | None:
+        current: dict[str, object] = client.get(f"/jobs/{job_id}").json()
+        return current if current["status"] in ("finished", "error", "canceled") else None
+
+    final = wait_for(ended, timeout=120, interval=0.5, what=f"job {name} to end")
+    assert final["status"] == "finished", final
+    result = client.get(f"/files/output/{name}/wordcount.txt/download")
+    assert result.status_code == 200, result.text
+    assert result.text == "fox.txt 4\n"
+    archive = client.get(f"/files/output/{name}/download")
+    assert archive.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(archive.content)) as folder:
+        assert folder.read("wordcount.txt") == b"fox.txt 4\n"
+
+
 def test_readme_session_runs_the_demo_job_through_the_containers(stack: ComposeStack) -> None:
-    with httpx.Client(base_url=stack.url, timeout=30) as client:
-        email, password = f"me-{secrets.token_hex(4)}@example.org", "demo-pass-1"
-        created = client.post("/user", data={"username": email, "password": password})
-        assert created.status_code == 201, created.text
-        token = client.post("/token", data={"username": email, "password": password})
-        client.headers["Authorization"] = f"Bearer {token.json()['id_token']}"
-        uploaded = client.post(
-            "/files/data/texts/upload", files={"file": ("fox.txt", b"the quick brown fox\n")}
-        )
-        assert uploaded.status_code in (200, 201), uploaded.text
-        job = client.post(
-            "/jobs",
-            json={
-                "job_name": "count-1",
-                "application": {
-                    "application": "demo",
-                    "version": "latest",
-                    "entrypoint": "wordcount",
-                },
-                "attributes": {"files_down": {"data_ids": ["texts"]}},
-            },
-        )
-        assert job.status_code == 201, job.text
-        job_id = job.json()["id"]
+    with closing(_signed_up_client(stack)) as client:
+        _count_words(client, "count-1")
 
-        def ended() -> dict[str, object] | None:
-            current: dict[str, object] = client.get(f"/jobs/{job_id}").json()
-            return current if current["status"] in ("finished", "error", "canceled") else None
 
-        final = wait_for(ended, timeout=120, interval=0.5, what="the demo job to end")
-        assert final["status"] == "finished", final
-        result = client.get("/files/output/count-1/wordcount.txt/download")
-        assert result.status_code == 200, result.text
-        assert result.text == "fox.txt 4\n"
-        archive = client.get("/files/output/count-1/download")
-        assert archive.status_code == 200
-        with zipfile.ZipFile(io.BytesIO(archive.content)) as folder:
-            assert folder.read("wordcount.txt") == b"fox.txt 4\n"
+def test_recreated_containers_keep_accounts_tokens_files_and_the_runner(
+    stack: ComposeStack,
+) -> None:
+    """What lives in volumes survives new containers (an upgrade): the signing key
+    (tokens stay valid), the databases, user files, and the runner's account, which
+    the setup does not create again."""
+    with closing(_signed_up_client(stack)) as client:
+        _count_words(client, "before")
+        stack.compose("up", "-d", "--no-build", "--force-recreate")
+        wait_for(
+            partial(_healthy, stack, "runner"), timeout=120, interval=0.5, what="runner healthy"
+        )
+        listing = client.get("/files/output/before")
+        assert listing.status_code == 200, listing.text
+        assert "output/before/wordcount.txt" in listing.text
+        assert stack.compose("logs", "--no-color", "runner-setup").stdout.count("created") == 0
+        _count_words(client, "after")
