@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from labcloud.db import unit_of_work, utcnow
 from labcloud.storage.base import Storage
 from labcloud.storage.quota import bytes_stored
-from user_api.models import STORAGE_USAGE, USERS
+from user_api.models import JOBS, STORAGE_USAGE, USERS
 from user_api.settings import UserApiSettings
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,23 @@ def note_job_ended(session: Session, user_id: int, now: datetime) -> None:
     the user API) are in storage or about to be, so the owner's count is recounted
     at its next check (not here: a status update must not wait for a listing)."""
     owner = select(USERS.c.subject).where(USERS.c.id == user_id).scalar_subquery()
+    session.execute(
+        update(_T)
+        .where(_T.c.subject == owner)
+        .values(version=_T.c.version + 1, **_unsettle(now + JOB_RESULTS_SETTLE))
+    )
+
+
+def note_job_deleted(session: Session, job_id: int, now: datetime) -> None:
+    """In the transaction that deletes job ``job_id`` after it had ended (its end
+    marked the count already, long ago perhaps): its result folders are removed
+    with it, so the owner's count is recounted at its next check."""
+    owner = (
+        select(USERS.c.subject)
+        .join(JOBS, JOBS.c.user_id == USERS.c.id)
+        .where(JOBS.c.id == job_id)
+        .scalar_subquery()
+    )
     session.execute(
         update(_T)
         .where(_T.c.subject == owner)

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from labcloud.contract import FailureKind, JobStatus, Outcome
 from labcloud.db import utcnow
-from user_api.files.usage import note_job_ended
+from user_api.files.usage import note_job_deleted, note_job_ended
 from user_api.jobs import repository
 from user_api.jobs.repository import MovedJob
 from user_api.limits import release_active_job
@@ -110,7 +110,8 @@ def transition(
 ) -> Transitioned | None:
     """Move job ``job_id`` to ``target`` if its current status allows it, with all
     that follows, in the caller's transaction; None when the move was not allowed
-    (or there is no such job), in which case nothing was written.
+    (or there is no such job), in which case nothing was written (but for a job
+    being deleted after it ended: its owner's storage count is marked for a recount).
 
     ``outcome`` (how the attempt ended) is stored with a terminal status; a job the
     user API ends itself gets one saying so when the caller gives none.
@@ -126,6 +127,9 @@ def transition(
         outcome = Outcome(failure=_FAILURE[cause], ended_at=now)
     moved = repository.move(session, job_id, target, _values(target, now, outcome, runtime_details))
     if moved is None:
+        if cause is Cause.DELETE:
+            # A job that had already ended is being deleted, its result folders too.
+            note_job_deleted(session, job_id, now)
         return None
     email_queued = False
     if target.is_terminal:  # every source of a terminal status is active: a slot frees

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import inspect, select, text
+from sqlalchemy import delete, inspect, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.contract import JobStatus, SignedRequest
@@ -396,3 +396,24 @@ def test_a_handed_out_url_keeps_the_count_recounted_until_it_has_expired(
     assert usage.used(SUBJECT) == 15  # the recount after the window settles it
     with unit_of_work(sessions) as session:
         assert session.scalar(select(STORAGE_USAGE.c.unsettled_until)) is None
+
+
+def test_deleting_a_job_that_had_ended_recounts_without_its_results(
+    sessions: sessionmaker[Session], storage: LocalStorage
+) -> None:
+    job_id = _job(sessions, SUBJECT)
+    usage = ledger(sessions, storage)
+    storage.write(f"{SUBJECT}/output/job-1/result.csv", io.BytesIO(b"r" * 500))
+    with unit_of_work(sessions) as session:
+        assert transition(session, job_id, JobStatus.FINISHED, cause=Cause.WORKER) is not None
+    assert usage.used(SUBJECT) == 500
+    time.sleep(0.01)
+    with unit_of_work(sessions) as session:
+        session.execute(update(STORAGE_USAGE).values(unsettled_until=None))  # long settled
+    # Deleted as ``jobs.service.delete_job`` does: the (refused) cancel, then the
+    # job's row and its result folders, in one transaction.
+    with unit_of_work(sessions) as session:
+        assert transition(session, job_id, JobStatus.CANCELED, cause=Cause.DELETE) is None
+        session.execute(delete(Job).where(Job.id == job_id))
+        storage.delete(f"{SUBJECT}/output/job-1")
+    assert usage.used(SUBJECT) == 0
