@@ -26,8 +26,16 @@ postgres_image=${POSTGRES_IMAGE:-labcloud/postgres:15}
 base_image=${BASE_IMAGE:-labcloud/base:bookworm}
 
 args=()
+pg_args=()
 if [ "$offline" -eq 1 ]; then
   scripts/build-base-image.sh "$base_image"
+  pg_args=(--build-arg "BASE=$base_image")
+fi
+# PostgreSQL's image waits mostly on Debian's archive: built beside the service image.
+docker build --quiet "${pg_args[@]}" -t "$postgres_image" images/service/postgres >/dev/null &
+postgres_build=$!
+
+if [ "$offline" -eq 1 ]; then
   # The runtime requirements with their locked hashes, and the build backend, as wheels
   # for this platform (the image's Python is the same 3.11 on Linux x86_64/glibc).
   wheels=images/service/wheels
@@ -44,9 +52,7 @@ fi
 
 docker build --quiet "${args[@]}" -f images/service/Dockerfile -t "$service_image" . >/dev/null
 echo "built $service_image"
-pg_args=()
-[ "$offline" -eq 1 ] && pg_args=(--build-arg "BASE=$base_image")
-docker build --quiet "${pg_args[@]}" -t "$postgres_image" images/service/postgres >/dev/null
+wait "$postgres_build" || { echo "building $postgres_image failed" >&2; exit 1; }
 echo "built $postgres_image"
 # The shipped catalog's demo tool, which the README's example session runs: built as
 # `labcloud up` builds it (public busybox, or the host's static busybox offline).
