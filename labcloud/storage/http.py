@@ -50,9 +50,11 @@ from labcloud.storage.zipstream import zip_stream
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
-# Bytes of a file part collected before one write (from a worker thread): large
-# writes keep the thread hops and system calls few (256 per GiB).
-UPLOAD_WRITE_SIZE = 4 * 1024 * 1024
+# Bytes of a file part collected before one write (from a worker thread): enough
+# to keep the thread hops few (2,048 per GiB), little enough that the bytes are
+# still in the CPU's caches when they are written. 1 GiB uploads here, three each:
+# 412-443 MiB/s with 4 MiB, 387-682 with 1 MiB, 612-693 with 512 KiB.
+UPLOAD_WRITE_SIZE = 512 * 1024
 # Bytes one download reads and sends at a time: Starlette's FileResponse reads
 # 64 KiB per thread hop, which held 1 GiB downloads to 40 % of ``cp`` here.
 DOWNLOAD_CHUNK_SIZE = 1024 * 1024

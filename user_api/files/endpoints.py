@@ -4,10 +4,13 @@ Route order matters: ``{path:path}`` also matches ``.../download`` and ``.../url
 so those routes come before the plain listing, and among the POST routes the
 trailing-slash form (create a folder) is distinct from ``/upload`` and ``/url``.
 The ``/_signed/{token}`` routes take no bearer token: the signature is the
-credential. All routes are sync: storage calls block. None keeps a database
-transaction open while a file moves (on SQLite that would hold the write lock for
-the whole transfer): the caller is read in a short transaction of its own
-(``CurrentUserOutsideTransactions``), and so is anything else a route asks the database.
+credential. Storage calls block: the routes are sync, except the uploads, which
+read their body on the event loop after the caller is authorised
+(``labcloud.storage.http.received_files``) and store it from a worker thread.
+None keeps a database transaction open while a file moves (on SQLite that would
+hold the write lock for the whole transfer): the caller is read in a short
+transaction of its own (``CurrentUserOutsideTransactions``), and so is anything
+else a route asks the database.
 """
 
 from __future__ import annotations
