@@ -5,9 +5,10 @@ An account's own value (``User.max_active_jobs``, ``User.max_storage_bytes``) wi
 means unlimited. Zero is a real limit: nothing may be added. Requests over a limit
 are refused before anything is written, naming the limit and the current use.
 
-Bytes stored are summed from storage on every check rather than kept in a counter
-(``labcloud.storage.quota``): jobs' outputs are written by the worker API straight
-to storage, so a counter in this database could not be kept correct.
+Bytes stored are counted in this database (``user_api.files.usage``): what the
+user API writes moves the count at once, and what lands without it (presigned
+uploads, jobs' results written by the worker API or straight to S3) marks the
+count for a recount of that user's folder alone, never of the whole storage.
 """
 
 from __future__ import annotations
