@@ -34,7 +34,7 @@ class UserApiSettings(ServiceSettings):
         default="http://127.0.0.1:8000",
         description="External base URL of this API, used in signed download/upload links.",
     )
-    signed_url_expiry_seconds: int = Field(default=3600, ge=10, le=7 * 24 * 3600)
+    signed_url_expiry_seconds: int = Field(default=600, ge=10, le=7 * 24 * 3600)
 
     # A local path or s3://BUCKET/KEY (user_api.catalog.sources).
     application_config_file: str | Path = "application_config.yaml"

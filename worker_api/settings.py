@@ -60,7 +60,7 @@ class WorkerApiSettings(ServiceSettings):
         default="http://127.0.0.1:8001",
         description="External base URL of this API, used in signed download/upload links.",
     )
-    signed_url_expiry_seconds: int = Field(default=3600, ge=10, le=7 * 24 * 3600)
+    signed_url_expiry_seconds: int = Field(default=600, ge=10, le=7 * 24 * 3600)
 
     reaper_interval_seconds: float = Field(default=10.0, gt=0)
     max_wait_seconds: float = Field(

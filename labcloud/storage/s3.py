@@ -484,11 +484,12 @@ class S3Storage(Storage):
         is refused (``FolderUrlUnavailable``): S3 cannot send it as a zip."""
         entry = self.stat(key)
         if entry is None:
-            raise NotFound(f"no file or folder at {key!r}")
+            raise NotFound("no such file or folder")
         if entry.type is EntryType.DIRECTORY:
+            # Storage keys start with the owner's id: the message names no key.
             raise FolderUrlUnavailable(
-                f"{key!r} is a folder: download it as a zip through the API's "
-                "download route (a URL downloads one file)"
+                "this is a folder, and a URL downloads one file: download the folder "
+                "as a zip through the API's download route (GET /files/{path}/download)"
             )
         with self._failures("sign a download of", key):
             url = self._client.generate_presigned_url(
