@@ -241,6 +241,28 @@ class CognitoUserPool:
             if user.get("UserStatus") == "UNCONFIRMED":
                 self._client.admin_confirm_sign_up(UserPoolId=self.user_pool_id, Username=username)
 
+    def create_account(self, email: str, password: str) -> str:
+        """Create a confirmed account named by its email, with a permanent password
+        and no invitation message (an admin hands the password over); returns its
+        ``sub``."""
+        with _cognito_errors("account creation"):
+            response = self._client.admin_create_user(
+                UserPoolId=self.user_pool_id,
+                Username=email,
+                UserAttributes=[
+                    {"Name": "email", "Value": email},
+                    {"Name": "email_verified", "Value": "true"},
+                ],
+                MessageAction="SUPPRESS",
+            )
+            self._client.admin_set_user_password(
+                UserPoolId=self.user_pool_id, Username=email, Password=password, Permanent=True
+            )
+        attributes = {
+            item["Name"]: item["Value"] for item in response["User"].get("Attributes", [])
+        }
+        return str(attributes.get("sub") or response["User"]["Username"])
+
     def add_to_group(self, username: str, group: str) -> None:
         with _cognito_errors("adding to a group"):
             self._client.admin_add_user_to_group(

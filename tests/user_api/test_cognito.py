@@ -297,6 +297,28 @@ def test_a_worker_the_user_api_never_saw_can_be_disabled(
     assert state.status_code == 200 and state.json()["active"] is False
 
 
+def test_an_admin_creates_a_worker_in_the_pool(
+    make_client: ClientFactory, pool: CognitoPool
+) -> None:
+    key = secrets.token_urlsafe(24)
+    client = make_client(internal_api_key_secret=key, cognito_auth_routes=False)
+    admin = bearer(pool.login(ADMIN, PASSWORD))
+    created = client.post("/admin/workers", json={"name": "gpu-2", "cloud": True}, headers=admin)
+    assert created.status_code == 201, created.text
+    body = created.json()
+    email, password = body["settings"]["USERNAME"], body["settings"]["PASSWORD"]
+    assert body["groups"] == ["cloud", "workers"]
+    assert pool.user(email)["UserStatus"] == "CONFIRMED"
+    assert pool.groups_of(email) == ["cloud", "workers"]
+    # The runner logs in with what the answer holds, as a cloud worker.
+    claims = jwt.decode(pool.login(email, password), options={"verify_signature": False})
+    assert sorted(claims["cognito:groups"]) == ["cloud", "workers"]
+    state = client.get(f"/_accounts/{claims['sub']}", headers={"x-api-key": key})
+    assert state.status_code == 200 and state.json()["active"] is True
+    again = client.post("/admin/workers", json={"name": "gpu-2"}, headers=admin)
+    assert again.status_code == 409, again.text
+
+
 def test_the_last_admin_keeps_its_group_in_the_pool(client: TestClient, pool: CognitoPool) -> None:
     admin = bearer(token(client, ADMIN))
     client.get("/user", headers=admin)

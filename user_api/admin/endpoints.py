@@ -169,7 +169,11 @@ def set_limits(
 
 @router.post("/workers", status_code=201)
 def create_worker(
-    payload: WorkerCreate, admin: CurrentAdmin, session: SessionDep, settings: SettingsDep
+    payload: WorkerCreate,
+    admin: CurrentAdmin,
+    session: SessionDep,
+    settings: SettingsDep,
+    pool: AccountPoolDep,
 ) -> WorkerCreated:
     """Create a worker account; the answer holds its password and runner settings,
     shown this once."""
@@ -179,6 +183,7 @@ def create_worker(
         request=payload,
         settings=settings,
         local_auth=settings.auth is AuthMode.LOCAL,
+        pool=pool,
     )
 
 

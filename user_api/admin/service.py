@@ -317,9 +317,14 @@ def record_usage(
 
 
 def _generate_password() -> str:
+    """32 random characters with a digit, both cases and a symbol (``-`` or ``_``),
+    so that any Cognito password policy takes it too."""
+    classes = (str.isdigit, str.islower, str.isupper, lambda c: c in "-_")
     while True:
         candidate = secrets.token_urlsafe(24)
-        if password_problem(candidate) is None:
+        if password_problem(candidate) is None and all(
+            any(test(char) for char in candidate) for test in classes
+        ):
             return candidate
 
 
@@ -330,25 +335,35 @@ def create_worker(
     request: WorkerCreate,
     settings: UserApiSettings,
     local_auth: bool,
+    pool: AccountPool | None = None,
 ) -> WorkerCreated:
     """Create a ``workers`` account (also ``cloud`` when asked) with a generated
     password, and the settings of a runner that uses it. The password is returned
-    here only: the audit entry and the logs never see it."""
-    if not local_auth:
+    here only: the audit entry and the logs never see it. With Cognito the account
+    is created in the pool (confirmed, the password permanent, in its groups) and
+    recorded here; the runner finds the pool from ``/access_info``."""
+    if not local_auth and pool is None:
         raise ManagedByCognito(
             "with AUTH=cognito, create worker accounts in the Cognito user pool "
             "(group 'workers') and give the runner its username and password"
         )
     groups = [Group.WORKERS, Group.CLOUD] if request.cloud else [Group.WORKERS]
     password = _generate_password()
-    user = auth_service.create_account(
-        session,
-        email=f"{request.name}@{WORKER_EMAIL_DOMAIN}",
-        password=password,
-        groups=groups,
-        creator=actor,
-        self_signup_allowed=False,
-    )
+    email = f"{request.name}@{WORKER_EMAIL_DOMAIN}"
+    if pool is None:
+        user = auth_service.create_account(
+            session,
+            email=email,
+            password=password,
+            groups=groups,
+            creator=actor,
+            self_signup_allowed=False,
+        )
+    else:
+        if accounts.get_by_email(session, email) is not None:
+            raise auth_service.AccountExists()
+        user = pool.create(email, password, [group.value for group in groups])
+        accounts.add(session, user)
     _audit(session, actor, AuditAction.CREATE_WORKER, user.email, {"groups": list(user.groups)})
     values = {
         "API_URL": settings.workerfacing_api_url.rstrip("/"),

@@ -45,6 +45,11 @@ class AccountPool(Protocol):
         (a worker never calls the user API), or None when the pool has none."""
         ...
 
+    def create(self, email: str, password: str, groups: list[str]) -> User:
+        """Create an account that can log in with ``password`` at once, in ``groups``;
+        the new row to record (the caller adds it)."""
+        ...
+
     def approve(self, email: str) -> None:
         """Let an account that waits for approval use the service."""
         ...
@@ -142,6 +147,19 @@ class CognitoAccounts:
             email=email,
             password_hash=None,
             groups=self._pool.groups_of(email),
+            is_approved=True,
+        )
+
+    def create(self, email: str, password: str, groups: list[str]) -> User:
+        email = normalise_email(email)
+        subject = self._pool.create_account(email, password)
+        for group in sorted(groups):
+            self._pool.add_to_group(email, group)
+        return User(
+            subject=subject,
+            email=email,
+            password_hash=None,
+            groups=sorted(groups),
             is_approved=True,
         )
 
