@@ -8,21 +8,26 @@ temporary folder first. Then, ``--rounds`` times, interleaved so that a change i
 the machine's speed weighs on all three alike:
 
 1. ``cp`` of the file to a new file in the same folder, then ``sync`` of the copy:
-   what the disk does (the baseline);
+   what the disk does (the baseline; coreutils 9 copies inside the kernel with
+   ``copy_file_range``, no byte passes through user space);
 2. an upload: ``curl -F file=@<the file>`` to ``POST /files/data/bench/upload``,
    timed until the API answers (it answers once the file is stored and synced);
 3. a download: ``curl -o <new file>`` from ``GET /files/data/bench/<name>/download``,
-   then ``sync`` of the file written, as for ``cp``.
+   then ``sync`` of the file written, as for ``cp``; and the download again to
+   ``/dev/null`` (what the API sends when the client writes nothing).
 
 The client is curl (C, as users and scripts use it), so that the client's own cost
-stays out of the API's numbers. Source and copies are on the same file system as
-the API's storage. Before each transfer the API process's peak resident memory is
-reset (``/proc/<pid>/clear_refs``), and read after it (``VmHWM``).
+stays out of the API's numbers. Before each step an untimed ``sync`` writes back
+what the previous step left and commits the blocks it freed (on a ``discard`` mount
+they are trimmed then), and the uploaded file is deleted after each round. Source
+and copies are on the same file system as the API's storage. Before each transfer
+the API process's peak resident memory is reset (``/proc/<pid>/clear_refs``), and
+read after it (``VmHWM``).
 
 Prints MiB/s (2^20 bytes) of each, the upload's and download's share of ``cp``,
 the API process's CPU seconds and peak RSS for each, and medians (the shares are
-medians of each round's ratio). The target on local storage: both at
-least 60 % of ``cp``, memory flat whatever the size.
+medians of each round's ratio). The target on local storage: both at least 60 %
+of ``cp``, memory flat whatever the size.
 
     poetry run python bench/transfer.py [--size 1GiB] [--rounds 3] [--storage local|s3]
 """
@@ -44,6 +49,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 from _procstat import cpu_seconds
 from _support import machine_speed, running_stack
 
@@ -152,6 +158,13 @@ def _run(command: list[str]) -> str:
     return done.stdout
 
 
+def settle() -> None:
+    """Untimed: write back what the last step left dirty, and let the file system
+    commit the blocks it freed (``discard`` mounts trim them then), so that no step
+    pays for the one before it."""
+    _run(["sync"])
+
+
 def timed_cp(source: Path, target: Path) -> float:
     began = time.perf_counter()
     _run(["cp", str(source), str(target)])
@@ -201,6 +214,14 @@ def timed_download(url: str, token: str, target: Path) -> float:
     return time.perf_counter() - began
 
 
+def timed_download_discarded(url: str, token: str) -> float:
+    """The download with nothing written on the client's side: what the API sends."""
+    began = time.perf_counter()
+    auth = f"Authorization: Bearer {token}"
+    _run(["curl", "--silent", "--show-error", "--fail", "-H", auth, "-o", os.devnull, url])
+    return time.perf_counter() - began
+
+
 def _rate(size: int, seconds: float) -> float:
     return size / seconds / 2**20
 
@@ -233,6 +254,7 @@ def main() -> None:
         )
 
         cp_rates: list[float] = []
+        sent_rates: list[float] = []
         up_rates: list[float] = []
         down_rates: list[float] = []
         up_peaks: list[float] = []
@@ -241,15 +263,18 @@ def main() -> None:
         down_cpu: list[float] = []
         for round_number in range(1, args.rounds + 1):
             copy = scratch / "copy.bin"
+            settle()
             cp_rates.append(_rate(size, timed_cp(source, copy)))
             copy.unlink()
 
+            settle()
             reset_peak_rss(pid)
             cpu_before = cpu_seconds(pid)
             up_rates.append(_rate(size, timed_upload(upload_url, token, source)))
             up_cpu.append(cpu_seconds(pid) - cpu_before)
             up_peaks.append(peak_rss_mib(pid))
 
+            settle()
             reset_peak_rss(pid)
             cpu_before = cpu_seconds(pid)
             down_rates.append(_rate(size, timed_download(download_url, token, copy)))
@@ -257,12 +282,21 @@ def main() -> None:
             down_peaks.append(peak_rss_mib(pid))
             assert copy.stat().st_size == size, copy.stat().st_size
             copy.unlink()
+            settle()
+            sent_rates.append(_rate(size, timed_download_discarded(download_url, token)))
+            # The next upload writes a new file, as this one did.
+            deleted = httpx.delete(
+                f"{stack.user_url}/files/data/bench/{source.name}",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert deleted.status_code == 204, deleted.text
             print(
-                f"round {round_number}: cp+sync {cp_rates[-1]:7.1f} MiB/s | "
+                f"round {round_number}: cp+sync {cp_rates[-1]:6.0f} MiB/s | "
                 f"upload {up_rates[-1]:7.1f} MiB/s ({up_rates[-1] / cp_rates[-1]:4.0%} of cp), "
                 f"API CPU {up_cpu[-1]:4.1f} s, peak RSS {up_peaks[-1]:4.0f} MiB | "
                 f"download {down_rates[-1]:7.1f} MiB/s ({down_rates[-1] / cp_rates[-1]:4.0%}), "
-                f"API CPU {down_cpu[-1]:4.1f} s, peak RSS {down_peaks[-1]:4.0f} MiB"
+                f"API CPU {down_cpu[-1]:4.1f} s, peak RSS {down_peaks[-1]:4.0f} MiB; "
+                f"to /dev/null {sent_rates[-1]:6.0f} MiB/s"
             )
 
         cp_rate = statistics.median(cp_rates)
@@ -274,6 +308,12 @@ def main() -> None:
             f"API CPU {statistics.median(up_cpu):.1f} s, peak RSS {max(up_peaks):.0f} MiB; "
             f"download {statistics.median(down_rates):.1f} MiB/s = {down_share:.0%} of cp, "
             f"API CPU {statistics.median(down_cpu):.1f} s, peak RSS {max(down_peaks):.0f} MiB"
+        )
+        sent = statistics.median(sent_rates)
+        print(
+            f"  the API sends {sent:.1f} MiB/s to a client that writes nothing "
+            f"({statistics.median(s / c for s, c in zip(sent_rates, cp_rates, strict=True)):.0%}"
+            " of cp)"
         )
         if args.storage == "local":
             met = min(up_share, down_share) >= TARGET_SHARE
