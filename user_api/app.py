@@ -34,6 +34,7 @@ from user_api.catalog.sources import catalog_source
 from user_api.catalog.store import CatalogStore
 from user_api.clients.worker_api import WorkerApiClient
 from user_api.files.endpoints import router as files_router
+from user_api.health import router as health_router
 from user_api.jobs.endpoints import router as jobs_router
 from user_api.jobs.outbox import WorkerApiOutbox
 from user_api.notifications.endpoints import router as notifications_router
@@ -185,6 +186,7 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
         )
     install_error_handlers(app)
     install_request_guards(app, max_body_bytes=MAX_REQUEST_BODY_BYTES)
+    app.include_router(health_router)
     app.include_router(auth_router)
     app.include_router(catalog_router)
     app.include_router(jobs_router)

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jwt
 import pytest
 from fastapi.testclient import TestClient
 
 from labcloud.auth.local import LocalTokenIssuer, generate_private_key_pem
+from labcloud.db import create_db_engine
 from tests.user_api.helpers import PASSWORD, login, signup
 
 
@@ -143,3 +145,19 @@ def test_internal_route_needs_the_key(client: TestClient) -> None:
     body = {"job_id": 1, "status": "running"}
     assert client.put("/_job_status", json=body).status_code == 401
     assert client.put("/_job_status", json=body, headers={"x-api-key": "wrong"}).status_code == 401
+
+
+def test_health_needs_no_token_and_reaches_the_database(client: TestClient) -> None:
+    response = client.get("/health")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
+    app: Any = client.app
+    app.state.engine.dispose()
+    broken = create_db_engine("postgresql+psycopg://nobody@127.0.0.1:9/none")
+    app.state.session_factory.configure(bind=broken)
+    try:
+        down = client.get("/health")
+    finally:
+        app.state.session_factory.configure(bind=app.state.engine)
+        broken.dispose()
+    assert down.status_code == 503
+    assert "database does not answer" in down.json()["detail"]
