@@ -5,14 +5,17 @@ Used by both APIs' download and upload routes, including the signed ones.
 
 ``received_files`` reads a multipart body itself instead of leaving it to the form
 parser of Starlette, which spools each file to a temporary file (one thread hop per
-64 KiB read) that storage then copies again. Here each file part goes once, in
-large writes from a worker thread while the next bytes arrive (``writev`` of the
-chunks as received: no copy to join them), into a file the storage can take as it is: a
-local storage's staged file, renamed to its key (``LocalStorage.staging_file``), or
-a temporary file for any other storage. A limit on the bytes of all files refuses
-the upload as soon as it is passed, while the body is still arriving. Uploads are
-written by ``labcloud.storage.quota.write_files_within_limit``, within the owner's
-limit. Measured with ``bench/transfer.py`` (README, "Transfers").
+chunk received) that storage then copies again. Here each file part goes once, in
+batches written from a worker thread while the next bytes arrive (``writev`` of the
+chunks as received: no copy to join them), into a file the storage can take as it
+is: a local storage's staged file, renamed to its key
+(``LocalStorage.staging_file``), or a temporary file for any other storage. A
+limit on the bytes of all files refuses the upload as soon as it is passed, while
+the body is still arriving. Uploads are written by
+``labcloud.storage.quota.write_files_within_limit``, within the owner's limit.
+Measured with ``bench/transfer.py`` (``bench/README.md``, "transfers of one large
+file"): uploads twice as fast as through the spooled file, downloads sent three
+times as fast, with a flat memory.
 """
 
 from __future__ import annotations

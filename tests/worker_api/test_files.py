@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from labcloud.db import create_db_engine
 from labcloud.storage import LocalStorage
+from labcloud.storage.local import STAGING_FOLDER
 from tests.worker_api.conftest import (
     ClientFactory,
     FakeUserApi,
@@ -372,6 +373,8 @@ def test_an_upload_url_allows_at_most_the_owners_storage_limit(
     assert refused.status_code == 413
     assert "1,000 bytes its upload URL allows" in refused.json()["detail"]
     assert not (tmp_path / "data/u1/output").exists()
+    # Refused while the body arrived: nothing of it is left staged.
+    assert list((tmp_path / "data" / STAGING_FOLDER).iterdir()) == []
     assert client.request(**output.json(), files=parts[:1]).status_code == 201
     # The log's URL allows the log's allowance beyond the limit.
     log = client.post(f"/jobs/{queue_id}/files/url", params={"type": "log"}, headers=worker)
