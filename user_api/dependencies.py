@@ -37,6 +37,7 @@ from labcloud.web import (
 from user_api.auth.cognito import AccountPool, CognitoAccounts
 from user_api.auth.service import AuthenticatedUser, resolve_caller
 from user_api.catalog.store import CatalogStore
+from user_api.files.usage import StorageUsageLedger
 from user_api.limits import default_limits
 from user_api.settings import UserApiSettings
 
@@ -66,6 +67,14 @@ async def get_storage(request: Request) -> Storage:
 
 
 StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+async def get_storage_usage(request: Request) -> StorageUsageLedger:
+    """The count of bytes each account stores, on this API's database and storage."""
+    return StorageUsageLedger.of_app(request.app.state)
+
+
+StorageUsageDep = Annotated[StorageUsageLedger, Depends(get_storage_usage)]
 
 
 async def get_signed_url_storage(request: Request) -> LocalStorage:
@@ -256,5 +265,6 @@ __all__ = [
     "SettingsDep",
     "SignedUrlStorageDep",
     "StorageDep",
+    "StorageUsageDep",
     "after_commit",
 ]

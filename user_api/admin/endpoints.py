@@ -33,8 +33,8 @@ from user_api.dependencies import (
     SessionDep,
     SettingsDep,
     StorageDep,
+    StorageUsageDep,
 )
-from user_api.files.usage import StorageUsageLedger
 from user_api.limits import default_limits
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -229,7 +229,9 @@ def audit_log(
 # No request transaction: counting an account's bytes may walk its folder, and no
 # transaction (nor SQLite's write lock) stays open meanwhile.
 @internal_router.get("/_accounts/{subject}", dependencies=[InternalCaller])
-def account_state(request: Request, subject: str, settings: SettingsDep) -> AccountState:
+def account_state(
+    request: Request, subject: str, settings: SettingsDep, usage: StorageUsageDep
+) -> AccountState:
     """Whether an account's tokens may still be used, its storage limit and what its
     files take (asked by the worker API)."""
     return service.account_state(
@@ -237,7 +239,7 @@ def account_state(request: Request, subject: str, settings: SettingsDep) -> Acco
         subject,
         local_auth=settings.auth is AuthMode.LOCAL,
         defaults=default_limits(settings),
-        usage=StorageUsageLedger.of_app(request.app.state),
+        usage=usage,
     )
 
 
@@ -247,6 +249,7 @@ def record_usage(
     subject: str,
     change: UsageChange,
     settings: SettingsDep,
+    usage: StorageUsageDep,
 ) -> AccountState:
     """Count bytes the worker API wrote into the account's files (its results
     uploads), and answer the account's state after it."""
@@ -256,5 +259,5 @@ def record_usage(
         change,
         local_auth=settings.auth is AuthMode.LOCAL,
         defaults=default_limits(settings),
-        usage=StorageUsageLedger.of_app(request.app.state),
+        usage=usage,
     )

@@ -38,6 +38,7 @@ from user_api.dependencies import (
     SettingsDep,
     SignedUrlStorageDep,
     StorageDep,
+    StorageUsageDep,
 )
 from user_api.files import service, signed
 from user_api.files.schemas import FileInfo, RenamePayload, UploadedFiles
@@ -143,6 +144,7 @@ async def upload_file(
     type: str,
     user: CurrentUserOutsideTransactions,
     storage: StorageDep,
+    usage: StorageUsageDep,
     path: str = "",
 ) -> UploadedFiles:
     """Upload files into the folder ``<type>/<path>/``, each under its own name;
@@ -159,6 +161,7 @@ async def upload_file(
             parts,
             job_named=_job_named(request),
             max_bytes=max_bytes,
+            usage=usage,
         )
         return await anyio.to_thread.run_sync(store)
 
@@ -171,6 +174,7 @@ def get_upload_url(
     user: CurrentUserOutsideTransactions,
     storage: StorageDep,
     settings: SettingsDep,
+    usage: StorageUsageDep,
     path: str = "",
 ) -> SignedRequest:
     """A short-lived POST, good for one upload, that stores files (multipart field
@@ -183,6 +187,7 @@ def get_upload_url(
         expires_in=settings.signed_url_expiry_seconds,
         max_bytes=user.limits.max_storage_bytes,
         job_named=_job_named(request),
+        usage=usage,
     )
 
 
@@ -211,9 +216,11 @@ def rename_file(
 
 
 @router.delete("/files/{path:path}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_file(path: str, user: CurrentUserOutsideTransactions, storage: StorageDep) -> None:
+def delete_file(
+    path: str, user: CurrentUserOutsideTransactions, storage: StorageDep, usage: StorageUsageDep
+) -> None:
     """Delete a file or a folder with everything in it; 404 when nothing is there."""
-    service.delete(storage, user.subject, path)
+    service.delete(storage, user.subject, path, usage=usage)
 
 
 @router.get("/_signed/{token}", response_class=Response, responses=_DOWNLOAD_RESPONSES)
