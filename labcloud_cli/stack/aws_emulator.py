@@ -187,7 +187,11 @@ def start_emulator(
     ``services``) and wait until it answers at ``endpoint_host:port``."""
     check_installed()
     args = ["moto.server", "--host", host, "--port", str(port)]
-    services.append(start("aws-emulator", args, {}, data_dir))
+    # Batch's job containers (``--backend aws-batch``) share the host's network, so
+    # that they reach what listens on 127.0.0.1, as a Batch host in the deployment's
+    # VPC reaches its services. moto uses the setting for nothing else.
+    environment = {"MOTO_DOCKER_NETWORK_MODE": "host"}
+    services.append(start("aws-emulator", args, environment, data_dir))
     emulator = Emulator(endpoint_url=url(endpoint_host, port))
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -210,11 +214,11 @@ def provision(emulator: Emulator, *, catalog: Path, internal_api_key: str) -> Em
     except OSError as exc:
         raise StartupError(f"cannot read the catalog {catalog}: {exc.strerror}") from None
     s3 = emulator.client("s3")
-    with _step("create the S3 bucket"):
+    with step("create the S3 bucket"):
         s3.create_bucket(Bucket=BUCKET)
         s3.put_object(Bucket=BUCKET, Key=CATALOG_KEY, Body=body)
     idp = emulator.client("cognito-idp")
-    with _step("create the Cognito user pool"):
+    with step("create the Cognito user pool"):
         pool_id = idp.create_user_pool(
             PoolName=POOL_NAME,
             # Accounts are named by their email address, as in DECODE's pool.
@@ -240,7 +244,7 @@ def provision(emulator: Emulator, *, catalog: Path, internal_api_key: str) -> Em
             GenerateSecret=False,
             ExplicitAuthFlows=["ALLOW_USER_PASSWORD_AUTH", "ALLOW_REFRESH_TOKEN_AUTH"],
         )["UserPoolClient"]["ClientId"]
-    with _step("create the secrets"):
+    with step("create the secrets"):
         arn = emulator.client("secretsmanager").create_secret(
             Name=INTERNAL_KEY_SECRET_NAME, SecretString=internal_api_key
         )["ARN"]
@@ -258,7 +262,7 @@ def create_account(aws: EmulatedAws, email: str, password: str, groups: Iterable
     """An account in the pool as an administrator makes it: no invitation, the email
     verified, ``password`` permanent (no change asked at first login), in ``groups``."""
     idp = aws.emulator.client("cognito-idp")
-    with _step(f"create the account {email} in the user pool"):
+    with step(f"create the account {email} in the user pool"):
         idp.admin_create_user(
             UserPoolId=aws.user_pool_id,
             Username=email,
@@ -278,7 +282,7 @@ def create_account(aws: EmulatedAws, email: str, password: str, groups: Iterable
 
 
 @contextmanager
-def _step(what: str) -> Iterator[None]:
+def step(what: str) -> Iterator[None]:
     """Turns any failure of an AWS call into a ``StartupError`` saying what was being
     done and AWS's error code."""
     try:

@@ -12,7 +12,8 @@ from functools import partial
 from pathlib import Path
 
 from labcloud.contract import Group
-from labcloud_cli.stack import aws_emulator, setup
+from labcloud_cli.stack import aws_batch, aws_emulator, setup
+from labcloud_cli.stack.aws_batch import StackBackend
 from labcloud_cli.stack.env_file import read_stack_env_file
 from labcloud_cli.stack.processes import (
     Service,
@@ -76,6 +77,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "are gone when the stack stops",
     )
     up.add_argument(
+        "--backend",
+        choices=[backend.value for backend in StackBackend],
+        default=StackBackend.DOCKER.value,
+        help="what runs the jobs: the local Docker engine (default), or aws-batch: AWS "
+        "Batch on the emulator (needs --aws-emulator), whose jobs run as containers on "
+        "this machine; the runners are then cloud workers",
+    )
+    up.add_argument(
         "--aws-emulator-port",
         type=int,
         default=0,
@@ -134,13 +143,22 @@ def _up(args: argparse.Namespace) -> int:
     # What this machine's own processes use: loopback when listening everywhere.
     local_host = "127.0.0.1" if host in setup.WILDCARDS else host
     ports = {"--user-port": args.user_port, "--worker-port": args.worker_port}
+    batch = StackBackend(args.backend) is StackBackend.AWS_BATCH
+    if batch and not args.aws_emulator:
+        print(
+            "labcloud up failed: --backend aws-batch runs jobs on the AWS emulator's "
+            "Batch: add --aws-emulator (a runner on a real AWS Batch is configured as "
+            "docs/aws.md describes)",
+            file=sys.stderr,
+        )
+        return 1
     if args.aws_emulator:
         ports["--aws-emulator-port"] = args.aws_emulator_port or setup.free_port(host)
     # Everything that can be refused is checked before anything starts or is written.
     try:
         setup.check_ports(host, ports)
         given = (
-            read_stack_env_file(args.env_file, aws_emulator=args.aws_emulator)
+            read_stack_env_file(args.env_file, aws_emulator=args.aws_emulator, aws_batch=batch)
             if args.env_file
             else {}
         )
@@ -193,6 +211,9 @@ def _up(args: argparse.Namespace) -> int:
     # mode what points boto3 (their Cognito login) at it.
     runner_env = dict(given)
     runner_file_lines: dict[str, str] = {}
+    # Settings only the stack's own runners get (the backend); not in worker.env,
+    # which is for one more runner on another machine.
+    stack_runner_lines: dict[str, str] = {}
     unset: tuple[str, ...] = ()
     services: list[Service] = []
     stopping = False
@@ -204,6 +225,7 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         aws: aws_emulator.EmulatedAws | None = None
+        emulated_batch: aws_batch.EmulatedBatch | None = None
         if args.aws_emulator:
             emulator = aws_emulator.start_emulator(
                 host,
@@ -219,6 +241,11 @@ def _up(args: argparse.Namespace) -> int:
                 aws, ADMIN_ACCOUNT, secret["admin_password"], (Group.USERS, Group.ADMINS)
             )
             databases = aws_emulator.fresh_state_folder(data_dir)
+            if batch:
+                emulated_batch = aws_batch.provision_batch(
+                    emulator, databases / aws_batch.SHARED_FOLDER
+                )
+                stack_runner_lines = emulated_batch.runner_settings()
             aws.configure(user_env, worker_env)
             runner_file_lines = emulator.environment()
             runner_env.update(runner_file_lines)
@@ -237,11 +264,17 @@ def _up(args: argparse.Namespace) -> int:
         # Every runner has an account of its own: the worker API tells runners apart
         # by account, and a runner cleans up the containers its account left behind.
         create_account: setup.CreateWorkerAccount
+        # The stack's own runners' accounts: with Batch they are cloud workers
+        # (groups workers and cloud), which pull the jobs marked for the cloud.
+        create_runner_account: setup.CreateWorkerAccount
         if aws is not None:
             create_account = partial(aws_emulator.create_account, aws, groups=(Group.WORKERS,))
+            runner_groups = (Group.WORKERS, Group.CLOUD) if batch else (Group.WORKERS,)
+            create_runner_account = partial(aws_emulator.create_account, aws, groups=runner_groups)
         else:
             admin = setup.admin_headers(user_url, secret["admin_password"])
             create_account = setup.worker_account_via_api(user_url, admin)
+            create_runner_account = create_account
         jobs = data_dir / "jobs"
         env_file = setup.worker_env(
             data_dir,
@@ -259,14 +292,14 @@ def _up(args: argparse.Namespace) -> int:
                 user_url,
                 worker_url,
                 jobs,
-                create_account=create_account,
-                extra=runner_file_lines,
+                create_account=create_runner_account,
+                extra={**runner_file_lines, **stack_runner_lines},
             )
             runner_args = ["worker_runner", "--env-file", str(runner_file)]
             services.append(
                 start(f"runner-{index}", runner_args, runner_env, data_dir, unset=unset)
             )
-        _print_welcome(public_user_url, public_worker_url, data_dir, env_file, aws)
+        _print_welcome(public_user_url, public_worker_url, data_dir, env_file, aws, emulated_batch)
         while not stopping:
             for service in services:
                 if service.process.poll() is not None:
@@ -305,11 +338,18 @@ def _print_welcome(
     data_dir: Path,
     env_file: Path,
     aws: aws_emulator.EmulatedAws | None,
+    batch: aws_batch.EmulatedBatch | None,
 ) -> None:
     emulated = ""
     if aws is not None:
-        emulated = (
-            f"  AWS emulator {aws.emulator.endpoint_url} (moto) with\n{aws.describe()}\n"
+        emulated = f"  AWS emulator {aws.emulator.endpoint_url} (moto) with\n{aws.describe()}\n"
+        if batch is not None:
+            emulated += (
+                f"{batch.describe()}\n"
+                "  runners     BACKEND=aws-batch, cloud workers (groups workers, cloud):\n"
+                "              every job runs through the emulator's Batch\n"
+            )
+        emulated += (
             "  the emulator keeps everything in memory: accounts, files and jobs are gone\n"
             "  when the stack stops (its databases start empty each time)\n"
         )

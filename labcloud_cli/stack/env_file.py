@@ -11,8 +11,9 @@ Two kinds of names are refused, before anything starts:
 - names that are no setting of any service (a typo would otherwise be ignored by every
   service without a word), except ``AWS_*`` variables, which boto3 reads;
 - names that ``labcloud up`` sets itself because they wire the processes together
-  (each API's public URL, the runners' accounts), and with ``--aws-emulator`` those
-  the emulator's resources decide; the message says why or names the option to use.
+  (each API's public URL, the runners' accounts), with ``--aws-emulator`` those
+  the emulator's resources decide, and with ``--backend aws-batch`` the runners'
+  backend and its Batch resources; the message says why or names the option to use.
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ WIRED_BY_THE_EMULATOR: frozenset[str] = frozenset(
     }
 )
 
+# Names ``--backend aws-batch`` decides: the runners' backend and the emulator's Batch
+# resources (a runner's environment overrides its file, so the file's values would lose).
+WIRED_BY_BATCH: frozenset[str] = frozenset(
+    {
+        "BACKEND",
+        "BATCH_JOB_QUEUE",
+        "BATCH_GPU_JOB_QUEUE",
+        "BATCH_SHARED_DIR",
+        "BATCH_EFS_FILE_SYSTEM_ID",
+    }
+)
+
 
 def known_settings() -> frozenset[str]:
     """Every setting name of the user API, the worker API, the runner and its backends."""
@@ -73,7 +86,9 @@ def known_settings() -> frozenset[str]:
     return frozenset(name.upper() for cls in classes for name in cls.model_fields)
 
 
-def read_stack_env_file(path: Path, *, aws_emulator: bool) -> dict[str, str]:
+def read_stack_env_file(
+    path: Path, *, aws_emulator: bool, aws_batch: bool = False
+) -> dict[str, str]:
     """The settings of ``path`` for every service; ``StartupError`` naming each name
     that is unknown or set by ``labcloud up`` itself (never a value: it may be secret)."""
     if not path.is_file():
@@ -93,6 +108,11 @@ def read_stack_env_file(path: Path, *, aws_emulator: bool) -> dict[str, str]:
             problems.append(f"{name}: set by labcloud up; use {WIRED_BY_THE_STACK[key]}")
         elif aws_emulator and (key in WIRED_BY_THE_EMULATOR or key.startswith("AWS_ENDPOINT_URL")):
             problems.append(f"{name}: set by --aws-emulator to the emulator's resources")
+        elif aws_batch and key in WIRED_BY_BATCH:
+            problems.append(f"{name}: set by --backend aws-batch to the emulator's Batch")
+        elif key == "BACKEND" and value.strip().lower() == "aws-batch":
+            # The runners would start without a queue or a shared folder.
+            problems.append(f"{name}: use --backend aws-batch (with --aws-emulator)")
         elif key not in known and not key.startswith("AWS_"):
             problems.append(f"{name}: not a setting of the user API, the worker API or a runner")
         else:
