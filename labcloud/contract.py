@@ -238,6 +238,12 @@ class Outcome(_Wire):
     started_at: datetime | None = None
     ended_at: datetime | None = None
     log_tail: str | None = Field(default=None, max_length=OUTCOME_LOG_TAIL_CHARS)
+    # Where the attempt ran: the worker (runner account) name, its execution
+    # backend (``docker``, ``aws-batch``) and the run's id there (a container id,
+    # a Batch job id). Unset by older runners.
+    runner: str | None = Field(default=None, max_length=256)
+    backend: str | None = Field(default=None, max_length=64)
+    run_id: str | None = Field(default=None, max_length=256)
 
 
 class StatusReport(_Wire):

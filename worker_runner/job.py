@@ -132,6 +132,8 @@ class Job:
         self._exit_code: int | None = None
         self._run_started_at: datetime | None = None
         self._run_ended_at: datetime | None = None
+        # The backend's id of the run, kept for the outcome after the run is removed.
+        self._run_id: str | None = None
 
     @property
     def label(self) -> str:
@@ -218,6 +220,9 @@ class Job:
             started_at=self._run_started_at,
             ended_at=self._run_ended_at,
             log_tail=tail or None,
+            runner=self._context.settings.worker_name,
+            backend=self._context.settings.backend.value,
+            run_id=self._run_id,
         )
 
     def _check(self) -> None:
@@ -311,6 +316,7 @@ class Job:
         except BackendError as exc:
             self._run_started_at = None
             raise JobFailed(exc.message) from exc
+        self._run_id = self.run.id
         pump = threading.Thread(
             target=_pump_logs,
             args=(backend, self.run, self.folder.log),

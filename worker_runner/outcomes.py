@@ -54,6 +54,10 @@ def failure_of(result: RunResult, memory: int | None) -> JobFailed | None:
             "container engine reported no out-of-memory kill",
             FailureKind.USER_ERROR,
         )
+    if result.exit_code < 0 and result.error:
+        # The run never reached an exit code of its own (a cloud job that never
+        # started its container, or one lost by its scheduler): not the job's doing.
+        return JobFailed(result.error, FailureKind.SYSTEM_ERROR)
     if result.exit_code != 0:
         reason = f"exit code {result.exit_code}"
         return JobFailed(

@@ -227,7 +227,7 @@ def test_an_unknown_backend_is_refused_naming_the_choices(
     )
     assert main(["--env-file", str(env_file)]) == 2
     err = capsys.readouterr().err
-    assert "BACKEND" in err and "'docker' or 'fake'" in err
+    assert "BACKEND" in err and "'docker', 'aws-batch' or 'fake'" in err
 
 
 def test_main_refuses_missing_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

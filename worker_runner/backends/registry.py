@@ -13,6 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from worker_runner.backends.aws_batch import BatchBackend, BatchSettings
 from worker_runner.backends.base import BackendSettings, ExecutionBackend
 from worker_runner.backends.docker import DockerBackend, DockerSettings
 from worker_runner.backends.fake import FakeBackend, FakeSettings
@@ -22,6 +23,7 @@ class BackendKind(StrEnum):
     """The values of ``BACKEND``."""
 
     DOCKER = "docker"
+    AWS_BATCH = "aws-batch"
     FAKE = "fake"
 
 
@@ -36,6 +38,7 @@ class BackendEntry:
 
 BACKENDS: dict[BackendKind, BackendEntry] = {
     BackendKind.DOCKER: BackendEntry(DockerSettings, DockerBackend.from_settings),
+    BackendKind.AWS_BATCH: BackendEntry(BatchSettings, BatchBackend.from_settings),
     BackendKind.FAKE: BackendEntry(FakeSettings, FakeBackend.from_settings),
 }
 
