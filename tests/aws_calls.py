@@ -80,6 +80,11 @@ MANAGED_TRANSFERS: dict[str, tuple[str, ...]] = {
     "download_fileobj": ("head_object", "get_object"),
     "copy": ("head_object", "copy_object", "create_multipart_upload", "upload_part_copy"),
 }
+# Actions AWS authorizes besides an operation's own. Batch checks batch:TagResource
+# when a SubmitJob carries tags ("tagging on creation"); the runner tags every job.
+ALSO_AUTHORIZED: dict[tuple[str, str], tuple[str, ...]] = {
+    ("batch", "submit_job"): ("batch:TagResource",),
+}
 PRESIGNED_POST_OPERATION = "put_object"
 _SELF_NAMES = frozenset({"self", "cls"})
 
@@ -117,7 +122,10 @@ def iam_actions(service: str, operation: str) -> tuple[str, ...]:
         if operation not in S3_ACTIONS:
             raise KeyError(f"no IAM mapping for s3 operation {operation}: add it to S3_ACTIONS")
         return S3_ACTIONS[operation]
-    return (f"{model.signing_name}:{names[operation]}",)
+    return (
+        f"{model.signing_name}:{names[operation]}",
+        *ALSO_AUTHORIZED.get((service, operation), ()),
+    )
 
 
 # -- the repository's modules ---------------------------------------------------------
