@@ -5,7 +5,9 @@
    first), create the ``files_up`` folders;
 2. ``running``: run ``/bin/sh -c "<cmd>"`` in the job's image on the execution
    backend, in the placement reserved for it, appending its output to
-   ``log.txt``; stop it when the job's ``timeout`` passes;
+   ``log.txt``; stop it when the job's ``timeout`` passes (on a backend whose
+   runs wait in a scheduler's queue, ``running`` is reported and the time counted
+   once the run started);
 3. ``postprocessing``: upload every file under each ``files_up`` folder, then
    ``log.txt``;
 4. ``finished`` on exit code 0, otherwise ``error`` with the reason and the tail of
@@ -134,6 +136,7 @@ class Job:
         self._run_ended_at: datetime | None = None
         # The backend's id of the run, kept for the outcome after the run is removed.
         self._run_id: str | None = None
+        self._running_reported = False
 
     @property
     def label(self) -> str:
@@ -271,9 +274,14 @@ class Job:
             self._elapsed(),
         )
 
-        self._enter(JobStatus.RUNNING)
+        if not self._context.backend.queues_runs:
+            self._enter(JobStatus.RUNNING)
+            self._running_reported = True
         failure = self._run(specs)
         self._committed = True
+        if not self._running_reported:
+            # A queued run that ended before it was seen running.
+            self._enter(JobStatus.RUNNING)
 
         self._enter(JobStatus.POSTPROCESSING)
         try:
@@ -349,9 +357,19 @@ class Job:
         backend = self._context.backend
         ended = backend.follow(run)
         ended.add_done_callback(self._run_ended)
-        deadline = time.monotonic() + timeout if timeout else None
+        # A run waiting in a scheduler's queue has its time counted once it started.
+        deadline = None
+        if timeout and self._running_reported:
+            deadline = time.monotonic() + timeout
         while True:
+            if not self._running_reported and backend.started(run):
+                self._report_running()
+                deadline = time.monotonic() + timeout if timeout else None
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._running_reported:
+                # Asks the backend again as often as it learns about its runs.
+                poll = backend.poll_interval
+                remaining = poll if remaining is None else min(remaining, poll)
             self._wake.wait(remaining)
             # Every waker sets its condition first: a wake-up is never lost, and a
             # stale one cannot make this loop spin.
@@ -372,6 +390,12 @@ class Job:
                 except FutureTimeout:
                     logger.warning("%s: the stopped run did not end", self.label)
                 return None
+
+    def _report_running(self) -> None:
+        """The queued run started: its time counts from now."""
+        self._run_started_at = _now()
+        self._enter(JobStatus.RUNNING)
+        self._running_reported = True
 
     def _kill(self) -> None:
         if self.run is None:

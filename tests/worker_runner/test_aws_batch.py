@@ -13,7 +13,7 @@ import docker
 import pytest
 
 from tests.aws import MotoServer
-from tests.batch import BatchQueues, batch_image, batch_queues
+from tests.batch import BatchQueues, batch_image, batch_queues, slow_transitions
 from tests.worker_runner.conftest import FakeWorkerApi, job_spec, running
 from worker_runner.backends.aws_batch import BatchBackend, BatchSettings
 from worker_runner.backends.aws_batch.backend import LEFTOVER_REASON, TERMINATE_REASON
@@ -128,9 +128,35 @@ def test_a_job_runs_through_batch_to_finished(
     assert job["jobQueue"].endswith("/labcloud-cpu")
     assert job["tags"][LABEL_RUNNER] == runner.runner_id
     assert job["tags"]["labcloud.queue_id"] == "q1"
-    # Batch's minimum time limit, above the job's own 30 s.
-    assert job["timeout"] == {"attemptDurationSeconds": 60}
+    # Batch's limit is a backstop after the runner's own (30 s, + 30 s to stop it,
+    # + two polls).
+    assert job["timeout"] == {"attemptDurationSeconds": 61}
     assert not (tmp_path / "shared" / "q1").exists()
+
+
+def test_a_job_waiting_in_batch_s_queue_is_not_yet_running(
+    aws: MotoServer,
+    api: FakeWorkerApi,
+    client: WorkerApiClient,
+    batch_runner_settings: WorkerSettings,
+    backend: BatchBackend,
+    queues: BatchQueues,
+    image: str,
+) -> None:
+    slow_transitions(aws, 1.5)
+    api.enqueue("q1", tool_job(image, "echo quick", timeout=2))
+    waiting: list[list[str]] = []
+    with running(Runner(batch_runner_settings, client, backend)):
+        until(lambda: aws.client("batch").list_jobs(jobQueue=queues.cpu)["jobSummaryList"])
+        job_id = aws.client("batch").list_jobs(jobQueue=queues.cpu)["jobSummaryList"][0]["jobId"]
+        while batch_job(aws, job_id)["status"] in ("SUBMITTED", "PENDING", "RUNNABLE"):
+            waiting.append(api.statuses_of("q1"))
+            time.sleep(0.2)
+        until(lambda: api.final("q1") is not None)
+    assert waiting and all(seen == ["preprocessing"] for seen in waiting)
+    assert api.statuses_of("q1") == ["preprocessing", "running", "postprocessing", "finished"]
+    # Its 2 s time limit counted from RUNNING, not from the ~5 s in the queue.
+    assert api.final("q1") == ("finished", None)
 
 
 def test_a_failing_tool_ends_in_error_with_its_log(
@@ -201,6 +227,7 @@ def test_a_timeout_stops_the_batch_job(
     outcome = api.outcome("q1")
     assert outcome is not None and outcome["failure"] == "timed_out"
     job = batch_job(aws, outcome["run_id"])
+    # Batch's minimum.
     assert job["timeout"] == {"attemptDurationSeconds": 60}
     until(lambda: batch_job(aws, outcome["run_id"])["status"] == "FAILED", timeout=15)
     assert not containers_of(outcome["run_id"])

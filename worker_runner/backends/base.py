@@ -222,6 +222,16 @@ class ExecutionBackend(abc.ABC):
 
     # -- runs ------------------------------------------------------------------
 
+    # True for a backend whose runs may wait for a place after ``start`` (a cloud
+    # scheduler's queue): the runner then reports a job ``running``, and counts its
+    # time limit, from when ``started`` says its run is.
+    queues_runs = False
+
+    def started(self, handle: RunHandle) -> bool:
+        """Whether the run's container has started; by default as soon as
+        ``start`` returned."""
+        return True
+
     @abc.abstractmethod
     def start(self, request: RunRequest) -> RunHandle:
         """Create and start a run. A missing image is pulled once; raises

@@ -38,6 +38,7 @@ them: ``remove`` only terminates a run still going.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import threading
@@ -61,6 +62,7 @@ from worker_runner.backends.aws_batch.settings import BatchSettings
 from worker_runner.backends.aws_batch.states import (
     ACTIVE_STATES,
     ENDED_STATES,
+    STARTED_STATES,
     result_of,
 )
 from worker_runner.backends.base import (
@@ -88,6 +90,10 @@ THROTTLING_CODES = frozenset(
 SUBMIT_RETRIES = 5
 SUBMIT_BACKOFF_S = 0.5
 SUBMIT_BACKOFF_MAX_S = 8.0
+# Batch's least attemptDurationSeconds, and how long after the runner's own
+# deadline Batch's comes (the runner's stop takes a few seconds).
+MIN_ATTEMPT_DURATION_S = 60
+BACKSTOP_MARGIN_S = 30
 TERMINATE_REASON = "LabCloud: stopped by its runner (cancelled, timed out or shutting down)"
 LEFTOVER_REASON = "LabCloud: left by an earlier run of its runner, which no longer holds the job"
 # Batch's limits on tag values and job names.
@@ -147,6 +153,10 @@ def _job_name(folder: Path) -> str:
 class BatchBackend(ExecutionBackend):
     """``ExecutionBackend`` on AWS Batch, through boto3 clients of ``batch`` and
     ``logs`` (made from the environment by ``from_settings``)."""
+
+    # A job waits in Batch's queue (RUNNABLE, STARTING) before its container runs:
+    # the runner reports it ``running`` once DescribeJobs says RUNNING.
+    queues_runs = True
 
     def __init__(self, settings: BatchSettings, batch: Any, logs: Any) -> None:
         super().__init__(poll_interval=settings.batch_poll_interval)
@@ -300,15 +310,26 @@ class BatchBackend(ExecutionBackend):
             "propagateTags": True,
         }
         if request.timeout:
-            # Batch's own limit, a backstop: the runner stops the job at its
-            # timeout first (it counts from before the submission), and Batch's
-            # minimum is 60 s.
-            options["timeout"] = {"attemptDurationSeconds": max(60, request.timeout)}
+            options["timeout"] = {"attemptDurationSeconds": self.attempt_duration(request.timeout)}
         job_id = self._submit(options)
         with self._lock:
             self._runs[job_id] = _Tracked(name=name, queue=queue)
         logger.info("submitted Batch job %s (%s) to %s", job_id, name, queue)
         return RunHandle(id=job_id, labels=dict(request.labels))
+
+    def attempt_duration(self, timeout: int) -> int:
+        """Batch's time limit of a job with ``timeout``: a backstop for a runner
+        that died. The runner stops the job at its timeout, counted from when it
+        saw the job RUNNING (up to a poll interval after Batch started counting),
+        and gives it time to stop: Batch's limit comes after that. Batch's minimum
+        is 60 s."""
+        margin = BACKSTOP_MARGIN_S + math.ceil(2 * self.poll_interval)
+        return max(MIN_ATTEMPT_DURATION_S, timeout + margin)
+
+    def started(self, handle: RunHandle) -> bool:
+        with self._lock:
+            run = self._runs.get(handle.id)
+            return run is not None and (run.status in STARTED_STATES or run.ended.is_set())
 
     def _submit(self, options: dict[str, Any]) -> str:
         for attempt in range(SUBMIT_RETRIES + 1):

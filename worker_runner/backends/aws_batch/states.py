@@ -16,7 +16,8 @@ behaviour is handled:
   retries anyway;
 - time limits: ``attemptDurationSeconds`` ends a job with the ``statusReason``
   "Job attempt duration exceeded timeout"; the runner's own deadline comes
-  first (see ``BatchBackend.start``), so this is only a backstop;
+  first (see ``BatchBackend.attempt_duration``), so this is only a backstop for
+  a runner that died;
 - out of memory: the real service says so in ``container.reason``
   ("OutOfMemoryError: Container killed due to memory usage").
 """
@@ -30,6 +31,7 @@ from worker_runner.backends.base import RunResult
 
 WAITING_STATES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING")
 ACTIVE_STATES = (*WAITING_STATES, "RUNNING")
+STARTED_STATES = frozenset({"RUNNING", "SUCCEEDED", "FAILED"})
 ENDED_STATES = frozenset({"SUCCEEDED", "FAILED"})
 TIMEOUT_REASON = "Job attempt duration exceeded timeout"
 OOM_REASON = "OutOfMemoryError"
