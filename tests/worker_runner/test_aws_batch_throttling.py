@@ -11,7 +11,7 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.stub import Stubber
+from botocore.stub import ANY, Stubber
 
 from labcloud.contract import HardwareSpec
 from worker_runner.backends.aws_batch import BatchBackend, BatchSettings
@@ -151,6 +151,35 @@ def test_a_throttled_poll_raises_for_the_poller_to_retry(backend: BatchBackend, 
         stubber.add_client_error("describe_jobs", service_error_code="TooManyRequestsException")
         with pytest.raises(BackendError, match="DescribeJobs failed"):
             backend.poll([RunHandle(id="job-1")])
+
+
+def test_a_job_that_finds_no_place_is_terminated_and_fails(
+    backend: BatchBackend, batch: Any, tmp_path: Path
+) -> None:
+    with Stubber(batch) as stubber:
+        _definition_found(stubber)
+        stubber.add_response("submit_job", {"jobName": "labcloud-q1", "jobId": "job-1"})
+        handle = backend.start(_request(tmp_path))
+        runnable = {
+            "jobName": "labcloud-q1",
+            "jobId": "job-1",
+            "jobQueue": "cpu",
+            "status": "RUNNABLE",
+            "startedAt": 0,
+            "jobDefinition": DEFINITION_ARN,
+        }
+        stubber.add_response("describe_jobs", {"jobs": [runnable]}, {"jobs": ["job-1"]})
+        assert backend.poll([handle]) == {}
+        backend._runs["job-1"].submitted_at -= backend.settings.batch_max_queue_wait + 1
+        stubber.add_response("describe_jobs", {"jobs": [runnable]}, {"jobs": ["job-1"]})
+        stubber.add_response("terminate_job", {}, {"jobId": "job-1", "reason": ANY})
+        result = backend.poll([handle])["job-1"]
+        stubber.assert_no_pending_responses()
+    assert isinstance(result, RunResult)
+    failure = failure_of(result, 512)
+    assert failure is not None and failure.kind == "system_error"
+    assert "no place for the job in 3600 s (still RUNNABLE)" in failure.message
+    assert backend.started(handle)  # over: the runner stops waiting for a start
 
 
 def test_capacity_comes_from_settings(backend: BatchBackend) -> None:

@@ -28,6 +28,11 @@ that still cannot be submitted fails its job's start, which the runner reports
 as it reports any start failure. A poll that keeps failing is retried by the
 poller for a minute before the runs are given up.
 
+Waiting for a place: a job is reported ``running``, and its time limit counted,
+once DescribeJobs says RUNNING; one still waiting (SUBMITTED to STARTING) after
+``BATCH_MAX_QUEUE_WAIT`` seconds is terminated and fails (a GPU job on a queue
+whose compute environments have no GPU would wait for ever).
+
 Ending a run: ``TerminateJob`` (Batch cancels a job not yet started and stops a
 running one: SIGTERM, then SIGKILL after ECS's stop timeout, 30 s unless the
 compute environment's agent says otherwise; the ``grace`` of ``stop`` is
@@ -42,6 +47,7 @@ import math
 import random
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +69,8 @@ from worker_runner.backends.aws_batch.states import (
     ACTIVE_STATES,
     ENDED_STATES,
     STARTED_STATES,
+    UNKNOWN_EXIT,
+    WAITING_STATES,
     result_of,
 )
 from worker_runner.backends.base import (
@@ -139,6 +147,7 @@ class _Tracked:
     status: str = "SUBMITTED"
     log_stream: str | None = None
     stopping: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
     ended: threading.Event = field(default_factory=threading.Event)
 
 
@@ -370,12 +379,35 @@ class BatchBackend(ExecutionBackend):
                 ended[job_id] = BackendError(f"AWS Batch does not know job {job_id}")
                 self._mark_ended(job_id, None, None)
                 continue
-            status = str(job.get("status"))
+            status: str | None = str(job.get("status"))
             stream = (job.get("container") or {}).get("logStreamName")
             if status in ENDED_STATES:
                 ended[job_id] = result_of(job, self._exit_code_of(job), self._stopping(job_id))
+            elif status in WAITING_STATES and self._waited_too_long(job_id):
+                ended[job_id] = self._give_up_waiting(job_id, status)
+                status = None
             self._mark_ended(job_id, status, stream)
         return ended
+
+    def _waited_too_long(self, job_id: str) -> bool:
+        with self._lock:
+            run = self._runs.get(job_id)
+        if run is None:
+            return False
+        return time.monotonic() - run.submitted_at > self.settings.batch_max_queue_wait
+
+    def _give_up_waiting(self, job_id: str, status: str) -> RunResult:
+        """Terminate a job that waited too long for a place (a GPU job on a queue
+        without GPU instances stays RUNNABLE for ever)."""
+        waited = round(self.settings.batch_max_queue_wait)
+        self._terminate(job_id, f"LabCloud: waited over {waited} s for a place ({status})")
+        return RunResult(
+            exit_code=UNKNOWN_EXIT,
+            error=(
+                f"AWS Batch found no place for the job in {waited} s (still {status}); "
+                "do the job queue's compute environments offer what it needs?"
+            ),
+        )
 
     def _stopping(self, job_id: str) -> bool:
         with self._lock:

@@ -81,6 +81,14 @@ class BatchSettings(BackendSettings):
             "(local workers get it first)."
         ),
     )
+    batch_max_queue_wait: float = Field(
+        default=3600.0,
+        ge=1,
+        description=(
+            "Seconds a job may wait in Batch's queue (SUBMITTED to STARTING) before it is "
+            "terminated and fails: a job no compute environment can place waits forever."
+        ),
+    )
     batch_poll_interval: float = Field(
         default=5.0,
         ge=0.05,
