@@ -109,13 +109,13 @@ TAG_VALUE_MAX = 256
 JOB_NAME_MAX = 128
 
 
-def _client_config() -> Config:
+def _client_config(in_flight: int) -> Config:
     return Config(
         retries={"mode": "adaptive", "max_attempts": 10},
         connect_timeout=10,
         read_timeout=30,
-        # One connection per job thread that submits or reads logs at once.
-        max_pool_connections=50,
+        # Every job in flight may submit, read its log or be stopped at once.
+        max_pool_connections=in_flight + 4,
     )
 
 
@@ -142,8 +142,6 @@ class BatchCapacity(Capacity):
 class _Tracked:
     """What the backend knows of one of its runs, from the latest DescribeJobs."""
 
-    name: str
-    queue: str
     status: str = "SUBMITTED"
     log_stream: str | None = None
     stopping: bool = False
@@ -183,8 +181,9 @@ class BatchBackend(ExecutionBackend):
         """Clients from boto3's usual variables (region, endpoint, credentials);
         raises ``BackendError`` when the job queues cannot be found."""
         try:
-            batch = boto3.client("batch", config=_client_config())
-            logs = boto3.client("logs", config=_client_config())
+            config = _client_config(settings.batch_max_in_flight)
+            batch = boto3.client("batch", config=config)
+            logs = boto3.client("logs", config=config)
         except BotoCoreError as exc:
             raise BackendError(f"cannot make AWS clients (set AWS_DEFAULT_REGION?): {exc}") from exc
         backend = cls(settings, batch, logs)
@@ -322,7 +321,7 @@ class BatchBackend(ExecutionBackend):
             options["timeout"] = {"attemptDurationSeconds": self.attempt_duration(request.timeout)}
         job_id = self._submit(options)
         with self._lock:
-            self._runs[job_id] = _Tracked(name=name, queue=queue)
+            self._runs[job_id] = _Tracked()
         logger.info("submitted Batch job %s (%s) to %s", job_id, name, queue)
         return RunHandle(id=job_id, labels=dict(request.labels))
 
@@ -354,7 +353,7 @@ class BatchBackend(ExecutionBackend):
                     break
             except BotoCoreError as exc:
                 raise BackendError(f"could not reach AWS Batch: {exc}") from exc
-        raise BackendError("AWS Batch kept throttling SubmitJob")
+        raise BackendError("the backend closed while AWS Batch throttled SubmitJob")
 
     # -- following runs --------------------------------------------------------
 
