@@ -16,8 +16,10 @@ from botocore.stub import ANY, Stubber
 from labcloud.contract import HardwareSpec
 from worker_runner.backends.aws_batch import BatchBackend, BatchSettings
 from worker_runner.backends.aws_batch import backend as batch_module
+from worker_runner.backends.aws_batch.definitions import shared_volume
 from worker_runner.backends.aws_batch.states import result_of
 from worker_runner.backends.base import BackendError, Placement, RunHandle, RunRequest, RunResult
+from worker_runner.backends.registry import BackendKind, load_backend_settings
 from worker_runner.outcomes import failure_of
 
 DEFINITION_ARN = "arn:aws:batch:us-east-1:123456789012:job-definition/labcloud-x:1"
@@ -231,3 +233,25 @@ def test_batch_ends_map_to_failures(
     else:
         assert failure is not None and failure.kind == expected_kind
         assert expected_text is not None and expected_text in failure.message
+
+
+def test_the_settings_are_read_by_their_fixed_names(tmp_path: Path) -> None:
+    env_file = tmp_path / "runner.env"
+    env_file.write_text(
+        "BACKEND=aws-batch\nBATCH_JOB_QUEUE=cpu-queue\n"
+        f"BATCH_SHARED_DIR={tmp_path / 'efs'}\nBATCH_EFS_FILE_SYSTEM_ID=fs-123\n"
+        "BATCH_MAX_IN_FLIGHT=200\n"
+    )
+    settings = load_backend_settings(BackendKind.AWS_BATCH, env_file)
+    assert isinstance(settings, BatchSettings)
+    assert (settings.batch_job_queue, settings.gpu_job_queue) == ("cpu-queue", "cpu-queue")
+    assert settings.batch_efs_file_system_id == "fs-123"
+    assert settings.batch_max_in_flight == 200
+    # The job folders are the shared folder's.
+    assert settings.path_base == settings.batch_shared_dir == tmp_path / "efs"
+    volume = shared_volume(settings)
+    assert volume["efsVolumeConfiguration"] == {
+        "fileSystemId": "fs-123",
+        "rootDirectory": "/",
+        "transitEncryption": "ENABLED",
+    }
