@@ -126,6 +126,23 @@ class UserApiSettings(ServiceSettings):
     email_poll_seconds: float = Field(default=5, gt=0)
     frontend_url: str | None = None
 
+    # GET /jobs/{id}?wait=SECONDS (user_api.jobs.watch).
+    job_wait_max_seconds: float = Field(
+        default=60, gt=0, le=3600, description="The longest wait a GET /jobs/{id} may ask for."
+    )
+    job_wait_poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description=(
+            "How often a waiting request reads the job again, for changes another "
+            "server process committed."
+        ),
+    )
+    job_wait_max_waiting: int = Field(
+        default=1000, ge=1, description="Requests that may wait for jobs at once, per process."
+    )
+
     # Delivery of new jobs and cancellations to the worker API.
     forward_retry_max_seconds: float = Field(default=10.0, gt=0)
     forward_poll_seconds: float = Field(default=1.0, gt=0)

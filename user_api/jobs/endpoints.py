@@ -4,22 +4,29 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from labcloud.contract import JobStatus, StatusUpdate
+from labcloud.errors import BadRequest
 from labcloud.web import MAX_OFFSET, IdPath
 from user_api.dependencies import (
     CatalogStoreDep,
     CurrentUser,
     CurrentUserBeforeWrites,
+    CurrentUserOutsideTransactions,
     InternalCaller,
     SessionDep,
+    SettingsDep,
     StorageDep,
 )
 from user_api.jobs import service
 from user_api.jobs.schemas import JobCreate, JobRead, StatusApplied
 
 router = APIRouter(tags=["jobs"])
+
+
+class WaitTooLong(BadRequest):
+    """The wait asked for is longer than this server allows."""
 
 
 @router.get("/jobs")
@@ -63,9 +70,48 @@ def create_job(
 
 
 @router.get("/jobs/{job_id}")
-def get_job(job_id: IdPath, user: CurrentUser, session: SessionDep) -> JobRead:
-    """One of your jobs; 404 when it is not yours or does not exist."""
-    return service.get_job(session, user=user, job_id=job_id)
+async def get_job(
+    request: Request,
+    job_id: IdPath,
+    user: CurrentUserOutsideTransactions,
+    settings: SettingsDep,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=3600,
+            description=(
+                "Seconds to wait for the job's status to change before answering "
+                "(at most JOB_WAIT_MAX_SECONDS, 60 by default); 0 answers at once."
+            ),
+        ),
+    ] = 0,
+    status: Annotated[
+        JobStatus | None,
+        Query(
+            description=(
+                "With wait: the status you know; the answer comes at once if the job "
+                "is no longer in it (default: its status when the request arrives)."
+            )
+        ),
+    ] = None,
+) -> JobRead:
+    """One of your jobs; 404 when it is not yours or does not exist. With ``wait``,
+    answers as soon as its status changes (or when the wait ends), so that a client
+    follows a job without polling in a loop; a job that has ended answers at once."""
+    if wait > settings.job_wait_max_seconds:
+        raise WaitTooLong(
+            f"wait may be at most {settings.job_wait_max_seconds:g} seconds on this server"
+        )
+    return await service.wait_for_job(
+        request.app.state.session_factory,
+        user=user,
+        job_id=job_id,
+        wait=wait,
+        known=status,
+        poll_seconds=settings.job_wait_poll_seconds,
+        max_waiting=settings.job_wait_max_waiting,
+    )
 
 
 @router.post("/jobs/{job_id}/cancel")

@@ -38,6 +38,7 @@ from labcloud.db import utcnow
 from user_api.files.usage import note_job_deleted, note_job_ended
 from user_api.jobs import repository
 from user_api.jobs.repository import MovedJob
+from user_api.jobs.watch import note_status_changed
 from user_api.limits import release_active_job
 from user_api.models import OutboxKind
 from user_api.notifications.service import queue_completion_email
@@ -131,6 +132,7 @@ def transition(
             # A job that had already ended is being deleted, its result folders too.
             note_job_deleted(session, job_id, now)
         return None
+    note_status_changed(session, job_id)
     email_queued = False
     if target.is_terminal:  # every source of a terminal status is active: a slot frees
         owner = release_active_job(session, moved.user_id)

@@ -5,9 +5,13 @@ through ``user_api.jobs.lifecycle``."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Sequence
+from functools import partial
 
-from sqlalchemy.orm import Session
+import anyio
+import anyio.to_thread
+from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.contract import (
     Environment,
@@ -17,6 +21,7 @@ from labcloud.contract import (
     OutputKind,
     StatusUpdate,
 )
+from labcloud.db import unit_of_work
 from labcloud.errors import Conflict, NotFound
 from labcloud.storage.base import Storage
 from user_api.auth.service import AuthenticatedUser
@@ -33,6 +38,7 @@ from user_api.jobs.schemas import (
     PathsOut,
     StatusApplied,
 )
+from user_api.jobs.watch import JOB_WATCH
 from user_api.models import Job
 
 logger = logging.getLogger(__name__)
@@ -95,6 +101,42 @@ def list_jobs(
 
 def get_job(session: Session, *, user: AuthenticatedUser, job_id: int) -> JobRead:
     return _read(_owned(session, user, job_id), user)
+
+
+def read_job(factory: sessionmaker[Session], *, user: AuthenticatedUser, job_id: int) -> JobRead:
+    """``get_job`` in a short transaction of its own."""
+    with unit_of_work(factory) as session:
+        return get_job(session, user=user, job_id=job_id)
+
+
+async def wait_for_job(
+    factory: sessionmaker[Session],
+    *,
+    user: AuthenticatedUser,
+    job_id: int,
+    wait: float,
+    known: JobStatus | None,
+    poll_seconds: float,
+    max_waiting: int,
+) -> JobRead:
+    """The job once its status differs from ``known`` (default: its status now), or
+    as it is after ``wait`` seconds; at once for a job that has ended. No
+    connection or thread is held while waiting (``user_api.jobs.watch``)."""
+    read = partial(read_job, factory, user=user, job_id=job_id)
+    job = await anyio.to_thread.run_sync(read)
+    known = job.status if known is None else known
+    if wait <= 0 or job.status is not known or job.status.is_terminal:
+        return job
+    deadline = time.monotonic() + wait
+    with JOB_WATCH.watching(job_id, max_waiting=max_waiting) as changed:
+        while (left := deadline - time.monotonic()) > 0:
+            with anyio.move_on_after(min(left, poll_seconds)):
+                await changed.wait()
+            changed.clear()
+            job = await anyio.to_thread.run_sync(read)
+            if job.status is not known:
+                break
+    return job
 
 
 def cancel_job(session: Session, *, user: AuthenticatedUser, job_id: int) -> JobRead:

@@ -89,6 +89,9 @@ def test_a_terminal_status_frees_the_slot_stores_the_outcome_and_queues_one_emai
         "started_at": None,
         "ended_at": "2026-01-02T03:04:05Z",
         "log_tail": "oops",
+        "runner": None,
+        "backend": None,
+        "run_id": None,
     }
 
     # Delivered again, or late and different: nothing moves, nothing more is written.
