@@ -42,6 +42,17 @@ def _limit(own: int | None, in_force: int | None, show: Callable[[int], str]) ->
     return shown if own is not None else f"{shown} (the default)"
 
 
+def ran_on(job: Json) -> str:
+    """``runner-1 (aws-batch 3f2c…)``: where a job's last attempt ran, from its
+    outcome (empty for a job that has not ended, or one from an older runner)."""
+    outcome = job.get("outcome") or {}
+    runner, backend, run_id = (outcome.get(key) for key in ("runner", "backend", "run_id"))
+    if not runner and not backend:
+        return ""
+    where = " ".join(str(part) for part in (backend, (run_id or "")[:12]) if part)
+    return f"{runner or '?'} ({where})" if where else str(runner)
+
+
 def jobs_table(jobs: list[Json]) -> str:
     rows = [
         [
@@ -52,10 +63,11 @@ def jobs_table(jobs: list[Json]) -> str:
             job["application"],
             job["environment"] or "any",
             local_time(job["date_created"]),
+            ran_on(job),
         ]
         for job in jobs
     ]
-    return table(["ID", "NAME", "OWNER", "STATUS", "APPLICATION", "ENV", "CREATED"], rows)
+    return table(["ID", "NAME", "OWNER", "STATUS", "APPLICATION", "ENV", "CREATED", "RAN ON"], rows)
 
 
 def queue_overview(overview: Json) -> str:

@@ -17,6 +17,7 @@ import pytest
 
 from labcloud.auth.local import generate_private_key_pem
 from labcloud_cli.admin.commands import parse_size
+from labcloud_cli.admin.formatting import ran_on
 from labcloud_cli.errors import ExitCode
 from labcloud_cli.main import main
 from labcloud_cli.output import human_bytes, table
@@ -353,3 +354,11 @@ def test_python_dash_m_is_the_labcloud_command() -> None:
     ).stdout
     assert shown.startswith("usage: labcloud admin ")
     assert "worker-create" in shown
+
+
+def test_where_a_job_ran() -> None:
+    batch = {"runner": "cloud-1@workers", "backend": "aws-batch", "run_id": "3f2c0a9e-1b7d-4c44"}
+    assert ran_on({"outcome": batch}) == "cloud-1@workers (aws-batch 3f2c0a9e-1b7)"
+    assert ran_on({"outcome": {"runner": "gpu-1", "backend": "docker"}}) == "gpu-1 (docker)"
+    assert ran_on({"outcome": {"failure": "canceled"}}) == ""
+    assert ran_on({"outcome": None}) == ""

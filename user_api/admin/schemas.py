@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from labcloud.contract import AccountStatus as AccountStatus  # re-exported for this domain
-from labcloud.contract import Environment, Group, JobStatus
+from labcloud.contract import Environment, Group, JobStatus, Outcome
 
 
 class AuditAction(StrEnum):
@@ -114,6 +114,8 @@ class AdminJob(BaseModel):
     date_started: datetime | None
     date_finished: datetime | None
     runtime_details: str | None
+    # How the attempt ended and where it ran (runner, backend, run id).
+    outcome: Outcome | None = None
 
 
 class AuditEntryRead(BaseModel):

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.auth.passwords import password_problem
-from labcloud.contract import Environment, Group, JobStatus
+from labcloud.contract import Environment, Group, JobStatus, Outcome
 from labcloud.db import unit_of_work, utcnow
 from labcloud.errors import BadRequest, Conflict, NotFound
 from labcloud.storage.base import Storage
@@ -406,6 +406,7 @@ def _admin_job(job: Job, owner: str) -> AdminJob:
         date_started=job.date_started,
         date_finished=job.date_finished,
         runtime_details=job.runtime_details,
+        outcome=Outcome.model_validate(job.outcome) if job.outcome else None,
     )
 
 
