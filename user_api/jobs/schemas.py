@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -127,6 +128,34 @@ class PathsOut(BaseModel):
     artifact: str
 
 
+class WaitingReason(StrEnum):
+    """Why a queued job is not running yet (``waiting.reason``)."""
+
+    NO_WORKER = "no_worker"  # no worker connected for its environment
+    NO_GPU = "no_gpu"  # no connected worker offers (enough) GPUs
+    NO_MEMORY = "no_memory"
+    NO_CPU = "no_cpu"
+    GPU_MODEL = "gpu_model"
+    GPU_ARCHI = "gpu_archi"
+    GPU_MEMORY = "gpu_memory"
+    BUSY = "busy"  # workers that could run it are busy: see position
+    OLDER_THAN = "older_than"  # waits to become old enough for cloud workers
+    REQUEUED = "requeued"  # re-queued after its worker was lost, nothing else blocks
+
+
+class JobWaiting(BaseModel):
+    """Extension: why a queued job waits, from what the worker API knows.
+    ``position`` is the job's place in line (1 = next) among the queued jobs the
+    workers that could run it would take; ``attempt``/``max_attempts`` are set for
+    a job re-queued after its worker was lost (the attempt it waits to start)."""
+
+    reason: WaitingReason
+    message: str
+    position: int | None = None
+    attempt: int | None = None
+    max_attempts: int | None = None
+
+
 class JobRead(BaseModel):
     id: int
     job_name: str
@@ -146,6 +175,9 @@ class JobRead(BaseModel):
     # times, log tail); None while it is active and for jobs that ended without one.
     outcome: Outcome | None = None
     paths_out: PathsOut
+    # Extension: why a queued job is not running (GET /jobs/{id} only; null in the
+    # list, for other statuses, and when the worker API does not answer in time).
+    waiting: JobWaiting | None = None
 
 
 class StatusApplied(BaseModel):
