@@ -280,3 +280,50 @@ class AccountStatus(StrEnum):
 
 
 INTERNAL_API_KEY_HEADER = "x-api-key"
+
+
+# -- live logs and progress (runner → worker API → user API) ------------------------
+
+# A tool reports progress with stdout lines ``LABCLOUD_PROGRESS <fraction> <message>``
+# (docs/tools.md); the runner parses them, the job shows the latest.
+PROGRESS_PREFIX = "LABCLOUD_PROGRESS"
+PROGRESS_MESSAGE_CHARS = 500
+# The longest line the runner looks at for progress: a longer one is log, not progress.
+PROGRESS_LINE_BYTES = 4096
+# Headers of a live log's answer, on both APIs: where to resume, and whether the
+# log is complete (the job ended and everything shipped is in).
+LOG_NEXT_OFFSET_HEADER = "X-Log-Next-Offset"
+LOG_COMPLETE_HEADER = "X-Log-Complete"
+
+
+class Progress(_Wire):
+    """A job's latest progress report: ``fraction`` of the work done (0 to 1, or
+    ``None`` for a message alone) and a short ``message``."""
+
+    fraction: float | None = Field(default=None, ge=0, le=1)
+    message: str | None = Field(default=None, max_length=PROGRESS_MESSAGE_CHARS)
+
+
+def parse_progress(line: bytes) -> Progress | None:
+    """The progress a log line reports, or ``None`` when it is not a well-formed
+    ``LABCLOUD_PROGRESS <fraction> [message]`` line. The fraction may be ``-`` (a
+    message without a fraction); values outside 0..1 are clamped."""
+    if len(line) > PROGRESS_LINE_BYTES:
+        return None
+    text = line.decode("utf-8", errors="replace").strip()
+    parts = text.split(None, 2)
+    if len(parts) < 2 or parts[0] != PROGRESS_PREFIX:
+        return None
+    fraction: float | None
+    if parts[1] == "-":
+        fraction = None
+    else:
+        try:
+            fraction = float(parts[1])
+        except ValueError:
+            return None
+        if fraction != fraction:  # NaN
+            return None
+        fraction = min(1.0, max(0.0, fraction))
+    message = parts[2][:PROGRESS_MESSAGE_CHARS] if len(parts) > 2 else None
+    return Progress(fraction=fraction, message=message)
