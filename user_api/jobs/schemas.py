@@ -156,6 +156,14 @@ class JobWaiting(BaseModel):
     max_attempts: int | None = None
 
 
+class JobProgress(BaseModel):
+    """A running job's latest ``LABCLOUD_PROGRESS`` report (docs/tools.md)."""
+
+    fraction: float | None = Field(default=None, ge=0, le=1)
+    message: str | None = None
+    updated_at: datetime
+
+
 class JobRead(BaseModel):
     id: int
     job_name: str
@@ -178,6 +186,9 @@ class JobRead(BaseModel):
     # Extension: why a queued job is not running (GET /jobs/{id} only; null in the
     # list, for other statuses, and when the worker API does not answer in time).
     waiting: JobWaiting | None = None
+    # Extension: the tool's latest progress report (GET /jobs/{id}; null when it
+    # reported none or the worker API does not answer in time).
+    progress: JobProgress | None = None
 
 
 class StatusApplied(BaseModel):
