@@ -18,15 +18,18 @@ the test catalog, signs up a user as the example session does, and runs
    minus the second, per iteration. Also printed: where a LabCloud job's time goes
    (created to leased, leased to the Batch submission, the Batch job's own time,
    its end to ``finished``).
-2. **Throughput**: ``--burst`` jobs posted at once, the runner keeping up to 50 in
-   flight (``BATCH_MAX_IN_FLIGHT=50``), against the emulator alone with the same jobs
-   kept at 50 in flight by this script; jobs per second from the first submission to
-   the last end, and the most Batch jobs seen unfinished at once.
+2. **Throughput**: ``--burst`` jobs posted at once (``noop``, or ``nap`` jobs that
+   sleep ``--nap`` seconds, which keep the emulator's jobs in flight long enough for
+   50 to be), the runner keeping up to 50 in flight (``BATCH_MAX_IN_FLIGHT=50``),
+   against the emulator alone with the same jobs kept at 50 in flight by this
+   script; jobs per second from the first submission to the last end, and the most
+   Batch jobs seen unfinished at once.
 
 The emulator's own time is mostly moto's: it advances a job one state per half
 second (SUBMITTED to RUNNING) and checks a running container every half second.
 
-    poetry run python bench/batch_overhead.py [--jobs 20] [--burst 100] [--poll 0.05]
+    poetry run python bench/batch_overhead.py [--jobs 20] [--burst 100] [--nap 0] [--poll 0.05]
+                                              [--batch-poll 1]
 """
 
 from __future__ import annotations
@@ -172,14 +175,15 @@ def _login(user_url: str) -> httpx.Client:
     return httpx.Client(base_url=user_url, headers=headers, timeout=60)
 
 
-NOOP = {
-    "application": {"application": "testing", "version": "1.0", "entrypoint": "noop"},
-    "attributes": {},
-}
-
-
-def _post_job(client: httpx.Client, name: str) -> str:
-    response = client.post("/jobs", json={"job_name": name, **NOOP})
+def _post_job(client: httpx.Client, name: str, nap: float = 0) -> str:
+    """Post a ``noop`` job, or with ``nap`` a ``nap`` job that sleeps that long."""
+    entrypoint = "nap" if nap else "noop"
+    payload = {
+        "job_name": name,
+        "application": {"application": "testing", "version": "1.0", "entrypoint": entrypoint},
+        "attributes": {"env_vars": {"NAP_SECONDS": f"{nap:g}"}} if nap else {},
+    }
+    response = client.post("/jobs", json=payload)
     response.raise_for_status()
     return str(response.json()["id"])
 
@@ -293,10 +297,10 @@ class InFlightSampler:
         self._thread.join()
 
 
-def _labcloud_burst(client: httpx.Client, count: int, poll: float) -> float:
+def _labcloud_burst(client: httpx.Client, count: int, poll: float, nap: float) -> float:
     """Seconds from the first POST to the last job finished."""
     began = time.perf_counter()
-    pending = {_post_job(client, f"burst-{index}") for index in range(count)}
+    pending = {_post_job(client, f"burst-{index}", nap) for index in range(count)}
     while pending:
         listed = client.get("/jobs", params={"limit": 1000}).json()
         for job in listed:
@@ -341,6 +345,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20, help="measured pairs (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured pairs first")
     parser.add_argument("--burst", type=int, default=100, help="jobs of each burst (default 100)")
+    parser.add_argument(
+        "--nap",
+        type=float,
+        default=0,
+        help="seconds each burst job sleeps (testing/1.0/nap); 0: noop (default)",
+    )
     parser.add_argument("--poll", type=float, default=0.05, help="client poll interval, s")
     parser.add_argument(
         "--batch-poll",
@@ -393,9 +403,14 @@ def main() -> None:
             in_batch.append(ran["stoppedAt"] - ran["createdAt"])
             batch_end_to_finished.append(_epoch_ms(ended) - ran["stoppedAt"])
 
+        if args.nap:
+            # The burst's jobs on the emulator alone are the runner's nap job.
+            nap_job = _wait_finished(client, _post_job(client, "nap", args.nap), args.poll)
+            [described] = _describe(batch, [nap_job["outcome"]["run_id"]])
+            direct = DirectJob.like(described)
         _progress(f"burst of {args.burst} through LabCloud")
         with InFlightSampler(batch, direct.queue) as sampler:
-            labcloud_s = _labcloud_burst(client, args.burst, max(args.poll, 0.25))
+            labcloud_s = _labcloud_burst(client, args.burst, max(args.poll, 0.25), args.nap)
         labcloud_peak = sampler.peak
         _progress(f"burst of {args.burst} on the emulator alone")
         with InFlightSampler(batch, direct.queue) as sampler:
@@ -416,7 +431,8 @@ def main() -> None:
     print(summary("  LabCloud job: Batch job stopped -> finished", batch_end_to_finished))
     ratio = percentile(labcloud_ms, 50) / percentile(direct_ms, 50)
     print(f"p50 through LabCloud / p50 emulator alone: {ratio:.2f}")
-    print(f"throughput: {args.burst} jobs, at most {IN_FLIGHT} in flight")
+    what = f"nap jobs of {args.nap:g} s" if args.nap else "noop jobs"
+    print(f"throughput: {args.burst} {what}, at most {IN_FLIGHT} in flight")
     print(
         f"  through LabCloud   {args.burst / labcloud_s:6.2f} jobs/s  "
         f"({labcloud_s:.1f} s; at most {labcloud_peak} Batch jobs unfinished at once)"
