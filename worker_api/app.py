@@ -41,6 +41,8 @@ from worker_api.clients.accounts import AccountChecker
 from worker_api.clients.user_api import UserApiClient
 from worker_api.dependencies import SessionDep
 from worker_api.files.endpoints import router as files_router
+from worker_api.logs.endpoints import internal_router as logs_internal_router
+from worker_api.logs.endpoints import router as logs_router
 from worker_api.queue import service as queue_service
 from worker_api.queue.endpoints import internal_router
 from worker_api.queue.endpoints import router as queue_router
@@ -200,4 +202,6 @@ def create_app(settings: WorkerApiSettings | None = None) -> FastAPI:
     app.include_router(queue_router)
     app.include_router(files_router)
     app.include_router(internal_router)
+    app.include_router(logs_router)
+    app.include_router(logs_internal_router)
     return app
