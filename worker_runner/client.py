@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -26,7 +27,14 @@ import httpx
 from pydantic import SecretStr, ValidationError
 
 from labcloud.auth.cognito import CognitoAppClient, CognitoLogin
-from labcloud.contract import JobStatus, Outcome, OutputKind, SignedRequest, StatusReport
+from labcloud.contract import (
+    JobStatus,
+    Outcome,
+    OutputKind,
+    Progress,
+    SignedRequest,
+    StatusReport,
+)
 from labcloud.errors import BadRequest, Forbidden, LabCloudError, Unauthorized
 from labcloud.storage.paths import PARTIAL_PREFIX
 from worker_runner import RunnerError
@@ -56,6 +64,15 @@ class AuthenticationFailed(WorkerApiError):
 
 class JobGone(WorkerApiError):
     """The job is no longer leased to this worker (canceled, deleted or re-assigned)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogShipped:
+    """The worker API's answer to a live log chunk: the offset to send next, and
+    whether the log reached its bound (later output is dropped there)."""
+
+    next_offset: int
+    truncated: bool
 
 
 def _detail(response: httpx.Response) -> str:
@@ -233,6 +250,7 @@ class WorkerApiClient:
         *,
         params: Mapping[str, str | int | float] | None = None,
         json: dict[str, Any] | None = None,
+        content: bytes | None = None,
         timeout: httpx.Timeout | float | None = None,
         retry: bool = True,
     ) -> httpx.Response:
@@ -244,13 +262,17 @@ class WorkerApiClient:
         attempt = 0
         while True:
             token = self._bearer()
+            headers = {"Authorization": f"Bearer {token}"}
+            if content is not None:
+                headers["Content-Type"] = "application/octet-stream"
             try:
                 response = self._api.request(
                     method,
                     f"{self._api_url}{path}",
                     params=dict(params) if params is not None else None,
                     json=json,
-                    headers={"Authorization": f"Bearer {token}"},
+                    content=content,
+                    headers=headers,
                     timeout=timeout if timeout is not None else self._timeout,
                 )
             except httpx.HTTPError as exc:
@@ -329,6 +351,35 @@ class WorkerApiClient:
             raise JobGone(f"job {queue_id} is no longer leased to this worker", status_code=404)
         if response.status_code not in (200, 204):
             raise self._fail(response, f"status {status.value} of job {queue_id}")
+
+    def ship_log(
+        self, queue_id: str, offset: int, data: bytes, progress: Progress | None = None
+    ) -> LogShipped:
+        """Append ``data``, the run's output from ``offset``, to the job's live log,
+        with the tool's latest ``progress``; not retried here (the shipper sends
+        the same bytes again later). Raises ``JobGone`` on 404."""
+        params: dict[str, str | int | float] = {"offset": offset}
+        if progress is not None:
+            if progress.fraction is not None:
+                params["progress"] = progress.fraction
+            if progress.message is not None:
+                params["progress_message"] = progress.message
+        response = self._call(
+            "POST",
+            f"/jobs/{quote(queue_id, safe='')}/log",
+            params=params,
+            content=data,
+            retry=False,
+        )
+        if response.status_code == 404:
+            raise JobGone(f"job {queue_id} is no longer leased to this worker", status_code=404)
+        if response.status_code != 200:
+            raise self._fail(response, f"live log of job {queue_id}")
+        try:
+            body = response.json()
+            return LogShipped(int(body["next_offset"]), bool(body["truncated"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WorkerApiError(f"malformed live log answer: {exc}") from exc
 
     def _signed_request(self, response: httpx.Response, what: str) -> SignedRequest:
         try:

@@ -53,6 +53,7 @@ from worker_runner.backends.base import (
 )
 from worker_runner.client import JobGone, WorkerApiClient, WorkerApiError
 from worker_runner.hardware import gpus_needed
+from worker_runner.live_log import LiveLogShipper
 from worker_runner.outcomes import JobFailed, failure_of
 from worker_runner.ownership import hand_over
 from worker_runner.reporting import FinalReport, StatusReporter, runtime_details
@@ -325,9 +326,10 @@ class Job:
             self._run_started_at = None
             raise JobFailed(exc.message) from exc
         self._run_id = self.run.id
+        shipper = LiveLogShipper(self._context.client, self.queue_id)
         pump = threading.Thread(
             target=_pump_logs,
-            args=(backend, self.run, self.folder.log),
+            args=(backend, self.run, self.folder.log, shipper),
             name=f"logs-{self.queue_id}",
             daemon=True,
         )
@@ -340,8 +342,12 @@ class Job:
             # job's log may still be uploaded).
             self._kill()
             pump.join(timeout=LOG_DRAIN_S)
+            shipper.close(timeout=LOG_DRAIN_S)
             raise
         pump.join(timeout=LOG_DRAIN_S)
+        # Before the job's next status: a reader told the job ended finds every
+        # shipped chunk in.
+        shipper.close(timeout=LOG_DRAIN_S)
         if result is None:
             return JobFailed(f"timed out after {specs.timeout} s", FailureKind.TIMED_OUT)
         self._exit_code = result.exit_code
@@ -417,12 +423,16 @@ class Job:
             self.run = None
 
 
-def _pump_logs(backend: ExecutionBackend, handle: RunHandle, path: Path) -> None:
-    """Append the run's output to its log file as it arrives."""
+def _pump_logs(
+    backend: ExecutionBackend, handle: RunHandle, path: Path, shipper: LiveLogShipper
+) -> None:
+    """Append the run's output to its log file as it arrives, and hand it to the
+    live log's shipper (any backend's ``stream_logs``)."""
     try:
         with path.open("ab") as sink:
             for chunk in backend.stream_logs(handle):
                 sink.write(chunk)
                 sink.flush()
+                shipper.feed(chunk)
     except (BackendError, OSError) as exc:
         logger.warning("log of %s incomplete: %s", handle.id[:12], exc)
