@@ -13,11 +13,17 @@ Exceptions::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
 
-from labcloud.contract import INTERNAL_API_KEY_HEADER
+from labcloud.contract import (
+    INTERNAL_API_KEY_HEADER,
+    LOG_COMPLETE_HEADER,
+    LOG_NEXT_OFFSET_HEADER,
+)
 
 # Answers after which the same request may succeed: the worker API restarting or
 # overloaded, or the internal key being rotated on both sides.
@@ -38,6 +44,25 @@ class WorkerApiRefused(WorkerApiError):
     def __init__(self, status_code: int, detail: str) -> None:
         super().__init__(f"worker API refused the job ({status_code}): {detail}")
         self.status_code = status_code
+
+
+@dataclass(frozen=True, slots=True)
+class LiveLogPiece:
+    """Bytes of a job's live log from an offset, the offset that follows them, and
+    whether the log is complete (the job ended, everything shipped is in)."""
+
+    data: bytes
+    next_offset: int
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressReport:
+    """A job's latest progress as the worker API knows it."""
+
+    fraction: float | None
+    message: str | None
+    updated_at: datetime
 
 
 class WorkerApiClient:
@@ -64,6 +89,60 @@ class WorkerApiClient:
             f"/_jobs/{job_id}",
             params={"discard_outputs": str(discard_outputs).lower()},
         )
+
+    async def live_log(self, job_id: int, offset: int, *, wait: float) -> LiveLogPiece | None:
+        """``GET /_jobs/{job_id}/log``: the live log from ``offset``, waiting up to
+        ``wait`` seconds for new bytes; ``None`` when the queue does not know the
+        job (not delivered yet, or gone)."""
+        response = await self._request(
+            "GET",
+            f"/_jobs/{job_id}/log",
+            params={"offset": offset, "wait": wait},
+            timeout=httpx.Timeout(10, read=wait + 10),
+        )
+        if response.status_code == 404:
+            return None
+        self._check(response)
+        try:
+            next_offset = int(response.headers[LOG_NEXT_OFFSET_HEADER])
+        except (KeyError, ValueError) as exc:
+            raise WorkerApiUnavailable(f"malformed live log answer: {exc!r}") from exc
+        complete = response.headers.get(LOG_COMPLETE_HEADER) == "true"
+        return LiveLogPiece(response.content, next_offset, complete)
+
+    async def progress(self, job_id: int, *, answer_within: float) -> ProgressReport | None:
+        """``GET /_jobs/{job_id}/progress``: the tool's latest progress, ``None``
+        when it reported none."""
+        response = await self._request("GET", f"/_jobs/{job_id}/progress", timeout=answer_within)
+        if response.status_code == 404:
+            return None
+        self._check(response)
+        body = response.json()
+        if body is None:
+            return None
+        try:
+            return ProgressReport(
+                fraction=None if body["fraction"] is None else float(body["fraction"]),
+                message=body["message"],
+                updated_at=datetime.fromisoformat(body["updated_at"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WorkerApiUnavailable(f"malformed progress answer: {exc!r}") from exc
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._client.request(method, path, headers=self._headers, **kwargs)
+        except httpx.HTTPError as exc:
+            raise WorkerApiUnavailable(f"worker API unreachable: {exc!r}") from exc
+
+    @staticmethod
+    def _check(response: httpx.Response) -> None:
+        if response.is_success:
+            return
+        code = response.status_code
+        if code >= 500 or code in _TRANSIENT_CODES:
+            raise WorkerApiUnavailable(f"worker API answered {code}: {response.text[:300]}")
+        raise WorkerApiRefused(code, response.text[:2000])
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> None:
         try:
