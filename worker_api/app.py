@@ -11,6 +11,7 @@
 - ``job_wakeup`` (``Wakeup``): a job was enqueued (status changes wake their relay
   through ``labcloud.outbox``)
 - ``puller`` (``JobPuller``): long-polling pulls
+- ``worker_presence`` (``WorkerPresence``): records which workers are connected
 - ``http_client`` (``httpx.AsyncClient``), ``status_relay`` (the status outbox's ``Relay``)
 - ``account_checker`` (``AccountChecker``): is a worker's account still active?
 - ``background_tasks``: the reaper and the status relay
@@ -51,6 +52,8 @@ from worker_api.queue.reaper import run_reaper
 from worker_api.queue.service import JobPuller, Wakeup
 from worker_api.queue.status_relay import UserApiStatusOutbox
 from worker_api.settings import WorkerApiSettings
+from worker_api.workers.endpoints import router as workers_router
+from worker_api.workers.presence import WorkerPresence
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 logger = logging.getLogger(__name__)
@@ -124,6 +127,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.queue_signals = signals
         state.job_wakeup = job_wakeup
         state.puller = JobPuller(factory, policy, job_wakeup)
+        state.worker_presence = WorkerPresence(
+            factory,
+            seen_window_seconds=settings.worker_seen_window_seconds,
+            record_every_seconds=settings.worker_record_every_seconds,
+        )
         async with httpx.AsyncClient(
             timeout=settings.status_forward_timeout_seconds
         ) as http_client:
@@ -202,6 +210,7 @@ def create_app(settings: WorkerApiSettings | None = None) -> FastAPI:
     app.include_router(queue_router)
     app.include_router(files_router)
     app.include_router(internal_router)
+    app.include_router(workers_router)
     app.include_router(logs_router)
     app.include_router(logs_internal_router)
     return app

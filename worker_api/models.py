@@ -181,6 +181,41 @@ class UsedUploadToken(Base):
 USED_UPLOAD_TOKENS = cast(Table, UsedUploadToken.__table__)
 
 
+class ConnectedWorker(Base):
+    """A worker as its last pulls and keep-alives showed it (``worker_api.workers``):
+    one row per worker name, written by at most one upsert every few seconds per
+    worker and process, so that every worker API process knows which workers are
+    connected (seen within ``WORKER_SEEN_WINDOW_SECONDS``) and what they offer.
+
+    ``memory`` ... ``gpu_archi`` are the free capacity of the last pull; the
+    ``peak_*`` columns the largest offer seen since the worker (re)connected, which
+    tells a job that no worker could ever run from one whose workers are busy."""
+
+    __tablename__ = "connected_workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    environment: Mapped[str] = mapped_column(String(16))
+    groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    memory: Mapped[int] = mapped_column(Integer)
+    cpu_cores: Mapped[int] = mapped_column(Integer)
+    gpus: Mapped[int] = mapped_column(Integer)
+    gpu_mem: Mapped[int] = mapped_column(Integer)
+    gpu_model: Mapped[str | None] = mapped_column(String(255))
+    gpu_archi: Mapped[str | None] = mapped_column(String(255))
+    peak_memory: Mapped[int] = mapped_column(Integer)
+    peak_cpu_cores: Mapped[int] = mapped_column(Integer)
+    peak_gpus: Mapped[int] = mapped_column(Integer)
+    peak_gpu_mem: Mapped[int] = mapped_column(Integer)
+    # The pull's older_than: how old a job for "anywhere" must be for this worker.
+    older_than: Mapped[float] = mapped_column(Float)
+    connected_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_pull_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+
+
+CONNECTED_WORKERS = cast(Table, ConnectedWorker.__table__)
+
+
 class LiveLog(Base):
     """A job's live log as its runners shipped it (``worker_api.logs``): how many
     bytes are stored (``size``, never more than LIVE_LOG_MAX_BYTES), whether a flood

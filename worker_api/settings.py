@@ -66,6 +66,12 @@ class WorkerApiSettings(ServiceSettings):
     max_wait_seconds: float = Field(
         default=30.0, ge=0, description="Upper bound of a long-polling pull's `wait`."
     )
+    # Connected workers (worker_api.workers.presence): a worker seen (pull or
+    # keep-alive) within the window is connected; the default covers two of the
+    # longest long-polls and a margin. Its row is written at most once per
+    # WORKER_RECORD_EVERY_SECONDS (and when its offer changes).
+    worker_seen_window_seconds: float = Field(default=90.0, gt=0)
+    worker_record_every_seconds: float = Field(default=5.0, ge=0)
     # Delivery of status changes to the user API.
     status_forward_poll_seconds: float = Field(default=1.0, gt=0)
     status_forward_retry_max_seconds: float = Field(default=10.0, gt=0)

@@ -23,6 +23,7 @@ from worker_api.dependencies import (
 )
 from worker_api.queue import service
 from worker_api.queue.schemas import EnqueuedJob, WorkerOffer, offered_gpus
+from worker_api.workers.dependencies import PresenceDep
 
 router = APIRouter(tags=["queue"])
 
@@ -46,6 +47,7 @@ async def pull_jobs(
     request: Request,
     worker: CurrentWorker,
     puller: PullerDep,
+    presence: PresenceDep,
     settings: SettingsDep,
     memory: Annotated[int, Query(ge=0, le=MAX_OFFER, description="Memory the worker offers, MiB.")],
     cpu_cores: Annotated[int, Query(ge=1, le=MAX_OFFER)] = 1,
@@ -97,6 +99,7 @@ async def pull_jobs(
         gpu_archi=gpu_archi,
         gpus=offered_gpus(gpus, offered_gpu_mem),
     )
+    await presence.pulled(offer, groups=worker.groups, older_than=older_than)
     leased = await puller.pull(
         offer,
         limit=limit,
@@ -184,12 +187,14 @@ def report_status(
     worker: CurrentWorker,
     session: SessionDep,
     policy: QueuePolicyDep,
+    presence: PresenceDep,
     report: Annotated[StatusReport | None, Depends(status_report_body)],
     status_: Annotated[JobStatus, Query(alias="status")],
     runtime_details: Annotated[str | None, Query(max_length=MAX_RUNTIME_DETAILS)] = None,
 ) -> Response:
     """Report the job's status; the same status again is the keep-alive. 404 means
     the worker no longer holds the job and must abandon it."""
+    presence.kept_alive(session, worker.name)
     service.report_status(
         session,
         queue_id,
