@@ -36,6 +36,7 @@ from user_api.clients.worker_api import WorkerApiClient
 from user_api.files.endpoints import router as files_router
 from user_api.health import router as health_router
 from user_api.jobs.endpoints import router as jobs_router
+from user_api.jobs.log_endpoints import router as job_logs_router
 from user_api.jobs.outbox import WorkerApiOutbox
 from user_api.notifications.endpoints import router as notifications_router
 from user_api.notifications.sender import build_email_sender
@@ -190,6 +191,7 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
     app.include_router(auth_router)
     app.include_router(catalog_router)
     app.include_router(jobs_router)
+    app.include_router(job_logs_router)
     app.include_router(files_router)
     app.include_router(admin_router)
     app.include_router(admin_internal_router)

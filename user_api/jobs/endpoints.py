@@ -20,6 +20,8 @@ from user_api.dependencies import (
     StorageDep,
 )
 from user_api.jobs import service
+from user_api.jobs.log_endpoints import live_log_client
+from user_api.jobs.logs import progress_of
 from user_api.jobs.schemas import JobCreate, JobRead, StatusApplied
 
 router = APIRouter(tags=["jobs"])
@@ -103,7 +105,7 @@ async def get_job(
         raise WaitTooLong(
             f"wait may be at most {settings.job_wait_max_seconds:g} seconds on this server"
         )
-    return await service.wait_for_job(
+    job = await service.wait_for_job(
         request.app.state.session_factory,
         user=user,
         job_id=job_id,
@@ -112,6 +114,7 @@ async def get_job(
         poll_seconds=settings.job_wait_poll_seconds,
         max_waiting=settings.job_wait_max_waiting,
     )
+    return await progress_of(live_log_client(request), job)
 
 
 @router.post("/jobs/{job_id}/cancel")
