@@ -10,17 +10,19 @@ from collections.abc import Callable, Sequence
 from labcloud_cli.admin import commands as admin
 from labcloud_cli.errors import ExitCode
 from labcloud_cli.stack import commands as stack
+from labcloud_cli.user import commands as user
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 # In the order `labcloud --help` lists them.
-COMMAND_GROUPS: tuple[Register, ...] = (stack.register, admin.register)
+COMMAND_GROUPS: tuple[Register, ...] = (stack.register, user.register, admin.register)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="labcloud",
-        description="Run LabCloud on this machine, add runners, administer a running "
-        "instance. Each command has its own --help.",
+        description="Run LabCloud on this machine, add runners, use a running instance "
+        "(log in, upload, run jobs, follow them, download results), administer it. "
+        "Each command has its own --help.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in COMMAND_GROUPS:

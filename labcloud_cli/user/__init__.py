@@ -1,0 +1,1 @@
+"""The users' commands: log in, files, jobs (``labcloud login``, ``upload``, ``run``...)."""

@@ -1,0 +1,119 @@
+"""Following a job: its live log as it is written, and its status line (progress, or
+why it waits) as it changes, until it ends.
+
+The status comes from ``GET /jobs/{id}?wait=`` (the server answers when the status
+changes), the log from ``GET /jobs/{id}/logs?follow=true`` in a thread of its own;
+neither polls in a tight loop. A server without live logs is said so once, and the
+job is still followed to its end."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from labcloud_cli.errors import Refused
+from labcloud_cli.user.client import Json, LogsUnavailable, UserClient, Utf8Writer
+from labcloud_cli.user.formatting import ENDED, status_line
+
+# Seconds each status request waits on the server (within its default maximum, 60).
+STATUS_WAIT = 30.0
+# After the job ended, how long its last log chunks may take to come in.
+LOG_GRACE = 10.0
+
+
+def stream_log(
+    client: UserClient,
+    job_id: int,
+    write: Callable[[bytes], None],
+    ended: Callable[[], bool],
+    *,
+    offset: int = 0,
+) -> str | None:
+    """Write the job's log from ``offset`` as it comes until it is complete (or the
+    job ``ended`` more than ``LOG_GRACE`` seconds ago without it); None, or why
+    live logs cannot be followed."""
+    ended_at: float | None = None
+    while True:
+        try:
+            received = 0
+            with client.log_stream(job_id, offset) as chunks:
+                for chunk in chunks:
+                    write(chunk)
+                    offset += len(chunk)
+                    received += len(chunk)
+            # The stream ends with the job or after a while: what is left, and
+            # whether the log is complete, come from one plain read.
+            page = client.log_page(job_id, offset)
+            write(page.text)
+            offset = page.next_offset
+            if page.complete:
+                return None
+            received += len(page.text)
+        except LogsUnavailable as exc:
+            return str(exc)
+        except (httpx.TransportError, Refused):
+            received = 0
+        if ended():
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at > LOG_GRACE:
+                return None
+        if not received:
+            time.sleep(0.5)
+
+
+def follow_job(
+    client: UserClient, job: Json, console: Console, *, log_out: Callable[[str], None]
+) -> Json:
+    """Show ``job``'s status line and live log until it ends; the ended job."""
+    done = threading.Event()
+    unavailable: list[str] = []
+    writer = Utf8Writer(log_out)
+
+    def logs() -> None:
+        reason = stream_log(client, job["id"], writer, done.is_set)
+        writer.flush()
+        if reason:
+            unavailable.append(reason)
+            console.print(
+                f"{reason}; the log will be in {job['paths_out']['log']}/ once the job ends",
+                markup=False,
+                highlight=False,
+            )
+
+    thread = threading.Thread(target=logs, name=f"log-{job['id']}", daemon=True)
+    thread.start()
+    live = Live(Text(status_line(job)), console=console, auto_refresh=False, transient=True)
+    shown = status_line(job)
+    if console.is_terminal:
+        live.start()
+    else:
+        console.print(shown, markup=False, highlight=False)
+    try:
+        while job["status"] not in ENDED:
+            try:
+                job = client.job(job["id"], wait=STATUS_WAIT, known=job["status"])
+            except httpx.TransportError:
+                time.sleep(1)
+                continue
+            line = status_line(job)
+            if line != shown:
+                shown = line
+                if console.is_terminal:
+                    live.update(Text(line), refresh=True)
+                else:
+                    console.print(line, markup=False, highlight=False)
+        done.set()
+        thread.join(LOG_GRACE + STATUS_WAIT)
+    finally:
+        done.set()
+        if console.is_terminal:
+            live.stop()
+        sys.stdout.flush()
+    return job
