@@ -129,6 +129,21 @@ class WorkerApiClient:
         except (KeyError, TypeError, ValueError) as exc:
             raise WorkerApiUnavailable(f"malformed progress answer: {exc!r}") from exc
 
+    async def waiting(self, job_id: int, *, answer_within: float) -> dict[str, Any] | None:
+        """``GET /_jobs/{job_id}/waiting``: why the queued job waits (the worker
+        API's ``JobWaiting`` as JSON), ``None`` when it is not queued there."""
+        response = await self._request("GET", f"/_jobs/{job_id}/waiting", timeout=answer_within)
+        self._check(response)
+        body: dict[str, Any] | None = response.json()
+        return body
+
+    async def workers(self, *, answer_within: float) -> list[dict[str, Any]]:
+        """``GET /_workers``: the connected workers, their offers and held jobs."""
+        response = await self._request("GET", "/_workers", timeout=answer_within)
+        self._check(response)
+        body: list[dict[str, Any]] = response.json()
+        return body
+
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             return await self._client.request(method, path, headers=self._headers, **kwargs)

@@ -47,7 +47,8 @@ def list_jobs(
     ] = None,
 ) -> list[JobRead]:
     """Your jobs, newest first (the order is applied before ``offset`` and
-    ``limit``)."""
+    ``limit``). ``waiting`` is null here: ``GET /jobs/{id}`` says why a queued job
+    waits."""
     return service.list_jobs(
         session, user=user, offset=offset, limit=limit, statuses=frozenset(status or ())
     )
@@ -100,7 +101,10 @@ async def get_job(
 ) -> JobRead:
     """One of your jobs; 404 when it is not yours or does not exist. With ``wait``,
     answers as soon as its status changes (or when the wait ends), so that a client
-    follows a job without polling in a loop; a job that has ended answers at once."""
+    follows a job without polling in a loop; a job that has ended answers at once.
+    A queued job says why it is not running (``waiting``: no worker connected,
+    hardware no connected worker has, ``older_than``, busy workers with its place
+    in line, a re-queued attempt); null when the worker API does not answer in 2 s."""
     if wait > settings.job_wait_max_seconds:
         raise WaitTooLong(
             f"wait may be at most {settings.job_wait_max_seconds:g} seconds on this server"
@@ -114,7 +118,8 @@ async def get_job(
         poll_seconds=settings.job_wait_poll_seconds,
         max_waiting=settings.job_wait_max_waiting,
     )
-    return await progress_of(live_log_client(request), job)
+    worker_api = live_log_client(request)
+    return await service.with_waiting(worker_api, await progress_of(worker_api, job))
 
 
 @router.post("/jobs/{job_id}/cancel")

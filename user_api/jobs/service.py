@@ -11,6 +11,7 @@ from functools import partial
 
 import anyio
 import anyio.to_thread
+from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from labcloud.contract import (
@@ -26,6 +27,7 @@ from labcloud.errors import Conflict, NotFound
 from labcloud.storage.base import Storage
 from user_api.auth.service import AuthenticatedUser
 from user_api.catalog.schemas import Catalog
+from user_api.clients.worker_api import WorkerApiClient, WorkerApiError
 from user_api.jobs import repository
 from user_api.jobs.drafts import submit
 from user_api.jobs.lifecycle import Cause, Transitioned, transition
@@ -35,6 +37,7 @@ from user_api.jobs.schemas import (
     JobAttributes,
     JobCreate,
     JobRead,
+    JobWaiting,
     PathsOut,
     StatusApplied,
 )
@@ -42,6 +45,10 @@ from user_api.jobs.watch import JOB_WATCH
 from user_api.models import Job
 
 logger = logging.getLogger(__name__)
+
+# Most seconds GET /jobs/{id} waits for the worker API to say why a queued job
+# waits; without an answer in time, ``waiting`` is null and the job answers anyway.
+WAITING_ANSWER_SECONDS = 2.0
 
 
 class JobNotFound(NotFound):
@@ -137,6 +144,24 @@ async def wait_for_job(
             if job.status is not known:
                 break
     return job
+
+
+async def with_waiting(
+    client: WorkerApiClient, job: JobRead, *, answer_within: float = WAITING_ANSWER_SECONDS
+) -> JobRead:
+    """``job`` with why it waits, when it is queued and the worker API says so in
+    time. Never fails: a worker API that is down, slow or answers something else
+    leaves ``waiting`` null. One request per job, so the list of jobs has none."""
+    if job.status is not JobStatus.QUEUED:
+        return job
+    try:
+        with anyio.fail_after(answer_within):
+            body = await client.waiting(job.id, answer_within=answer_within)
+        waiting = None if body is None else JobWaiting.model_validate(body)
+    except (WorkerApiError, TimeoutError, ValidationError) as exc:
+        logger.info("job %s: no waiting reason from the worker API (%s)", job.id, exc)
+        return job
+    return job.model_copy(update={"waiting": waiting})
 
 
 def cancel_job(session: Session, *, user: AuthenticatedUser, job_id: int) -> JobRead:
