@@ -347,7 +347,8 @@ def _print_welcome(
             emulated += (
                 f"{batch.describe()}\n"
                 "  runners     BACKEND=aws-batch, cloud workers (groups workers, cloud):\n"
-                "              every job runs through the emulator's Batch\n"
+                "              they take jobs for any environment at once (BATCH_OLDER_THAN=0)\n"
+                "              and run them through the emulator's Batch\n"
             )
         emulated += (
             "  the emulator keeps everything in memory: accounts, files and jobs are gone\n"
