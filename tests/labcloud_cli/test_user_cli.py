@@ -260,7 +260,7 @@ def test_login_problems_exit_with_the_login_code(cli: Cli, tmp_path: Path) -> No
 class _NoLiveLogs(http.server.BaseHTTPRequestHandler):
     """A user API from before live logs: the route is not there."""
 
-    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+    def do_GET(self) -> None:
         body = b'{"detail":"Not Found"}'
         self.send_response(404)
         self.send_header("Content-Type", "application/json")
