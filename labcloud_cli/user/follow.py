@@ -24,6 +24,9 @@ from labcloud_cli.user.formatting import ENDED, status_line
 
 # Seconds each status request waits on the server (within its default maximum, 60).
 STATUS_WAIT = 30.0
+# While the job runs: the server answers a wait on a status change only, so progress
+# reports (which change no status) are fetched this often.
+PROGRESS_WAIT = 3.0
 # After the job ended, how long its last log chunks may take to come in.
 LOG_GRACE = 10.0
 
@@ -98,7 +101,8 @@ def follow_job(
     try:
         while job["status"] not in ENDED:
             try:
-                job = client.job(job["id"], wait=STATUS_WAIT, known=job["status"])
+                wait = PROGRESS_WAIT if job["status"] == "running" else STATUS_WAIT
+                job = client.job(job["id"], wait=wait, known=job["status"])
             except httpx.TransportError:
                 time.sleep(1)
                 continue

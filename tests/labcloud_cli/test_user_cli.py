@@ -19,6 +19,7 @@ from pathlib import Path
 import docker
 import httpx
 import pytest
+import yaml
 
 from labcloud_cli.errors import ExitCode
 from labcloud_cli.images import ensure_demo_image
@@ -31,10 +32,28 @@ pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 CATALOG = Path(__file__).resolve().parents[1] / "data" / "application_config.yaml"
 
 
+# The tests' catalog and an entrypoint that reports progress and writes its log
+# over a few seconds.
+PROGRESSING = {
+    "app": {
+        "cmd": [
+            "echo line-one; echo LABCLOUD_PROGRESS 0.25 warming up; sleep 4;",
+            "echo LABCLOUD_PROGRESS 0.75 nearly there; sleep 4; echo line-two",
+        ],
+        "env": [],
+    },
+    "handler": {"image_url": "labcloud/demo:latest"},
+}
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ensure_demo_image(docker.from_env())
-    stack = Stack(tmp_path_factory.mktemp("user-cli"), CATALOG)
+    root = tmp_path_factory.mktemp("user-cli")
+    catalog = yaml.safe_load(CATALOG.read_text())
+    catalog["cli"] = {"1.0": {"progress": PROGRESSING}}
+    (root / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+    stack = Stack(root, root / "catalog.yaml")
     try:
         stack.start(runners=1)
         yield stack
@@ -194,6 +213,28 @@ def test_a_whole_session(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     gone = cli("logs", "count-1")
     assert gone.code == ExitCode.REFUSED
     assert "no job with id or name 'count-1'" in gone.err
+
+
+def test_run_wait_shows_progress_and_the_live_log(cli: Cli) -> None:
+    assert cli.sign_up_and_log_in().code == 0
+    run = cli("run", "cli/1.0/progress", "--name", "slow", "--wait")
+    assert run.code == 0, (run, cli.stack.logs())
+    # Not a terminal: the status line's changes come as plain lines on stderr, the
+    # log on stdout.
+    assert "(slow): running" in run.err
+    assert "25% warming up" in run.err and "75% nearly there" in run.err
+    assert run.out.index("line-one") < run.out.index("line-two") < run.out.index("(slow): finished")
+
+
+def test_logs_follow_while_the_job_runs(cli: Cli) -> None:
+    assert cli.sign_up_and_log_in().code == 0
+    job = json.loads(cli.ok("run", "cli/1.0/progress", "--name", "followed", "--json"))
+    followed = cli("logs", "-f", "followed")
+    assert followed.code == 0, followed
+    assert "line-one" in followed.out and "line-two" in followed.out
+    assert json.loads(cli.ok("job", "followed", "--json"))["status"] == "finished"
+    # Read again after the end: the same log, from the start.
+    assert cli.ok("logs", str(job["id"])) == followed.out
 
 
 def test_a_failing_job_exits_non_zero_with_its_log(cli: Cli) -> None:
