@@ -44,6 +44,11 @@ class AdminClient(ApiClient):
         )
         return created
 
+    def workers(self) -> list[Json]:
+        """The connected workers (``GET /admin/workers``)."""
+        workers: list[Json] = self.call("GET", "/admin/workers")
+        return workers
+
     def queue(self) -> Json:
         overview: Json = self.call("GET", "/admin/queue")
         return overview

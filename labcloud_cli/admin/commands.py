@@ -20,6 +20,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -172,6 +173,13 @@ def _worker_create(client: AdminClient, args: argparse.Namespace) -> Shown:
     )
 
 
+def _workers(client: AdminClient, _args: argparse.Namespace) -> Shown:
+    workers = client.workers()
+    if not workers:
+        return Shown(workers, "no worker is connected")
+    return Shown(workers, formatting.workers_table(workers, now=datetime.now(UTC)))
+
+
 def _queue(client: AdminClient, _args: argparse.Namespace) -> Shown:
     overview = client.queue()
     return Shown(overview, formatting.queue_overview(overview))
@@ -267,6 +275,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     worker.add_argument(
         "--env-file", type=Path, help="write the runner's settings here (else to stdout)"
     )
+
+    add("workers", _workers, "connected workers: capacity offered, last seen, current jobs")
 
     add("queue", _queue, "jobs by status, environment and application")
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import datetime
 
 from labcloud_cli.admin.client import Json
 from labcloud_cli.output import duration, human_bytes, local_time, table
+
+_MIB = 1024 * 1024
 
 
 def users_table(users: list[Json]) -> str:
@@ -121,3 +124,37 @@ def audit_table(entries: list[Json]) -> str:
         for entry in entries
     ]
     return table(["AT", "ACTOR", "ACTION", "TARGET", "DETAILS"], rows)
+
+
+def _gpus(capacity: Json) -> str:
+    """``1 A100 (ampere) 16.0 GiB``: free GPUs and what each is."""
+    if not capacity["gpus"]:
+        return "0"
+    kind = " ".join(
+        part
+        for part in (capacity["gpu_model"], capacity["gpu_archi"] and f"({capacity['gpu_archi']})")
+        if part
+    )
+    memory = human_bytes(capacity["gpu_mem"] * _MIB) if capacity["gpu_mem"] else ""
+    return " ".join(part for part in (str(capacity["gpus"]), kind, memory) if part)
+
+
+def workers_table(workers: list[Json], *, now: datetime) -> str:
+    """One row per connected worker: what its last pull offered, beside the most it
+    offered since it connected (free / most), and the jobs it holds."""
+    rows = []
+    for worker in workers:
+        offered, peak = worker["offered"], worker["peak"]
+        seen = datetime.fromisoformat(worker["last_seen_at"])
+        rows.append(
+            [
+                worker["name"],
+                worker["environment"],
+                f"{duration(max(0.0, (now - seen).total_seconds()))} ago",
+                f"{human_bytes(offered['memory'] * _MIB)} / {human_bytes(peak['memory'] * _MIB)}",
+                f"{offered['cpu_cores']} / {peak['cpu_cores']}",
+                f"{_gpus(offered)} / {peak['gpus']}",
+                ", ".join(f"{job['id']} ({job['status']})" for job in worker["jobs"]) or "none",
+            ]
+        )
+    return table(["WORKER", "ENV", "LAST SEEN", "MEMORY FREE/MOST", "CORES", "GPUS", "JOBS"], rows)

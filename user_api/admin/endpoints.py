@@ -10,12 +10,13 @@ from fastapi import APIRouter, Query, Request
 from labcloud.contract import JobStatus
 from labcloud.settings import AuthMode
 from labcloud.web import MAX_OFFSET, IdPath
-from user_api.admin import service
+from user_api.admin import service, workers
 from user_api.admin.schemas import (
     AccountState,
     AccountStatus,
     AdminJob,
     AdminUser,
+    AdminWorker,
     AuditEntryRead,
     GroupsUpdate,
     LimitsUpdate,
@@ -35,6 +36,7 @@ from user_api.dependencies import (
     StorageDep,
     StorageUsageDep,
 )
+from user_api.jobs.log_endpoints import live_log_client
 from user_api.limits import default_limits
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -185,6 +187,14 @@ def create_worker(
         local_auth=settings.auth is AuthMode.LOCAL,
         pool=pool,
     )
+
+
+@router.get("/workers")
+async def list_workers(request: Request, _admin: CurrentAdmin) -> list[AdminWorker]:
+    """The connected workers: environment, groups, when last seen, the capacity of
+    their last pull and the largest since they connected, the jobs they hold. 503
+    when the worker API does not answer."""
+    return await workers.connected_workers(live_log_client(request))
 
 
 @router.get("/queue")

@@ -149,3 +149,36 @@ class UsageChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bytes: int = Field(ge=-_MAX_USAGE_CHANGE, le=_MAX_USAGE_CHANGE)
+
+
+class WorkerCapacity(BaseModel):
+    """What a worker offers (memory and GPU memory in MiB)."""
+
+    memory: int
+    cpu_cores: int
+    gpus: int
+    gpu_mem: int
+    gpu_model: str | None
+    gpu_archi: str | None
+
+
+class WorkerJob(BaseModel):
+    id: int
+    status: JobStatus
+
+
+class AdminWorker(BaseModel):
+    """A connected worker (seen within the worker API's WORKER_SEEN_WINDOW_SECONDS)."""
+
+    name: str
+    environment: Environment
+    groups: list[str]
+    connected_at: datetime = Field(description="Since when it has been connected.")
+    last_pull_at: datetime
+    last_seen_at: datetime = Field(description="Its last pull or keep-alive.")
+    older_than: float = Field(
+        description="Age in seconds at which it takes jobs for any environment."
+    )
+    offered: WorkerCapacity = Field(description="Free capacity offered in its last pull.")
+    peak: WorkerCapacity = Field(description="The largest offer since it connected.")
+    jobs: list[WorkerJob] = Field(description="The jobs it holds now.")

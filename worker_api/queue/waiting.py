@@ -143,10 +143,6 @@ _CHECKS: tuple[_Check, ...] = (
 )
 
 
-def _environment_words(job: QueuedJob) -> str:
-    return f"environment {job.environment}" if job.environment else "any environment"
-
-
 def waiting_of(
     session: Session,
     job_id: int,
@@ -183,10 +179,8 @@ def waiting_of(
         if job.environment is None or worker.environment == job.environment
     ]
     if not candidates:
-        return answer(
-            WaitingReason.NO_WORKER,
-            f"no worker for {_environment_words(job)} is connected",
-        )
+        where = f" for environment {job.environment}" if job.environment else ""
+        return answer(WaitingReason.NO_WORKER, f"no worker{where} is connected")
     for reason, applies, explain, meets in _CHECKS:
         if not applies(job):
             continue
