@@ -4,7 +4,9 @@
 # Reads every file under /files/data (the entrypoint's data_ids folder), recursively,
 # and writes /files/output/wordcount.txt with one line per file:
 #     <path relative to /files/data> <number of words>
-# sorted by path in byte order. Progress goes to stdout and to /files/log/wordcount.log.
+# sorted by path in byte order. Progress goes to stdout and to /files/log/wordcount.log,
+# and as LABCLOUD_PROGRESS lines to stdout (docs/tools.md): the job shows the share
+# of files done.
 #
 # WORDCOUNT_PATTERN (optional): a shell glob matched against each file's name, e.g.
 # '*.txt'; files whose name does not match are skipped. Default: every file.
@@ -41,9 +43,17 @@ else
     say "no input folder $data_dir: nothing to count"
 fi
 
-say "counting words in $(wc -l <"$file_list" | tr -d ' ') file(s) under $data_dir (pattern: $pattern)"
+total=$(wc -l <"$file_list" | tr -d ' ')
+say "counting words in $total file(s) under $data_dir (pattern: $pattern)"
+echo "LABCLOUD_PROGRESS 0 counting words in $total file(s)"
 counted=0
+seen=0
 while IFS= read -r path; do
+    seen=$((seen + 1))
+    # The share of files looked at, as a decimal fraction (integer shell arithmetic).
+    permille=$((seen * 1000 / total))
+    fraction=$(printf '%d.%03d' $((permille / 1000)) $((permille % 1000)))
+    echo "LABCLOUD_PROGRESS $fraction ${path#"$data_dir"/}"
     name=${path##*/}
     # $pattern is unquoted on purpose: it is a glob to match, not a literal name.
     # shellcheck disable=SC2254
@@ -59,4 +69,5 @@ while IFS= read -r path; do
 done <"$file_list"
 
 mv "$partial" "$result"
+echo "LABCLOUD_PROGRESS 1 $counted file(s) counted"
 say "done: $counted file(s) counted, result in $result"
