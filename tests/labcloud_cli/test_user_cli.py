@@ -1,6 +1,7 @@
 """The users' commands (``labcloud login``, ``upload``, ``run --wait``, ``download``...)
 as a user runs them, against a real stack: both APIs and a runner with the Docker
-engine, on loopback. Each test logs in from a config folder of its own."""
+engine, on loopback (and a user API that leaves logins to a Cognito pool on moto).
+Each test logs in from a config folder of its own."""
 
 from __future__ import annotations
 
@@ -21,14 +22,17 @@ import httpx
 import pytest
 import yaml
 
+from labcloud.contract import Group
 from labcloud_cli.errors import ExitCode
 from labcloud_cli.images import ensure_demo_image
 from labcloud_cli.main import main
 from labcloud_cli.user.client import UserClient
 from labcloud_cli.user.follow import stream_log
-from tests.e2e.stack import PASSWORD, Stack
+from tests.aws import MotoServer
+from tests.cognito import create_pool
+from tests.e2e.stack import PASSWORD, Process, Stack, free_port, wait_ready
 
-pytestmark = [pytest.mark.docker, pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e]
 CATALOG = Path(__file__).resolve().parents[1] / "data" / "application_config.yaml"
 
 
@@ -141,6 +145,7 @@ def _texts(root: Path) -> Path:
     return folder
 
 
+@pytest.mark.docker
 def test_a_whole_session(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     login = cli.sign_up_and_log_in()
     assert login.code == 0, login
@@ -215,6 +220,7 @@ def test_a_whole_session(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "no job with id or name 'count-1'" in gone.err
 
 
+@pytest.mark.docker
 def test_run_wait_shows_progress_and_the_live_log(cli: Cli) -> None:
     assert cli.sign_up_and_log_in().code == 0
     run = cli("run", "cli/1.0/progress", "--name", "slow", "--wait")
@@ -226,6 +232,7 @@ def test_run_wait_shows_progress_and_the_live_log(cli: Cli) -> None:
     assert run.out.index("line-one") < run.out.index("line-two") < run.out.index("(slow): finished")
 
 
+@pytest.mark.docker
 def test_logs_follow_while_the_job_runs(cli: Cli) -> None:
     assert cli.sign_up_and_log_in().code == 0
     job = json.loads(cli.ok("run", "cli/1.0/progress", "--name", "followed", "--json"))
@@ -237,6 +244,7 @@ def test_logs_follow_while_the_job_runs(cli: Cli) -> None:
     assert cli.ok("logs", str(job["id"])) == followed.out
 
 
+@pytest.mark.docker
 def test_a_failing_job_exits_non_zero_with_its_log(cli: Cli) -> None:
     assert cli.sign_up_and_log_in().code == 0
     failed = cli("run", "testing/1.0/fail", "--name", "fails", "--env", "GREETING=hi", "--wait")
@@ -253,6 +261,7 @@ def test_a_failing_job_exits_non_zero_with_its_log(cli: Cli) -> None:
     assert cli("run", "nothing/here").code == ExitCode.USAGE
 
 
+@pytest.mark.docker
 def test_cancel_a_running_job_by_name(cli: Cli) -> None:
     assert cli.sign_up_and_log_in().code == 0
     started = json.loads(cli.ok("run", "testing/1.0/sleep", "--name", "sleeper", "--json"))
@@ -262,6 +271,7 @@ def test_cancel_a_running_job_by_name(cli: Cli) -> None:
     assert json.loads(cli.ok("job", str(started["id"]), "--json"))["status"] == "canceled"
 
 
+@pytest.mark.docker
 def test_login_problems_exit_with_the_login_code(cli: Cli, tmp_path: Path) -> None:
     url = cli.stack.user_url
     not_yet = cli("jobs")
@@ -327,3 +337,58 @@ def test_a_server_without_live_logs_is_said_so() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_login_straight_at_a_cognito_pool(
+    aws: MotoServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server without a token route names its pool: the client logs in there
+    (boto3, pointed at moto by AWS_ENDPOINT_URL) and the server takes the token."""
+    pool = create_pool(aws)
+    email = "cognito-user@example.org"
+    pool.add_user(email, PASSWORD, Group.USERS)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = Process(
+        "user-api-cognito",
+        ["user_api", "--port", str(port)],
+        {
+            "AUTH": "cognito",
+            "COGNITO_USER_POOL_ID": pool.pool_id,
+            "COGNITO_CLIENT_ID": pool.client_id,
+            "COGNITO_REGION": pool.region,
+            "COGNITO_JWKS_URL": pool.jwks_url,
+            "INTERNAL_API_KEY_SECRET": secrets.token_urlsafe(24),
+            "USER_DATA_ROOT_PATH": str(tmp_path / "data"),
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'user_api.db'}",
+            "PUBLIC_URL": url,
+            "WORKERFACING_API_URL": "http://127.0.0.1:9",
+            "APPLICATION_CONFIG_FILE": str(CATALOG),
+        },
+        tmp_path,
+    )
+    server.start()
+    try:
+        wait_ready(url, server)
+        assert httpx.get(f"{url}/access_info").json()["token_url"] is None
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+        def labcloud(*args: str, stdin: str = "") -> tuple[int, str, str]:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+            capsys.readouterr()
+            code = main(list(args))
+            captured = capsys.readouterr()
+            return code, captured.out, captured.err
+
+        login = ("login", "--url", url, "--email", email, "--password-stdin")
+        code, out, err = labcloud(*login, stdin=PASSWORD + "\n")
+        assert code == 0, (out, err, server.log()[-3000:])
+        assert out.startswith(f"logged in to {url} as {email} (groups: users)")
+        assert labcloud("jobs") == (0, "no jobs\n", "")
+        code, _out, err = labcloud(*login, stdin="wrong-password-1\n")
+        assert code == ExitCode.NOT_LOGGED_IN and "refused" in err
+    finally:
+        server.stop()
