@@ -24,6 +24,7 @@ from labcloud.storage.factory import make_storage
 from labcloud.storage.signing import Audience, UrlSigner
 from labcloud.storage.transfers import LocalTransfers
 from labcloud.web import install_error_handlers, install_request_guards
+from user_api import openapi as docs
 from user_api.admin.endpoints import internal_router as admin_internal_router
 from user_api.admin.endpoints import router as admin_router
 from user_api.auth import service as auth_service
@@ -175,8 +176,10 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
         title="LabCloud user API",
         version="0.1.0",
         lifespan=lifespan,
-        description="Upload data, start jobs from the application catalog, get results.",
+        description=docs.description(settings),
+        swagger_ui_parameters={"persistAuthorization": True},
     )
+    docs.install_docs(app, settings)
     if settings.frontend_url:
         app.add_middleware(
             CORSMiddleware,

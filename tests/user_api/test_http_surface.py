@@ -22,7 +22,10 @@ def test_every_operation_is_described_and_declares_its_auth(client: TestClient) 
     }
     assert undocumented_operations(schema) == []
     assert unsecured_operations(schema, public=PUBLIC) == []
-    assert schema["paths"]["/jobs"]["post"]["security"] == [{"bearerAuth": []}]
+    assert schema["paths"]["/jobs"]["post"]["security"] == [
+        {"bearerAuth": []},
+        {"passwordAuth": []},
+    ]
     # /user: anonymous self-signup, or an admin creating any account.
     assert {"bearerAuth": []} in schema["paths"]["/user"]["post"]["security"]
 
