@@ -11,22 +11,18 @@ result downloaded), then the runner's account and settings."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
 import httpx
 import pytest
 
-from labcloud_cli.images import DEMO_IMAGE, ensure_demo_image
+from labcloud_cli.images import DEMO_IMAGE
 from labcloud_cli.stack import aws_batch
 from labcloud_cli.stack.setup import read_env_file
-from tests.e2e.stack import free_port
-from tests.e2e.test_aws_emulator import EmulatedStack, _bash
-from tests.labcloud_cli.test_stack import LABCLOUD, _env
+from tests.e2e.aws_stack import EmulatedStack, emulated_stack
+from tests.e2e.test_aws_emulator import _bash
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -34,66 +30,10 @@ pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedStack]:
-    ensure_demo_image(docker.from_env())
-    root = tmp_path_factory.mktemp("aws-batch")
-    env_file = root / "stack.env"
     # The runner's poll settings make the test quicker.
-    env_file.write_text("TIMEOUT_JOB=1\nWAIT=2\n")
-    user_port, worker_port, emulator_port = free_port(), free_port(), free_port()
-    data_dir = root / "data"
-    output = root / "up.log"
-    with output.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                str(LABCLOUD),
-                "up",
-                "--aws-emulator",
-                "--backend",
-                "aws-batch",
-                "--aws-emulator-port",
-                str(emulator_port),
-                "--env-file",
-                str(env_file),
-                "--data-dir",
-                str(data_dir),
-                "--skip-demo-image",
-                "--user-port",
-                str(user_port),
-                "--worker-port",
-                str(worker_port),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )
-    stack = EmulatedStack(
-        process,
-        output,
-        data_dir,
-        f"http://127.0.0.1:{user_port}",
-        f"http://127.0.0.1:{emulator_port}",
-    )
-    try:
-        wait_for(
-            lambda: "Press Ctrl-C to stop." in stack.text() or process.poll() is not None,
-            timeout=180,
-            interval=0.2,
-            what="labcloud up --aws-emulator --backend aws-batch to start",
-        )
-        assert process.poll() is None, stack.text() + stack.logs()
+    root = tmp_path_factory.mktemp("aws-batch")
+    with emulated_stack(root, "TIMEOUT_JOB=1\nWAIT=2\n", "--backend", "aws-batch") as stack:
         yield stack
-    except BaseException:
-        print(stack.text())
-        print(stack.logs())
-        raise
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def _shared_dir(stack: EmulatedStack) -> Path:

@@ -16,121 +16,28 @@ import re
 import signal
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
-import docker
 import httpx
 import pytest
 
-from labcloud_cli.images import ensure_demo_image
 from labcloud_cli.stack import aws_emulator
 from labcloud_cli.stack.setup import read_env_file
-from tests.e2e.stack import free_port
-from tests.labcloud_cli.test_stack import LABCLOUD, _env
+from tests.e2e.aws_stack import EmulatedStack, emulated_stack
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e, pytest.mark.timeout(600)]
 FRONTEND = "http://frontend.example.org"
 
 
-@dataclass
-class EmulatedStack:
-    process: subprocess.Popen[bytes]
-    output: Path
-    data_dir: Path
-    user_url: str
-    emulator_url: str
-
-    def text(self) -> str:
-        return self.output.read_text(errors="replace")
-
-    def logs(self) -> str:
-        logs = self.data_dir / "logs"
-        return "\n".join(
-            f"----- {path.name} -----\n{path.read_text(errors='replace')[-4000:]}"
-            for path in sorted(logs.glob("*.log"))
-        )
-
-    def client(self, service: str) -> Any:
-        return boto3.client(
-            service,
-            endpoint_url=self.emulator_url,
-            region_name=aws_emulator.REGION,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-
-    def example_session(self) -> list[str]:
-        """The example session's command lines, as printed (continuations joined)."""
-        text = self.text().split("Example session (paste in another terminal):", 1)[1]
-        text = text.split("Press Ctrl-C to stop.", 1)[0]
-        return [line.strip() for line in text.replace("\\\n", " ").splitlines() if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedStack]:
-    ensure_demo_image(docker.from_env())
-    root = tmp_path_factory.mktemp("aws-emulator")
-    env_file = root / "stack.env"
     # Settings for every service: FRONTEND_URL shows in the user API's CORS answers,
     # the runner's poll settings make the test quicker.
-    env_file.write_text(f"FRONTEND_URL={FRONTEND}\nTIMEOUT_JOB=1\nWAIT=2\n")
-    user_port, worker_port, emulator_port = free_port(), free_port(), free_port()
-    data_dir = root / "data"
-    output = root / "up.log"
-    with output.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                str(LABCLOUD),
-                "up",
-                "--aws-emulator",
-                "--aws-emulator-port",
-                str(emulator_port),
-                "--env-file",
-                str(env_file),
-                "--data-dir",
-                str(data_dir),
-                "--skip-demo-image",
-                "--user-port",
-                str(user_port),
-                "--worker-port",
-                str(worker_port),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-        )
-    stack = EmulatedStack(
-        process,
-        output,
-        data_dir,
-        f"http://127.0.0.1:{user_port}",
-        f"http://127.0.0.1:{emulator_port}",
-    )
-    try:
-        wait_for(
-            lambda: "Press Ctrl-C to stop." in stack.text() or process.poll() is not None,
-            timeout=180,
-            interval=0.2,
-            what="labcloud up --aws-emulator to start",
-        )
-        assert process.poll() is None, stack.text() + stack.logs()
+    settings = f"FRONTEND_URL={FRONTEND}\nTIMEOUT_JOB=1\nWAIT=2\n"
+    with emulated_stack(tmp_path_factory.mktemp("aws-emulator"), settings) as stack:
         yield stack
-    except BaseException:
-        print(stack.text())
-        print(stack.logs())
-        raise
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def _claims(token: str) -> dict[str, Any]:
