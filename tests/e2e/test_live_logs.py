@@ -206,3 +206,31 @@ def test_the_worker_api_refuses_chunks_for_jobs_the_worker_does_not_hold(stack: 
     assert refused.status_code in (401, 403)
     # The internal read needs the internal key.
     assert httpx.get(f"{stack.worker_url}/_jobs/{job_id}/log").status_code in (401, 403)
+
+
+def test_the_demo_tool_reports_its_progress(stack: Stack) -> None:
+    with stack.user(_email()) as client:
+        for name in ("a.txt", "b.txt"):
+            uploaded = client.post(
+                "/files/data/texts/upload", files={"file": (name, b"some words here\n")}
+            )
+            assert uploaded.status_code == 201, uploaded.text
+        response = client.post(
+            "/jobs",
+            json={
+                "job_name": f"count-{secrets.token_hex(3)}",
+                "application": {
+                    "application": "demo",
+                    "version": "latest",
+                    "entrypoint": "wordcount",
+                },
+                "attributes": {"files_down": {"data_ids": ["texts"]}},
+            },
+        )
+        assert response.status_code == 201, response.text
+        job = _ended(client, response.json()["id"])
+        assert job["status"] == "finished"
+        assert job["progress"]["fraction"] == pytest.approx(1.0)
+        assert job["progress"]["message"] == "2 file(s) counted"
+        log = client.get(f"/jobs/{job['id']}/logs").text
+        assert "LABCLOUD_PROGRESS 0.500 a.txt" in log
