@@ -210,7 +210,9 @@ class UserClient(ApiClient):
             if response.is_error:
                 response.read()
                 self._logs_check(response)
-            yield response.iter_bytes(CHUNK)
+            # Without a chunk size: each piece as it arrives (a size would hold
+            # lines back until that many bytes came).
+            yield response.iter_bytes()
         finally:
             response.close()
 

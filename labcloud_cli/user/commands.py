@@ -263,7 +263,14 @@ def _run(ctx: Context) -> int:
     )
     # With --json, stdout holds only the final answer: the log goes to stderr.
     log_out = _write_stderr if ctx.json else _write_log
-    job = follow_job(ctx.client, job, ctx.console, log_out=log_out)
+    try:
+        job = follow_job(ctx.client, job, ctx.console, log_out=log_out)
+    except KeyboardInterrupt:
+        ctx.say(
+            f"stopped following; job {job['id']} goes on (labcloud logs -f {job['id']}, "
+            f"labcloud cancel {job['id']})"
+        )
+        return 130
     _print(as_json(job) if ctx.json else formatting.job_summary(job))
     return ExitCode.OK if job["status"] == JobStatus.FINISHED else ExitCode.JOB_FAILED
 

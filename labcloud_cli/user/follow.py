@@ -8,6 +8,7 @@ job is still followed to its end."""
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -29,6 +30,8 @@ STATUS_WAIT = 30.0
 PROGRESS_WAIT = 3.0
 # After the job ended, how long its last log chunks may take to come in.
 LOG_GRACE = 10.0
+# A server whose JOB_WAIT_MAX_SECONDS is below STATUS_WAIT says its own limit.
+_WAIT_LIMIT = re.compile(r"wait may be at most ([0-9.]+) seconds")
 
 
 def stream_log(
@@ -77,6 +80,10 @@ def follow_job(
     """Show ``job``'s status line and live log until it ends; the ended job."""
     done = threading.Event()
     unavailable: list[str] = []
+    if console.is_terminal and sys.stdout.isatty():
+        # One terminal for both: whole lines go above the status line, which rich
+        # redraws below them.
+        log_out = _LinesAbove(console)
     writer = Utf8Writer(log_out)
 
     def logs() -> None:
@@ -92,21 +99,42 @@ def follow_job(
 
     thread = threading.Thread(target=logs, name=f"log-{job['id']}", daemon=True)
     thread.start()
-    live = Live(Text(status_line(job)), console=console, auto_refresh=False, transient=True)
-    shown = status_line(job)
+    # On a terminal the line is redrawn in place, with the time the job has run;
+    # elsewhere (a log file) a line is added only when the status or progress
+    # changes.
+    elapsed = console.is_terminal
+    shown = status_line(job, elapsed=elapsed)
+    # stdout is left alone: the log written there may go to a file or a pipe.
+    live = Live(
+        Text(shown),
+        console=console,
+        auto_refresh=False,
+        transient=True,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
     if console.is_terminal:
         live.start()
     else:
         console.print(shown, markup=False, highlight=False)
+    longest = STATUS_WAIT
     try:
         while job["status"] not in ENDED:
+            wait = min(longest, PROGRESS_WAIT if job["status"] == "running" else STATUS_WAIT)
             try:
-                wait = PROGRESS_WAIT if job["status"] == "running" else STATUS_WAIT
                 job = client.job(job["id"], wait=wait, known=job["status"])
             except httpx.TransportError:
                 time.sleep(1)
                 continue
-            line = status_line(job)
+            except Refused as exc:
+                limit = _WAIT_LIMIT.search(str(exc))
+                if limit is None or float(limit.group(1)) >= wait:
+                    raise
+                longest = float(limit.group(1))
+                continue
+            if wait <= 0:  # a server that does not wait: asked now and then
+                time.sleep(PROGRESS_WAIT)
+            line = status_line(job, elapsed=elapsed)
             if line != shown:
                 shown = line
                 if console.is_terminal:
@@ -119,5 +147,29 @@ def follow_job(
         done.set()
         if console.is_terminal:
             live.stop()
+        writer.flush()
+        if isinstance(log_out, _LinesAbove):
+            log_out.flush()
         sys.stdout.flush()
     return job
+
+
+class _LinesAbove:
+    """Log text printed on the status line's console a whole line at a time."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._pending = ""
+        self._lock = threading.Lock()
+
+    def __call__(self, text: str) -> None:
+        with self._lock:
+            whole, newline, self._pending = (self._pending + text).rpartition("\n")
+            if newline:
+                self._console.out(whole, highlight=False)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._console.out(self._pending, highlight=False)
+            self._pending = ""

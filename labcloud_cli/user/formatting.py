@@ -84,10 +84,11 @@ def jobs_table(jobs: list[Json]) -> str:
     return table(["ID", "NAME", "STATUS", "APPLICATION", "CREATED", "RAN", "PROGRESS"], rows)
 
 
-def status_line(job: Json) -> str:
-    """``job 12 (fit-1): running 3m 2s, 42% fitting`` or ``... queued: <why>``."""
+def status_line(job: Json, *, elapsed: bool = True) -> str:
+    """``job 12 (fit-1): running 3m 2s, 42% fitting`` or ``... queued: <why>``;
+    without the time it has run for unless ``elapsed``."""
     line = f"job {job['id']} ({job['job_name']}): {job['status']}"
-    ran = _ran_for(job)
+    ran = _ran_for(job) if elapsed else ""
     if ran and job["status"] not in ENDED:
         line += f" {ran}"
     waiting = job.get("waiting")

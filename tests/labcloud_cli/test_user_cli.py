@@ -27,6 +27,7 @@ from labcloud_cli.errors import ExitCode
 from labcloud_cli.images import ensure_demo_image
 from labcloud_cli.main import main
 from labcloud_cli.user.client import UserClient
+from labcloud_cli.user.credentials import Login
 from labcloud_cli.user.follow import stream_log
 from tests.aws import MotoServer
 from tests.cognito import create_pool
@@ -242,6 +243,27 @@ def test_logs_follow_while_the_job_runs(cli: Cli) -> None:
     assert json.loads(cli.ok("job", "followed", "--json"))["status"] == "finished"
     # Read again after the end: the same log, from the start.
     assert cli.ok("logs", str(job["id"])) == followed.out
+
+
+@pytest.mark.docker
+def test_the_follower_sees_a_line_while_the_job_runs(cli: Cli) -> None:
+    assert cli.sign_up_and_log_in().code == 0
+    job = json.loads(cli.ok("run", "cli/1.0/progress", "--name", "live", "--json"))
+    saved = json.loads(cli.credentials.read_text())["logins"][cli.stack.user_url]
+    status_when_seen: list[str] = []
+    with UserClient(cli.stack.user_url, timeout=10) as client:
+        client.use(Login(**saved))
+
+        def write(chunk: bytes) -> None:
+            if b"line-one" in chunk and not status_when_seen:
+                status_when_seen.append(client.job(job["id"])["status"])
+
+        def ended() -> bool:
+            return str(client.job(job["id"])["status"]) in ("finished", "error", "canceled")
+
+        assert stream_log(client, job["id"], write, ended) is None
+    # line-one is followed by 8 s of sleep before the job can end.
+    assert status_when_seen == ["running"]
 
 
 @pytest.mark.docker
