@@ -263,13 +263,37 @@ def test_retry_different_names_the_workers_that_lost_it(
 def test_a_worker_not_seen_within_the_window_is_not_connected(
     make_client: ClientFactory, fake_user_api: FakeUserApi
 ) -> None:
-    client = make_client(worker_seen_window_seconds=0.5, worker_record_every_seconds=0)
+    client = make_client(worker_seen_window_seconds=2, worker_record_every_seconds=0)
     enqueue(client, 1, hardware=HardwareSpec(memory=64000))
+    pulled_at = time.monotonic()
     pull(client, fake_user_api.headers(), memory=8000)
     assert (waiting(client, 1) or {})["reason"] == "no_memory"
-    time.sleep(0.6)
+    assert time.monotonic() - pulled_at < 2, "too slow to see the worker connected"
+    time.sleep(max(0.0, pulled_at + 2.2 - time.monotonic()))
     assert (waiting(client, 1) or {})["reason"] == "no_worker"
     assert workers(client) == []
+
+
+def test_keep_alives_keep_a_busy_worker_connected(
+    make_client: ClientFactory, fake_user_api: FakeUserApi
+) -> None:
+    client = make_client(worker_seen_window_seconds=1.5, worker_record_every_seconds=0)
+    worker = fake_user_api.headers()
+    enqueue(client, 1)
+    [queue_id] = pull(client, worker, memory=8000, limit=1)
+    first = workers(client)[0]["last_seen_at"]
+    # Busy with its job, the worker no longer pulls: its keep-alives are enough.
+    until = time.monotonic() + 2.5
+    while time.monotonic() < until:
+        response = client.put(
+            f"/jobs/{queue_id}/status", params={"status": "pulled"}, headers=worker
+        )
+        assert response.status_code == 204, response.text
+        time.sleep(0.3)
+    [listed] = workers(client)
+    assert listed["last_seen_at"] > first
+    assert listed["last_pull_at"] == first
+    assert listed["jobs"] == [{"job_id": 1, "status": "pulled"}]
 
 
 def test_a_busy_worker_is_judged_by_its_largest_offer(
