@@ -220,18 +220,18 @@ class LiveLog(Base):
     """A job's live log as its runners shipped it (``worker_api.logs``): how many
     bytes are stored (``size``, never more than LIVE_LOG_MAX_BYTES), whether a flood
     was cut short (``truncated``: the marker line is the last thing stored), the
-    attempt whose chunks arrive now and where its bytes begin in the log
-    (``attempt_base``: a runner counts offsets from its own run's start), and the
-    tool's latest progress. ``job_id`` is the user API's id: the log outlives the
-    queue row's attempts."""
+    run whose chunks arrive now (``run``: the token its runner sends) and where its
+    bytes begin in the log (``run_base``: a runner counts offsets from its own
+    run's start), and the tool's latest progress. ``job_id`` is the user API's id:
+    the log outlives the queue row's attempts."""
 
     __tablename__ = "live_logs"
 
     job_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     size: Mapped[int] = mapped_column(Integer, default=0)
     truncated: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
-    attempt_base: Mapped[int] = mapped_column(Integer, default=0)
+    run: Mapped[str] = mapped_column(String(64), default="")
+    run_base: Mapped[int] = mapped_column(Integer, default=0)
     progress_fraction: Mapped[float | None] = mapped_column(Float)
     progress_message: Mapped[str | None] = mapped_column(Text)
     progress_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

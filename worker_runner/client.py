@@ -353,12 +353,18 @@ class WorkerApiClient:
             raise self._fail(response, f"status {status.value} of job {queue_id}")
 
     def ship_log(
-        self, queue_id: str, offset: int, data: bytes, progress: Progress | None = None
+        self,
+        queue_id: str,
+        run: str,
+        offset: int,
+        data: bytes,
+        progress: Progress | None = None,
     ) -> LogShipped:
-        """Append ``data``, the run's output from ``offset``, to the job's live log,
-        with the tool's latest ``progress``; not retried here (the shipper sends
-        the same bytes again later). Raises ``JobGone`` on 404."""
-        params: dict[str, str | int | float] = {"offset": offset}
+        """Append ``data``, the output of the run ``run`` (a token of the run)
+        from ``offset``, to the job's live log, with the tool's latest
+        ``progress``; not retried here (the shipper sends the same bytes again
+        later). Raises ``JobGone`` on 404."""
+        params: dict[str, str | int | float] = {"offset": offset, "run": run}
         if progress is not None:
             if progress.fraction is not None:
                 params["progress"] = progress.fraction

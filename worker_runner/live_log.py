@@ -12,7 +12,8 @@ Bounds: at most ``max_pending`` bytes wait in memory; beyond, output is skipped
 and a marker line says how much (the final ``log.txt`` keeps everything). Once the
 worker API answers that the log reached its bound, output is no longer sent, only
 progress. Offsets count the bytes shipped, so a chunk sent again after a lost
-answer is stored once.
+answer is stored once; each shipper has its own token, so the worker API tells a
+new run of the job (after a hand-back or a lost worker) from a repeat.
 
 Progress: a line ``LABCLOUD_PROGRESS <fraction> <message>`` (docs/tools.md) sets
 the job's progress; the latest one goes with the next request.
@@ -21,6 +22,7 @@ the job's progress; the latest one goes with the next request.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 
@@ -83,6 +85,7 @@ class LiveLogShipper:
     ) -> None:
         self._client = client
         self._queue_id = queue_id
+        self._run_token = secrets.token_hex(16)
         self._interval = interval
         self._max_chunk = max_chunk
         self._max_pending = max_pending
@@ -164,7 +167,9 @@ class LiveLogShipper:
     def _ship(self, data: bytes, progress: Progress | None) -> bool:
         """Send one batch; whether it was acknowledged."""
         try:
-            answer = self._client.ship_log(self._queue_id, self._offset, data, progress)
+            answer = self._client.ship_log(
+                self._queue_id, self._run_token, self._offset, data, progress
+            )
         except JobGone:
             with self._lock:
                 self._gone = True

@@ -68,6 +68,13 @@ async def ship_log(
             ge=0, le=INT64_MAX, description="Offset of the body's first byte in the run's output."
         ),
     ],
+    run: Annotated[
+        str,
+        Query(
+            max_length=64,
+            description="Token of the run the output is from (its offsets start at 0).",
+        ),
+    ] = "",
     progress: Annotated[
         float | None, Query(ge=0, le=1, description="Latest progress fraction.")
     ] = None,
@@ -101,6 +108,7 @@ async def ship_log(
                 session,
                 queue_id,
                 worker=worker.name,
+                run=run,
                 offset=offset,
                 data=bytes(body),
                 progress=reported,

@@ -3,9 +3,10 @@
 A runner ships its run's output in order, each chunk with the offset of its first
 byte in that run's output (``append``). The offset makes a shipment idempotent: a
 chunk sent again after a lost answer is stored once, and a gap (a chunk lost in
-between) is refused with the offset the worker API expects. Each attempt of a job
-starts its offsets at 0; its bytes follow the previous attempts' under a marker
-line. A job's log is bounded by ``max_bytes``: the chunk that reaches the bound is
+between) is refused with the offset the worker API expects. Each run of a job
+(a new attempt, or the same one leased again after a hand-back) sends its own
+token and starts its offsets at 0; its bytes follow the earlier runs' under a
+marker line. A job's log is bounded by ``max_bytes``: the chunk that reaches the bound is
 cut, the truncation marker ends the log, and later chunks are acknowledged and
 dropped, so a flood can neither fill the database nor make its runner retry.
 
@@ -44,7 +45,7 @@ class LogNotHeld(NotFound):
 
 
 class OffsetGap(Conflict):
-    """The chunk starts after the bytes stored for this attempt: one was lost."""
+    """The chunk starts after the bytes stored for this run: one was lost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +73,8 @@ def _marker(max_bytes: int) -> bytes:
     return TRUNCATION_MARKER % max_bytes
 
 
-def _attempt_marker(attempt: int) -> bytes:
-    return b"\n[LabCloud: attempt %d]\n" % attempt
+def _run_marker(attempt: int) -> bytes:
+    return b"\n[LabCloud: the job runs again (attempt %d)]\n" % attempt
 
 
 def append(
@@ -81,13 +82,15 @@ def append(
     queue_id: int,
     *,
     worker: str,
+    run: str,
     offset: int,
     data: bytes,
     progress: Progress | None,
     max_bytes: int,
 ) -> tuple[int, Appended]:
-    """Store ``data``, the run's output from ``offset``, and the latest
-    ``progress``; returns the job's user API id and where the runner stands."""
+    """Store ``data``, the output of the run ``run`` (its runner's token) from
+    ``offset``, and the latest ``progress``; returns the job's user API id and
+    where the runner stands."""
     job = session.execute(
         select(QueuedJob.job_id, QueuedJob.attempts).where(
             QueuedJob.id == queue_id,
@@ -103,22 +106,20 @@ def append(
         select(LiveLog).where(LiveLog.job_id == job_id).with_for_update()
     ).scalar_one_or_none()
     if log is None:
-        log = LiveLog(
-            job_id=job_id, size=0, truncated=False, attempt=attempt, attempt_base=0, updated_at=now
-        )
+        log = LiveLog(job_id=job_id, size=0, truncated=False, run=run, run_base=0, updated_at=now)
         session.add(log)
-    elif log.attempt != attempt:
-        # A new attempt: its offsets start at 0 after what the earlier ones left.
-        log.attempt = attempt
+    elif log.run != run:
+        # A new run: its offsets start at 0 after what the earlier ones left.
+        log.run = run
         if not log.truncated:
-            _store(session, log, _attempt_marker(attempt), max_bytes)
-        log.attempt_base = log.size
+            _store(session, log, _run_marker(attempt), max_bytes)
+        log.run_base = log.size
     if progress is not None:
         log.progress_fraction = progress.fraction
         log.progress_message = progress.message
         log.progress_at = now
     log.updated_at = now
-    stored = log.size - log.attempt_base
+    stored = log.size - log.run_base
     if log.truncated:
         # Acknowledged and dropped: the runner must not retry a flood.
         return job_id, Appended(next_offset=offset + len(data), truncated=True)
