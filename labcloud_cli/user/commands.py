@@ -246,8 +246,20 @@ def _run(ctx: Context) -> int:
         files_down["data_ids"] = [_area_relative(p, "data") for p in args.data]
     if args.artifact:
         files_down["artifact_ids"] = [_area_relative(p, "artifact") for p in args.artifact]
+    hardware = {
+        key: value
+        for key, value in (
+            ("cpu_cores", args.cpus),
+            ("memory", args.memory),
+            ("gpus", args.gpus),
+            ("gpu_mem", args.gpu_mem),
+            ("gpu_model", args.gpu_model),
+        )
+        if value is not None
+    }
     body: Json = {
         "job_name": name,
+        "hardware": hardware or None,
         "application": application,
         "priority": args.priority,
         "environment": args.environment,
@@ -444,6 +456,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     run_.add_argument("--environment", choices=list(Environment), help="only workers of this kind")
     run_.add_argument("--priority", type=int, default=0, choices=range(6), metavar="0-5")
+    run_.add_argument("--cpus", type=int, help="CPU cores it needs")
+    run_.add_argument("--memory", type=int, metavar="MIB", help="memory it needs, MiB")
+    run_.add_argument("--gpus", type=int, help="GPUs it needs")
+    run_.add_argument("--gpu-mem", type=int, metavar="MIB", help="memory per GPU, MiB")
+    run_.add_argument("--gpu-model", help="the GPU model it needs")
     run_.add_argument(
         "--wait", action="store_true", help="follow the job to its end (status, progress, live log)"
     )

@@ -69,6 +69,8 @@ def progress_text(job: Json) -> str:
 
 
 def jobs_table(jobs: list[Json]) -> str:
+    """The list (the server sends progress and waiting reasons for one job only:
+    ``labcloud job JOB`` shows them)."""
     rows = [
         [
             job["id"],
@@ -77,15 +79,14 @@ def jobs_table(jobs: list[Json]) -> str:
             "/".join(job["application"][k] for k in ("application", "version", "entrypoint")),
             local_time(job["date_created"]),
             _ran_for(job),
-            progress_text(job),
         ]
         for job in jobs
     ]
-    return table(["ID", "NAME", "STATUS", "APPLICATION", "CREATED", "RAN", "PROGRESS"], rows)
+    return table(["ID", "NAME", "STATUS", "APPLICATION", "CREATED", "RAN"], rows)
 
 
 def status_line(job: Json, *, elapsed: bool = True) -> str:
-    """``job 12 (fit-1): running 3m 2s, 42% fitting`` or ``... queued: <why>``;
+    """``job 12 (fit-1): running 3m 2s, 42% fitting`` or ``... queued - <why>``;
     without the time it has run for unless ``elapsed``."""
     line = f"job {job['id']} ({job['job_name']}): {job['status']}"
     ran = _ran_for(job) if elapsed else ""
@@ -93,7 +94,7 @@ def status_line(job: Json, *, elapsed: bool = True) -> str:
         line += f" {ran}"
     waiting = job.get("waiting")
     if job["status"] == "queued" and waiting:
-        line += f", {waiting.get('message') or waiting.get('reason')}"
+        line += f" - {waiting.get('message') or waiting.get('reason')}"
         if waiting.get("position"):
             line += f" (position {waiting['position']})"
     shown = progress_text(job)

@@ -32,6 +32,7 @@ from labcloud_cli.user.follow import stream_log
 from tests.aws import MotoServer
 from tests.cognito import create_pool
 from tests.e2e.stack import PASSWORD, Process, Stack, free_port, wait_ready
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e]
 CATALOG = Path(__file__).resolve().parents[1] / "data" / "application_config.yaml"
@@ -291,6 +292,25 @@ def test_cancel_a_running_job_by_name(cli: Cli) -> None:
     canceled = cli.ok("cancel", "sleeper")
     assert f"job {started['id']} (sleeper): canceled" in canceled
     assert json.loads(cli.ok("job", str(started["id"]), "--json"))["status"] == "canceled"
+
+
+@pytest.mark.docker
+def test_a_queued_job_says_why_it_waits(cli: Cli) -> None:
+    assert cli.sign_up_and_log_in().code == 0
+    queued = json.loads(
+        cli.ok("run", "testing/1.0/nap", "--name", "gpu-nap", "--gpus", "1", "--json")
+    )
+    assert queued["hardware"]["gpus"] == 1
+
+    def no_gpu() -> bool:
+        waiting = json.loads(cli.ok("job", "gpu-nap", "--json"))["waiting"]
+        return waiting is not None and waiting["reason"] == "no_gpu"
+
+    # The stack's runner (no GPU) is known to the worker API once it has pulled.
+    wait_for(no_gpu, timeout=30, interval=0.5, what="the waiting reason no_gpu")
+    shown = cli.ok("job", "gpu-nap")
+    assert shown.startswith(f"job {queued['id']} (gpu-nap): queued - It needs 1 GPU")
+    assert "canceled" in cli.ok("cancel", "gpu-nap")
 
 
 @pytest.mark.docker
