@@ -147,16 +147,16 @@ def _existing(client: UserClient, remote: str) -> dict[str, int]:
 
 
 def upload_plan(local: Path, remote: str | None) -> tuple[str, list[Move]]:
-    """The files ``labcloud upload LOCAL [REMOTE]`` sends: a file to ``REMOTE`` (a
-    path ending in ``/`` is a folder to put it in), a folder's files under
-    ``REMOTE``; REMOTE defaults to ``data/<LOCAL's name>``. Also the remote path
-    of LOCAL itself."""
+    """The files ``labcloud upload LOCAL [REMOTE]`` sends: a file to ``REMOTE``, a
+    folder's files under ``REMOTE`` (a REMOTE ending in ``/`` is a folder to put
+    LOCAL in, as ``REMOTE/<LOCAL's name>``); REMOTE defaults to ``data/<LOCAL's
+    name>``. Also the remote path of LOCAL itself."""
     if not local.exists():
         raise UsageError(f"{local}: no such file or folder")
     name = local.resolve().name
     if remote is None:
         target = f"data/{name}"
-    elif remote.endswith("/") and local.is_file():
+    elif remote.endswith("/"):
         target = f"{remote.strip('/')}/{name}"
     else:
         target = remote

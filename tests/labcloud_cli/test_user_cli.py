@@ -170,7 +170,7 @@ def test_a_whole_session(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     uploaded = cli.ok("upload", str(folder))
     assert "uploaded 3 file(s), 33 B" in uploaded
     # Run again, the files already there are skipped; --force sends them again.
-    again = cli.ok("upload", str(folder), "data/texts")
+    again = cli.ok("upload", str(folder), "data/")  # into data/, as data/texts
     assert "uploaded 0 file(s)" in again and "skipped 3 already there" in again
     (folder / "fox.txt").write_text("the quick brown fox jumps\n")
     changed = json.loads(cli.ok("upload", str(folder), "--json"))
