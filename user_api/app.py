@@ -133,6 +133,17 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
             )
         )
         client = httpx.AsyncClient(base_url=settings.workerfacing_api_url, timeout=30)
+        # Requests that read from the worker API (live logs, progress, why a job
+        # waits, connected workers) have a pool of their own: a follower holds a
+        # connection for as long as it follows, and must not starve the outbox.
+        reads = httpx.AsyncClient(
+            base_url=settings.workerfacing_api_url,
+            timeout=10,
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=50),
+        )
+        app.state.worker_api = WorkerApiClient(
+            reads, settings.internal_api_key_secret.get_secret_value()
+        )
         worker_outbox = Relay(
             WorkerApiOutbox(
                 WorkerApiClient(client, settings.internal_api_key_secret.get_secret_value())
@@ -170,6 +181,7 @@ def create_app(settings: UserApiSettings | None = None) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await client.aclose()
+            await reads.aclose()
             engine.dispose()
 
     app = FastAPI(

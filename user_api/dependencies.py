@@ -37,6 +37,7 @@ from labcloud.web import (
 from user_api.auth.cognito import AccountPool, CognitoAccounts
 from user_api.auth.service import AuthenticatedUser, resolve_caller
 from user_api.catalog.store import CatalogStore
+from user_api.clients.worker_api import WorkerApiClient
 from user_api.files.usage import StorageUsageLedger
 from user_api.limits import default_limits
 from user_api.settings import UserApiSettings
@@ -67,6 +68,15 @@ async def get_storage(request: Request) -> Storage:
 
 
 StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+async def get_worker_api(request: Request) -> WorkerApiClient:
+    """The worker API's internal routes, for requests that read from it."""
+    client: WorkerApiClient = request.app.state.worker_api
+    return client
+
+
+WorkerApiDep = Annotated[WorkerApiClient, Depends(get_worker_api)]
 
 
 async def get_storage_usage(request: Request) -> StorageUsageLedger:
@@ -266,5 +276,6 @@ __all__ = [
     "SignedUrlStorageDep",
     "StorageDep",
     "StorageUsageDep",
+    "WorkerApiDep",
     "after_commit",
 ]

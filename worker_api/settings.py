@@ -60,6 +60,29 @@ class WorkerApiSettings(ServiceSettings):
         default="http://127.0.0.1:8001",
         description="External base URL of this API, used in signed download/upload links.",
     )
+    # Live logs (worker_api.logs): how much of a job's output is kept, how fast it is taken.
+    live_log_max_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        le=1024 * 1024 * 1024,
+        description=(
+            "Most bytes of one job's live log kept, the truncation marker included; "
+            "a flood beyond is dropped (the final log file keeps everything)."
+        ),
+    )
+    live_log_max_chunk_bytes: int = Field(
+        default=256 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest chunk a runner may ship in one request (413 beyond).",
+    )
+    live_log_max_wait_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=60,
+        description="Longest an internal read of a live log waits for new bytes.",
+    )
+
     signed_url_expiry_seconds: int = Field(default=600, ge=10, le=7 * 24 * 3600)
 
     reaper_interval_seconds: float = Field(default=10.0, gt=0)

@@ -35,8 +35,8 @@ from user_api.dependencies import (
     SettingsDep,
     StorageDep,
     StorageUsageDep,
+    WorkerApiDep,
 )
-from user_api.jobs.log_endpoints import live_log_client
 from user_api.limits import default_limits
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -190,11 +190,11 @@ def create_worker(
 
 
 @router.get("/workers")
-async def list_workers(request: Request, _admin: CurrentAdmin) -> list[AdminWorker]:
+async def list_workers(_admin: CurrentAdmin, worker_api: WorkerApiDep) -> list[AdminWorker]:
     """The connected workers: environment, groups, when last seen, the capacity of
     their last pull and the largest since they connected, the jobs they hold. 503
     when the worker API does not answer."""
-    return await workers.connected_workers(live_log_client(request))
+    return await workers.connected_workers(worker_api)
 
 
 @router.get("/queue")

@@ -18,9 +18,9 @@ from user_api.dependencies import (
     SessionDep,
     SettingsDep,
     StorageDep,
+    WorkerApiDep,
 )
 from user_api.jobs import service
-from user_api.jobs.log_endpoints import live_log_client
 from user_api.jobs.logs import progress_of
 from user_api.jobs.schemas import JobCreate, JobRead, StatusApplied
 
@@ -78,6 +78,7 @@ async def get_job(
     job_id: IdPath,
     user: CurrentUserOutsideTransactions,
     settings: SettingsDep,
+    worker_api: WorkerApiDep,
     wait: Annotated[
         float,
         Query(
@@ -118,7 +119,6 @@ async def get_job(
         poll_seconds=settings.job_wait_poll_seconds,
         max_waiting=settings.job_wait_max_waiting,
     )
-    worker_api = live_log_client(request)
     return await service.with_waiting(worker_api, await progress_of(worker_api, job))
 
 

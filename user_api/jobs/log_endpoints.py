@@ -4,38 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import httpx
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from labcloud.contract import LOG_COMPLETE_HEADER, LOG_NEXT_OFFSET_HEADER
 from labcloud.web import INT64_MAX, IdPath
-from user_api.clients.worker_api import WorkerApiClient
-from user_api.dependencies import CurrentUserOutsideTransactions
+from user_api.dependencies import CurrentUserOutsideTransactions, WorkerApiDep
 from user_api.jobs import logs
-from user_api.settings import UserApiSettings
 
 router = APIRouter(tags=["jobs"])
 
 TEXT = "text/plain; charset=utf-8"
-
-
-def live_log_client(request: Request) -> WorkerApiClient:
-    """The worker API's internal routes for live logs, over one connection pool per
-    process (made on first use)."""
-    state = request.app.state
-    client: WorkerApiClient | None = getattr(state, "live_log_client", None)
-    if client is None:
-        settings: UserApiSettings = state.settings
-        pool = httpx.AsyncClient(
-            base_url=settings.workerfacing_api_url,
-            timeout=10,
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=50),
-        )
-        client = state.live_log_client = WorkerApiClient(
-            pool, settings.internal_api_key_secret.get_secret_value()
-        )
-    return client
 
 
 @router.get(
@@ -47,6 +26,7 @@ async def get_job_logs(
     request: Request,
     job_id: IdPath,
     user: CurrentUserOutsideTransactions,
+    client: WorkerApiDep,
     offset: Annotated[
         int, Query(ge=0, le=INT64_MAX, description="Byte to start from (X-Log-Next-Offset).")
     ] = 0,
@@ -67,7 +47,6 @@ async def get_job_logs(
     log. 404 when the job is not yours. A log over the server's limit ends with a
     marker line. Progress lines (``LABCLOUD_PROGRESS``) are in the log too."""
     factory = request.app.state.session_factory
-    client = live_log_client(request)
     if follow:
         stream = await logs.start_follow(
             logs.follow(factory, client, user=user, job_id=job_id, offset=offset)

@@ -21,9 +21,8 @@ from labcloud.contract import (
 from labcloud.db import unit_of_work
 from labcloud.errors import PayloadTooLarge
 from labcloud.web import INT64_MAX, IdPath
-from worker_api.dependencies import CurrentWorker, InternalCaller, SessionDep
+from worker_api.dependencies import CurrentWorker, InternalCaller, SessionDep, SettingsDep
 from worker_api.logs import service
-from worker_api.logs.settings import LiveLogSettings
 from worker_api.queue.policy import after_commit
 
 router = APIRouter(tags=["logs"])
@@ -31,14 +30,6 @@ internal_router = APIRouter(tags=["internal"], dependencies=[InternalCaller])
 
 # How often a waiting read looks at the database for chunks another process took.
 READ_AGAIN_SECONDS = 1.0
-
-
-def _settings(request: Request) -> LiveLogSettings:
-    state = request.app.state
-    settings: LiveLogSettings | None = getattr(state, "live_log_settings", None)
-    if settings is None:
-        settings = state.live_log_settings = LiveLogSettings()
-    return settings
 
 
 def _signals(request: Request) -> service.LogSignals:
@@ -62,6 +53,7 @@ async def ship_log(
     request: Request,
     queue_id: IdPath,
     worker: CurrentWorker,
+    settings: SettingsDep,
     offset: Annotated[
         int,
         Query(
@@ -85,7 +77,6 @@ async def ship_log(
     given. Idempotent by offset; 409 when bytes before ``offset`` are missing (the
     answer names the offset expected), 404 when the worker does not hold the job,
     413 for a chunk over LIVE_LOG_MAX_CHUNK_BYTES."""
-    settings = _settings(request)
     limit = settings.live_log_max_chunk_bytes
     too_large = PayloadTooLarge(f"a live log chunk is at most {limit:,} bytes")
     declared = request.headers.get("content-length", "")
@@ -125,6 +116,7 @@ async def ship_log(
 async def read_log(
     request: Request,
     job_id: IdPath,
+    settings: SettingsDep,
     offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
     wait: Annotated[float, Query(ge=0, le=60, description="Seconds to wait for new bytes.")] = 0,
 ) -> Response:
@@ -135,7 +127,7 @@ async def read_log(
     the job."""
     factory: sessionmaker[Session] = request.app.state.session_factory
     signals = _signals(request)
-    deadline = time.monotonic() + min(wait, _settings(request).live_log_max_wait_seconds)
+    deadline = time.monotonic() + min(wait, settings.live_log_max_wait_seconds)
 
     def fetch() -> service.LogRead:
         with unit_of_work(factory) as session:
