@@ -177,24 +177,30 @@ def upload_plan(local: Path, remote: str | None) -> tuple[str, list[Move]]:
     return target, moves
 
 
-def upload(
-    client: UserClient, moves: list[Move], root: str, console: Console, *, force: bool, quiet: bool
+def _transfer(
+    moves: list[Move],
+    console: Console,
+    *,
+    verb: str,
+    already_there: Callable[[Move], bool],
+    move_one: Callable[[Move, Callable[[int], None]], object],
+    shown: Callable[[Move], object],
+    quiet: bool,
 ) -> Report:
-    existing = {} if force else _existing(client, root)
+    """Move each file not ``already_there`` with ``move_one``, a bar per file and a
+    total; a file that fails is reported and the others go on (only a lost login
+    stops them all)."""
     report = Report()
-    todo = []
+    todo: list[Move] = []
     for move in moves:
-        if existing.get(move.remote) == move.size:
-            report.skipped.append(move)
-        else:
-            todo.append(move)
-    with Bars(console, "upload", sum(m.size for m in todo), quiet=quiet) as bars:
+        (report.skipped if already_there(move) else todo).append(move)
+    with Bars(console, verb, sum(m.size for m in todo), quiet=quiet) as bars:
         for move in report.skipped:
-            bars.line(f"skipped {move.remote} (already there, {human_bytes(move.size)})")
+            bars.line(f"skipped {shown(move)} (already there, {human_bytes(move.size)})")
         for move in todo:
             try:
                 with bars.file(move) as advance:
-                    client.upload(move.local, move.remote, advance)
+                    move_one(move, advance)
             except NotLoggedIn:
                 raise
             except (LabCloudCliError, httpx.TransportError, OSError) as exc:
@@ -202,8 +208,23 @@ def upload(
                 bars.line(f"FAILED {move.remote}: {exc}")
                 continue
             report.done.append(move)
-            bars.line(f"uploaded {move.remote} ({human_bytes(move.size)})")
+            bars.line(f"{verb}ed {shown(move)} ({human_bytes(move.size)})")
     return report
+
+
+def upload(
+    client: UserClient, moves: list[Move], root: str, console: Console, *, force: bool, quiet: bool
+) -> Report:
+    existing = {} if force else _existing(client, root)
+    return _transfer(
+        moves,
+        console,
+        verb="upload",
+        already_there=lambda move: existing.get(move.remote) == move.size,
+        move_one=lambda move, advance: client.upload(move.local, move.remote, advance),
+        shown=lambda move: move.remote,
+        quiet=quiet,
+    )
 
 
 def _safe_relative(path: str) -> PurePosixPath:
@@ -238,29 +259,18 @@ def download_plan(client: UserClient, remote: str, dest: Path | None) -> list[Mo
 def download(
     client: UserClient, moves: list[Move], console: Console, *, force: bool, quiet: bool
 ) -> Report:
-    report = Report()
-    todo = []
-    for move in moves:
-        if not force and move.local.is_file() and move.local.stat().st_size == move.size:
-            report.skipped.append(move)
-        else:
-            todo.append(move)
-    with Bars(console, "download", sum(m.size for m in todo), quiet=quiet) as bars:
-        for move in report.skipped:
-            bars.line(f"skipped {move.local} (already there, {human_bytes(move.size)})")
-        for move in todo:
-            try:
-                with bars.file(move) as advance:
-                    client.download(move.remote, move.local, advance)
-            except NotLoggedIn:
-                raise
-            except (LabCloudCliError, httpx.TransportError, OSError) as exc:
-                report.failed.append((move, str(exc)))
-                bars.line(f"FAILED {move.remote}: {exc}")
-                continue
-            report.done.append(move)
-            bars.line(f"downloaded {move.local} ({human_bytes(move.size)})")
-    return report
+    def already_there(move: Move) -> bool:
+        return not force and move.local.is_file() and move.local.stat().st_size == move.size
+
+    return _transfer(
+        moves,
+        console,
+        verb="download",
+        already_there=already_there,
+        move_one=lambda move, advance: client.download(move.remote, move.local, advance),
+        shown=lambda move: move.local,
+        quiet=quiet,
+    )
 
 
 def download_zip(
